@@ -1,0 +1,997 @@
+//! The configuration file: topology (listeners, routes, backends) and initial
+//! values (weights). Parsed from YAML, then validated whole before anything is
+//! bound or started. Every error names the field it is about.
+//!
+//! Field names are a contract with operators (see DESIGN.md); every field has a
+//! doc comment and a default, and `docs/config.md` lists them all.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use crate::bucket::BUCKETS;
+
+/// A configuration problem: the field it concerns and why it is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    /// Dotted path of the offending field, e.g. `routes[0].backends[1].weight`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+// === the file ===
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Data-plane listener. Default `127.0.0.1:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Runtime worker threads. `1` runs a current-thread runtime (the cheapest
+    /// for a sidecar); default: the number of available cores.
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// The admin listener (health, later metrics and the control API).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Where the user key of a request comes from.
+    #[serde(default)]
+    pub user_key: UserKeyConfig,
+    /// Timeouts for every network wait.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Bounds on what clients may use.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Header that lets a client pick a backend by name (for QA to reach a
+    /// version directly). Off by default: anyone who can send the header
+    /// chooses their backend, so enable it only behind an authenticating edge.
+    #[serde(default)]
+    pub forced_backend_header: Option<String>,
+    /// Keep the client's `x-forwarded-for` and append to it. Default `false`:
+    /// the header is replaced by the peer address, since a client could
+    /// otherwise claim any address. Set to `true` behind a trusted load balancer.
+    #[serde(default)]
+    pub trust_forwarded_for: bool,
+    /// Routes, tried in order; the first whose match fits takes the request.
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin listener address. Default `127.0.0.1:9901`.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserKeyConfig {
+    /// Request headers that carry the user id, tried in order. Default `[x-user-id]`.
+    #[serde(default = "default_key_headers")]
+    pub headers: Vec<String>,
+    /// Cookies that carry the user id, tried in order after the headers. Default none.
+    #[serde(default)]
+    pub cookies: Vec<String>,
+    /// What to use when no header or cookie has a key. Default `cookie`.
+    #[serde(default)]
+    pub fallback: Fallback,
+    /// The anonymous id cookie set by the `cookie` fallback.
+    #[serde(default)]
+    pub anonymous_cookie: AnonymousCookie,
+}
+
+impl Default for UserKeyConfig {
+    fn default() -> Self {
+        Self {
+            headers: default_key_headers(),
+            cookies: Vec::new(),
+            fallback: Fallback::default(),
+            anonymous_cookie: AnonymousCookie::default(),
+        }
+    }
+}
+
+/// The key of a request that names no user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fallback {
+    /// Make up an anonymous id and set it as a long-lived cookie, so the
+    /// anonymous user sticks to the same backend from the next request on.
+    #[default]
+    Cookie,
+    /// The client's address (the peer, or the first `x-forwarded-for` hop
+    /// when `trust_forwarded_for` is on).
+    ClientIp,
+    /// A fresh random key per request: no stickiness.
+    Random,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnonymousCookie {
+    /// Cookie name. Default `switchyard-uid`. It is also read as a key source.
+    #[serde(default = "default_anon_cookie")]
+    pub name: String,
+    /// Cookie lifetime. Default `365d`.
+    #[serde(default = "default_anon_max_age")]
+    pub max_age: Dur,
+    /// Add the `Secure` attribute. Default `false` (it would be dropped by
+    /// browsers on plain-HTTP origins); set it on TLS edges.
+    #[serde(default)]
+    pub secure: bool,
+}
+
+impl Default for AnonymousCookie {
+    fn default() -> Self {
+        Self {
+            name: default_anon_cookie(),
+            max_age: default_anon_max_age(),
+            secure: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// Opening a connection to an upstream endpoint. Default `1s`.
+    #[serde(default = "default_connect")]
+    pub connect: Dur,
+    /// From sending a request upstream to receiving its response headers.
+    /// Default `30s`. A streaming body after the headers is not cut short.
+    #[serde(default = "default_request")]
+    pub request: Dur,
+    /// Idle keep-alive connections (client side: time to send the next
+    /// request's headers; upstream side: pooled idle connections). Default `90s`.
+    #[serde(default = "default_idle")]
+    pub idle: Dur,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish
+    /// before the process exits anyway. Default `30s`.
+    #[serde(default = "default_drain")]
+    pub drain: Dur,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: default_connect(),
+            request: default_request(),
+            idle: default_idle(),
+            drain: default_drain(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Open client connections on the data listener; past it, new connections
+    /// wait in the kernel's accept queue. Default `10000`.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Requests being proxied at once; past it, requests get 503 with
+    /// `Retry-After`. Default `10000`.
+    #[serde(default = "default_max_in_flight")]
+    pub max_requests_in_flight: usize,
+    /// Size of a request's head (request line and headers); larger gets 431.
+    /// Default `32768`; allowed 1024 to 1048576.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            max_requests_in_flight: default_max_in_flight(),
+            max_header_bytes: default_max_header_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Route name: unique; used in metrics, the admin API and as the default salt.
+    pub name: String,
+    /// Which requests this route takes. Default: every request.
+    #[serde(default, rename = "match")]
+    pub matches: MatchConfig,
+    /// Salt of the user's bucket. Default: the route name. Two routes with the
+    /// same salt put a user in the same bucket.
+    #[serde(default)]
+    pub salt: Option<String>,
+    /// Backends in bucket order: the one being rolled out goes last, so raising
+    /// its weight only adds users to it.
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// `*` (any), an exact host (`api.example.com`) or a suffix wildcard
+    /// (`*.example.com`). Compared without port, case-insensitively. Default `*`.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Path prefix, matched by whole segments (`/api` takes `/api` and
+    /// `/api/x`, not `/apix`). Default `/`.
+    #[serde(default = "default_path_prefix")]
+    pub path_prefix: String,
+    /// Headers that must be present with exactly these values. Default none.
+    #[serde(default)]
+    pub headers: Vec<HeaderMatch>,
+}
+
+impl Default for MatchConfig {
+    fn default() -> Self {
+        Self {
+            host: default_host(),
+            path_prefix: default_path_prefix(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Backend name, unique within the route (`blue`, `green`, `canary`).
+    pub name: String,
+    /// `host:port` of each instance; requests are balanced across them.
+    pub endpoints: Vec<String>,
+    /// Share of users, in percent with up to two decimals. All weights of a
+    /// route sum to exactly 100.
+    pub weight: Weight,
+}
+
+// === value types ===
+
+/// A weight in hundredths of a percent (basis points of 100 %): `0..=10000`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Weight(u32);
+
+impl Weight {
+    pub const FULL: Weight = Weight(BUCKETS);
+
+    /// From hundredths of a percent.
+    pub fn from_basis_points(bp: u32) -> Option<Weight> {
+        (bp <= BUCKETS).then_some(Weight(bp))
+    }
+
+    /// From a percentage with at most two decimals (`12.5`, `0.01`).
+    pub fn from_percent(pct: f64) -> Result<Weight, String> {
+        if !pct.is_finite() || !(0.0..=100.0).contains(&pct) {
+            return Err(format!("{pct} is not a percentage from 0 to 100"));
+        }
+        let scaled = pct * 100.0;
+        let bp = scaled.round();
+        if (scaled - bp).abs() > 1e-6 {
+            return Err(format!(
+                "{pct} has more than two decimals (resolution is 0.01)"
+            ));
+        }
+        Ok(Weight(bp as u32))
+    }
+
+    pub fn basis_points(self) -> u32 {
+        self.0
+    }
+
+    pub fn percent(self) -> f64 {
+        f64::from(self.0) / 100.0
+    }
+}
+
+impl fmt::Display for Weight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 % 100 == 0 {
+            write!(f, "{}", self.0 / 100)
+        } else {
+            write!(f, "{}.{:02}", self.0 / 100, self.0 % 100)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Weight;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a percentage from 0 to 100 with at most two decimals")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Weight, E> {
+                self.visit_f64(v as f64)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Weight, E> {
+                self.visit_f64(v as f64)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Weight, E> {
+                Weight::from_percent(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A duration written as `500ms`, `30s`, `5m`, `1h`, `365d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text).map(Dur).map_err(de::Error::custom)
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, `2d` (and combinations like `1m30s`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration like 500ms, 30s, 5m or 1h ({e})"))
+}
+
+// === defaults ===
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+fn default_key_headers() -> Vec<String> {
+    vec!["x-user-id".to_owned()]
+}
+fn default_anon_cookie() -> String {
+    "switchyard-uid".to_owned()
+}
+fn default_anon_max_age() -> Dur {
+    Dur(Duration::from_secs(365 * 24 * 3600))
+}
+fn default_connect() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_request() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_idle() -> Dur {
+    Dur(Duration::from_secs(90))
+}
+fn default_drain() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_in_flight() -> usize {
+    10_000
+}
+fn default_max_header_bytes() -> usize {
+    32 * 1024
+}
+fn default_host() -> String {
+    "*".to_owned()
+}
+fn default_path_prefix() -> String {
+    "/".to_owned()
+}
+
+// === loading ===
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Config::from_yaml(&text)
+    }
+
+    /// Parses and validates a configuration document.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let config = parse(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The worker count to run with.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(usize::from)
+                .unwrap_or(1)
+        })
+    }
+
+    /// Checks everything serde cannot: ranges, uniqueness, sums, syntax of
+    /// names and addresses. The first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(w) = self.workers {
+            if !(1..=1024).contains(&w) {
+                return Err(ConfigError::new(
+                    "workers",
+                    format!("{w} is not between 1 and 1024"),
+                ));
+            }
+        }
+        if self.admin.listen == self.listen {
+            return Err(ConfigError::new(
+                "admin.listen",
+                format!("{} is also the data listener's address", self.listen),
+            ));
+        }
+        self.user_key.validate()?;
+        self.timeouts.validate()?;
+        self.limits.validate()?;
+        if let Some(h) = &self.forced_backend_header {
+            check_header_name("forced_backend_header", h)?;
+        }
+        if self.routes.is_empty() {
+            return Err(ConfigError::new("routes", "at least one route is needed"));
+        }
+        let mut names = HashSet::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let field = format!("routes[{i}]");
+            route.validate(&field)?;
+            if !names.insert(route.name.as_str()) {
+                return Err(ConfigError::new(
+                    format!("{field}.name"),
+                    format!("duplicate route name `{}`", route.name),
+                ));
+            }
+            if let Some(earlier) = self.routes[..i].iter().find(|r| r.matches == route.matches) {
+                return Err(ConfigError::new(
+                    format!("{field}.match"),
+                    format!(
+                        "route `{}` can never match: route `{}` before it has the same match",
+                        route.name, earlier.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    // A configuration file is small; refusing a huge one early bounds the
+    // parser's work on hostile input (the YAML parser also caps aliases).
+    const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::new(
+            "config",
+            format!(
+                "file is {} bytes, more than the {MAX_CONFIG_BYTES} allowed",
+                text.len()
+            ),
+        ));
+    }
+    let options = serde_saphyr::options! { with_snippet: false };
+    let mut path = String::new();
+    serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = e.path().to_string();
+            e.into_inner()
+        })
+    })
+    .map_err(|e| {
+        let field = if path.is_empty() || path == "." {
+            "config".to_owned()
+        } else {
+            path
+        };
+        ConfigError::new(field, one_line(&e.to_string()))
+    })
+}
+
+/// Parser messages may span lines (with a source snippet); the CLI promises a
+/// one-line reason.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl UserKeyConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, h) in self.headers.iter().enumerate() {
+            check_header_name(&format!("user_key.headers[{i}]"), h)?;
+        }
+        for (i, c) in self.cookies.iter().enumerate() {
+            check_cookie_name(&format!("user_key.cookies[{i}]"), c)?;
+        }
+        check_cookie_name(
+            "user_key.anonymous_cookie.name",
+            &self.anonymous_cookie.name,
+        )?;
+        if self.anonymous_cookie.max_age.0.as_secs() == 0 {
+            return Err(ConfigError::new(
+                "user_key.anonymous_cookie.max_age",
+                "must be at least 1s",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Timeouts {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, d) in [
+            ("connect", self.connect),
+            ("request", self.request),
+            ("idle", self.idle),
+            ("drain", self.drain),
+        ] {
+            if d.0.is_zero() {
+                return Err(ConfigError::new(
+                    format!("timeouts.{name}"),
+                    "must be more than 0",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Limits {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return Err(ConfigError::new(
+                "limits.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.max_requests_in_flight == 0 {
+            return Err(ConfigError::new(
+                "limits.max_requests_in_flight",
+                "must be at least 1",
+            ));
+        }
+        if !(1024..=1024 * 1024).contains(&self.max_header_bytes) {
+            return Err(ConfigError::new(
+                "limits.max_header_bytes",
+                format!("{} is not between 1024 and 1048576", self.max_header_bytes),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RouteConfig {
+    /// The salt of this route's buckets.
+    pub fn salt(&self) -> &str {
+        self.salt.as_deref().unwrap_or(&self.name)
+    }
+
+    fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        check_name(&format!("{field}.name"), &self.name)?;
+        self.matches.validate(&format!("{field}.match"))?;
+        if self.backends.is_empty() {
+            return Err(ConfigError::new(
+                format!("{field}.backends"),
+                "at least one backend is needed",
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut total = 0u32;
+        for (i, b) in self.backends.iter().enumerate() {
+            let bfield = format!("{field}.backends[{i}]");
+            check_name(&format!("{bfield}.name"), &b.name)?;
+            if !names.insert(b.name.as_str()) {
+                return Err(ConfigError::new(
+                    format!("{bfield}.name"),
+                    format!(
+                        "duplicate backend name `{}` in route `{}`",
+                        b.name, self.name
+                    ),
+                ));
+            }
+            if b.endpoints.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{bfield}.endpoints"),
+                    "at least one endpoint is needed",
+                ));
+            }
+            for (j, e) in b.endpoints.iter().enumerate() {
+                check_endpoint(&format!("{bfield}.endpoints[{j}]"), e)?;
+            }
+            total += b.weight.basis_points();
+        }
+        if total != BUCKETS {
+            let weights: Vec<String> = self
+                .backends
+                .iter()
+                .map(|b| format!("{}={}", b.name, b.weight))
+                .collect();
+            return Err(ConfigError::new(
+                format!("{field}.backends"),
+                format!(
+                    "weights sum to {}, must be exactly 100 ({})",
+                    Weight(total),
+                    weights.join(" ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl PartialEq for MatchConfig {
+    fn eq(&self, other: &Self) -> bool {
+        let headers = |m: &MatchConfig| {
+            let mut v: Vec<(String, String)> = m
+                .headers
+                .iter()
+                .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                .collect();
+            v.sort();
+            v
+        };
+        self.host.eq_ignore_ascii_case(&other.host)
+            && normalized_prefix(&self.path_prefix) == normalized_prefix(&other.path_prefix)
+            && headers(self) == headers(other)
+    }
+}
+
+/// `/api/` and `/api` match the same requests.
+pub fn normalized_prefix(prefix: &str) -> &str {
+    match prefix.trim_end_matches('/') {
+        "" => "/",
+        p => p,
+    }
+}
+
+impl MatchConfig {
+    fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        let host = self.host.strip_prefix("*.").unwrap_or(&self.host);
+        if self.host != "*" && !is_hostname(host) {
+            return Err(ConfigError::new(
+                format!("{field}.host"),
+                format!(
+                    "`{}` is not `*`, a host name or `*.` followed by a host name",
+                    self.host
+                ),
+            ));
+        }
+        if !self.path_prefix.starts_with('/')
+            || self.path_prefix.contains(['?', '#'])
+            || self
+                .path_prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(ConfigError::new(
+                format!("{field}.path_prefix"),
+                format!(
+                    "`{}` must start with `/` and hold only a path",
+                    self.path_prefix
+                ),
+            ));
+        }
+        for (i, h) in self.headers.iter().enumerate() {
+            check_header_name(&format!("{field}.headers[{i}].name"), &h.name)?;
+            if http::HeaderValue::from_str(&h.value).is_err() {
+                return Err(ConfigError::new(
+                    format!("{field}.headers[{i}].value"),
+                    "is not a valid header value",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+// === syntax checks ===
+
+/// Names appear in metric labels and admin URLs, so they are kept plain.
+fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            field,
+            format!("`{name}` must be 1-63 characters of letters, digits, `-`, `_` or `.`"),
+        ))
+    }
+}
+
+fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    match http::HeaderName::from_bytes(name.as_bytes()) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(ConfigError::new(
+            field,
+            format!("`{name}` is not a valid header name"),
+        )),
+    }
+}
+
+fn check_cookie_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    // RFC 6265 cookie-name is an RFC 7230 token, the same alphabet as a header name.
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if token {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            field,
+            format!("`{name}` is not a valid cookie name"),
+        ))
+    }
+}
+
+fn is_hostname(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// An endpoint is `host:port` with an IP address (`[v6]` in brackets) or a
+/// DNS name, and a port from 1 to 65535.
+fn check_endpoint(field: &str, endpoint: &str) -> Result<(), ConfigError> {
+    let bad = |why: &str| {
+        Err(ConfigError::new(
+            field,
+            format!("`{endpoint}` is not host:port ({why})"),
+        ))
+    };
+    if endpoint.parse::<SocketAddr>().is_ok() {
+        return if endpoint.ends_with(":0") {
+            bad("port 0")
+        } else {
+            Ok(())
+        };
+    }
+    let Some((host, port)) = endpoint.rsplit_once(':') else {
+        return bad("no port");
+    };
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => return bad("port must be 1 to 65535"),
+        Ok(_) => {}
+    }
+    let looks_numeric = host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    if host.starts_with('[') || looks_numeric {
+        return bad("invalid IP address");
+    }
+    if !is_hostname(host) {
+        return bad("invalid host name");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen: 127.0.0.1:8080
+admin: { listen: 127.0.0.1:9901 }
+user_key: { headers: [x-user-id], cookies: [uid], fallback: cookie }
+timeouts: { connect: 1s, request: 30s, idle: 90s }
+routes:
+  - name: api
+    match: { host: "*", path_prefix: / }
+    backends:
+      - { name: blue,   endpoints: ["127.0.0.1:18081"], weight: 90 }
+      - { name: canary, endpoints: ["127.0.0.1:18083", "app.default.svc:80"], weight: 10 }
+"#;
+
+    fn err(yaml: &str) -> ConfigError {
+        Config::from_yaml(yaml).expect_err("config should be rejected")
+    }
+
+    fn with(replace: &str, by: &str) -> String {
+        assert!(GOOD.contains(replace), "fixture lacks {replace:?}");
+        GOOD.replacen(replace, by, 1)
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::from_yaml(GOOD).unwrap();
+        assert_eq!(c.routes[0].backends[0].weight.basis_points(), 9000);
+        assert_eq!(c.routes[0].salt(), "api");
+        assert_eq!(c.timeouts.drain.0, Duration::from_secs(30));
+        assert_eq!(c.limits.max_header_bytes, 32 * 1024);
+        assert_eq!(c.user_key.fallback, Fallback::Cookie);
+        assert!(c.forced_backend_header.is_none());
+    }
+
+    #[test]
+    fn weights_take_two_decimals_and_must_sum_to_100() {
+        let ok = with("weight: 90 }", "weight: 99.99 }").replace("weight: 10 }", "weight: 0.01 }");
+        let c = Config::from_yaml(&ok).unwrap();
+        assert_eq!(c.routes[0].backends[1].weight.basis_points(), 1);
+
+        let e = err(&with("weight: 90 }", "weight: 85 }"));
+        assert_eq!(e.field, "routes[0].backends");
+        assert!(e.reason.contains("sum to 95"), "{e}");
+
+        let e = err(&with("weight: 90 }", "weight: 89.995 }"));
+        assert_eq!(e.field, "routes[0].backends[0].weight");
+        assert!(e.reason.contains("two decimals"), "{e}");
+
+        let e = err(&with("weight: 90 }", "weight: 190 }"));
+        assert!(e.reason.contains("0 to 100"), "{e}");
+        let e = err(&with("weight: 90 }", "weight: -5 }"));
+        assert_eq!(e.field, "routes[0].backends[0].weight");
+        let e = err(&with("weight: 90 }", "weight: ninety }"));
+        assert_eq!(e.field, "routes[0].backends[0].weight");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_path() {
+        let e = err(&with(
+            "listen: 127.0.0.1:8080",
+            "listen: 127.0.0.1:8080\nlisten_port: 1",
+        ));
+        assert!(e.reason.contains("listen_port"), "{e}");
+        let e = err(&with("weight: 90 }", "weight: 90, colour: blue }"));
+        assert!(
+            e.field.starts_with("routes[0].backends[0]") || e.field == "routes[0].backends",
+            "{e}"
+        );
+        assert!(e.reason.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names_are_rejected() {
+        let e = err(&with("name: canary", "name: blue"));
+        assert_eq!(e.field, "routes[0].backends[1].name");
+        assert!(e.reason.contains("duplicate backend"), "{e}");
+
+        let two = format!(
+            "{GOOD}  - name: api\n    match: {{ path_prefix: /x }}\n    backends: [{{ name: b, endpoints: [\"127.0.0.1:1\"], weight: 100 }}]\n"
+        );
+        let e = err(&two);
+        assert_eq!(e.field, "routes[1].name");
+        assert!(e.reason.contains("duplicate route"), "{e}");
+    }
+
+    #[test]
+    fn shadowed_route_is_rejected() {
+        let two = format!(
+            "{GOOD}  - name: other\n    match: {{ host: \"*\", path_prefix: \"/\" }}\n    backends: [{{ name: b, endpoints: [\"127.0.0.1:1\"], weight: 100 }}]\n"
+        );
+        let e = err(&two);
+        assert_eq!(e.field, "routes[1].match");
+        assert!(e.reason.contains("never match"), "{e}");
+    }
+
+    #[test]
+    fn bad_addresses_are_rejected() {
+        let e = err(&with("listen: 127.0.0.1:8080", "listen: 127.0.0.1"));
+        assert_eq!(e.field, "listen");
+        let e = err(&with("listen: 127.0.0.1:8080", "listen: 127.0.0.1:9901"));
+        assert_eq!(e.field, "admin.listen");
+        for bad in [
+            "127.0.0.1",
+            "300.1.1.1:80",
+            "host:0",
+            "host:99999",
+            "bad host:80",
+            ":80",
+            "[::1:80",
+        ] {
+            let e = err(&with("\"127.0.0.1:18081\"", &format!("\"{bad}\"")));
+            assert_eq!(e.field, "routes[0].backends[0].endpoints[0]", "{bad}: {e}");
+        }
+        Config::from_yaml(&with("\"127.0.0.1:18081\"", "\"[::1]:18081\"")).unwrap();
+    }
+
+    #[test]
+    fn other_fields_are_checked() {
+        let cases = [
+            (
+                "fallback: cookie",
+                "fallback: sometimes",
+                "user_key.fallback",
+            ),
+            (
+                "headers: [x-user-id]",
+                "headers: [\"x user\"]",
+                "user_key.headers[0]",
+            ),
+            (
+                "cookies: [uid]",
+                "cookies: [\"u;id\"]",
+                "user_key.cookies[0]",
+            ),
+            ("connect: 1s", "connect: soon", "timeouts.connect"),
+            ("connect: 1s", "connect: 0s", "timeouts.connect"),
+            (
+                "path_prefix: /",
+                "path_prefix: api",
+                "routes[0].match.path_prefix",
+            ),
+            ("host: \"*\"", "host: \"exa mple\"", "routes[0].match.host"),
+            ("name: api", "name: \"a/b\"", "routes[0].name"),
+            (
+                "endpoints: [\"127.0.0.1:18081\"]",
+                "endpoints: []",
+                "routes[0].backends[0].endpoints",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let e = err(&with(from, to));
+            assert_eq!(e.field, field, "{from} -> {to}: {e}");
+        }
+        let e = err(&format!("{GOOD}workers: 0\n"));
+        assert_eq!(e.field, "workers");
+        let e = err(&format!("{GOOD}limits: {{ max_header_bytes: 10 }}\n"));
+        assert_eq!(e.field, "limits.max_header_bytes");
+        let e = err(&format!("{GOOD}forced_backend_header: \"a b\"\n"));
+        assert_eq!(e.field, "forced_backend_header");
+        let e = err("listen: 127.0.0.1:8080\n");
+        assert!(e.reason.contains("routes"), "{e}");
+        let e = err("routes: []\n");
+        assert_eq!(e.field, "routes");
+    }
+
+    #[test]
+    fn weight_display_round_trips() {
+        for (pct, shown) in [
+            (10.0, "10"),
+            (0.01, "0.01"),
+            (12.5, "12.50"),
+            (100.0, "100"),
+        ] {
+            assert_eq!(Weight::from_percent(pct).unwrap().to_string(), shown);
+        }
+    }
+
+    #[test]
+    fn malformed_yaml_is_one_line() {
+        let e = err("routes: [\n  - { name: a\n");
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+}

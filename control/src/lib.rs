@@ -1,0 +1,7 @@
+//! Switchyard's control plane: the configuration and state model, and the
+//! admin listener. The data plane (`switchyard-proxy`) builds its routing
+//! snapshots from the types defined here.
+
+pub mod admin;
+pub mod bucket;
+pub mod config;

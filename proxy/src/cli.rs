@@ -1,0 +1,177 @@
+//! The command line: `switchyard demo | run | check`. Bad arguments or
+//! configuration exit with status 64 (EX_USAGE) and a one-line reason;
+//! nothing is started half-way.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchyard_control::config::Config;
+
+use crate::demo::{self, DemoAddrs};
+use crate::server::{Listeners, Proxy};
+
+/// EX_USAGE from sysexits.h: the command was used incorrectly.
+pub const EXIT_USAGE: u8 = 64;
+/// Start-up failed for a reason outside the configuration (port in use...).
+pub const EXIT_FAILURE: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Traffic-shifting HTTP proxy: sticky blue/green and canary splits by user",
+    after_help = "Exit status: 0 after a clean stop, 64 for bad arguments or configuration, 1 if start-up failed.\nLogging: RUST_LOG (default `info`)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Everything in one process, no files: three demo upstreams (blue, green,
+    /// canary) behind the proxy, an open loopback admin listener, and curl
+    /// lines to try.
+    Demo {
+        /// Proxy listener.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Admin listener.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin_listen: SocketAddr,
+    },
+    /// Run the proxy (sidecar or edge gateway) from a configuration file.
+    Run {
+        /// YAML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and exit; errors name the field.
+    Check {
+        /// YAML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let first = e
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .to_owned();
+            eprintln!("{first} (see `switchyard --help`)");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                let backends: usize = c.routes.iter().map(|r| r.backends.len()).sum();
+                println!(
+                    "{}: ok ({} route(s), {backends} backend(s))",
+                    config.display(),
+                    c.routes.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => usage_error(&e),
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return usage_error(&e),
+            };
+            init_logging();
+            let workers = config.worker_threads();
+            block_on(workers, async move {
+                let listeners = Listeners::bind(&config).await?;
+                Proxy::new(config).run(listeners, shutdown_signal()).await;
+                Ok(())
+            })
+        }
+        Command::Demo {
+            listen,
+            admin_listen,
+        } => {
+            init_logging();
+            block_on(1, async move {
+                demo::run(
+                    DemoAddrs {
+                        listen,
+                        admin: admin_listen,
+                    },
+                    shutdown_signal(),
+                )
+                .await?;
+                Ok(())
+            })
+        }
+    }
+}
+
+fn usage_error(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("switchyard: {e}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// Runs `fut` on a runtime with `workers` threads: 1 is a current-thread
+/// runtime (no cross-thread handoffs), more is the multi-threaded scheduler.
+fn block_on(
+    workers: usize,
+    fut: impl std::future::Future<Output = std::io::Result<()>>,
+) -> ExitCode {
+    let runtime = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    };
+    let result = match runtime {
+        Ok(rt) => rt.block_on(fut),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+}

@@ -1,0 +1,290 @@
+//! Stage: header hygiene, both ways. Hop-by-hop headers (RFC 9110 §7.6.1,
+//! plus any named in `Connection`) never cross the proxy; the forwarding
+//! headers are the proxy's own, so client copies cannot spoof them.
+
+use std::net::IpAddr;
+
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
+};
+use http::{HeaderMap as Map, StatusCode};
+
+use crate::split::random_id;
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static PROXY_AUTHENTICATE: HeaderName = HeaderName::from_static("proxy-authenticate");
+static PROXY_AUTHORIZATION: HeaderName = HeaderName::from_static("proxy-authorization");
+
+/// A request id from a client is kept only if it is this short and printable.
+const MAX_REQUEST_ID: usize = 128;
+
+/// What the request rewrite needs to know about the connection.
+pub struct Forwarding<'a> {
+    pub peer: IpAddr,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    pub trust_forwarded_for: bool,
+    /// Headers only the proxy may set (e.g. the forced-backend header).
+    pub proxy_only: &'a [HeaderName],
+}
+
+/// Whether this HTTP/1.1 request asks to switch protocols (WebSocket).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
+}
+
+/// Rewrites a request's headers for the upstream hop.
+pub fn rewrite_request(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
+    let upgrade = is_upgrade(headers)
+        .then(|| headers.get(UPGRADE).cloned())
+        .flatten();
+    strip_hop_by_hop(headers);
+    if let Some(protocol) = upgrade {
+        headers.insert(UPGRADE, protocol);
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    for name in fwd.proxy_only {
+        headers.remove(name);
+    }
+
+    let peer = HeaderValue::from_str(&fwd.peer.to_string())
+        .expect("an IP address is a valid header value");
+    if fwd.trust_forwarded_for {
+        let joined = join_values(headers, &X_FORWARDED_FOR, &peer);
+        headers.insert(X_FORWARDED_FOR.clone(), joined);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(
+                X_FORWARDED_PROTO.clone(),
+                HeaderValue::from_static(fwd.proto),
+            );
+        }
+    } else {
+        headers.remove(FORWARDED);
+        headers.insert(X_FORWARDED_FOR.clone(), peer);
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(fwd.proto),
+        );
+    }
+
+    let keep_id = headers.get(&X_REQUEST_ID).is_some_and(|v| {
+        !v.is_empty()
+            && v.len() <= MAX_REQUEST_ID
+            && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    });
+    if !keep_id {
+        let id = random_id();
+        headers.insert(
+            X_REQUEST_ID.clone(),
+            HeaderValue::from_bytes(id.as_bytes()).expect("hex is a valid header value"),
+        );
+    }
+}
+
+/// Rewrites a response's headers for the client hop.
+pub fn rewrite_response(status: StatusCode, headers: &mut HeaderMap) {
+    let upgrade = (status == StatusCode::SWITCHING_PROTOCOLS)
+        .then(|| headers.get(UPGRADE).cloned())
+        .flatten();
+    strip_hop_by_hop(headers);
+    if let Some(protocol) = upgrade {
+        headers.insert(UPGRADE, protocol);
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// The first address in `x-forwarded-for`, if it parses.
+pub fn first_forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
+    let first = headers
+        .get(&X_FORWARDED_FOR)?
+        .to_str()
+        .ok()?
+        .split(',')
+        .next()?;
+    first.trim().parse().ok()
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the sender listed in `Connection` are hop-by-hop too.
+    let listed: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+    for name in [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &PROXY_AUTHENTICATE,
+        &PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// `a, b` from every copy of `name`, then `, last`.
+fn join_values(headers: &Map, name: &HeaderName, last: &HeaderValue) -> HeaderValue {
+    let mut joined = Vec::new();
+    for v in headers.get_all(name) {
+        joined.extend_from_slice(v.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(last.as_bytes());
+    HeaderValue::from_bytes(&joined).unwrap_or_else(|_| last.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn fwd(trust: bool) -> Forwarding<'static> {
+        Forwarding {
+            peer: IpAddr::from([10, 0, 0, 9]),
+            proto: "http",
+            trust_forwarded_for: trust,
+            proxy_only: &[],
+        }
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_listed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "s"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic x"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+            ("x-app", "kept"),
+        ]);
+        rewrite_request(&mut h, &fwd(false));
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "te",
+            "proxy-authorization",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} survived");
+        }
+        assert!(h.contains_key("traceparent"));
+        assert_eq!(h["x-app"], "kept");
+    }
+
+    #[test]
+    fn forwarding_headers_are_the_proxys_own_unless_trusted() {
+        let sent = [
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=1.2.3.4"),
+        ];
+        let mut h = map(&sent);
+        rewrite_request(&mut h, &fwd(false));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(!h.contains_key("forwarded"));
+
+        let mut h = map(&sent);
+        h.append("x-forwarded-for", HeaderValue::from_static("5.6.7.8"));
+        rewrite_request(&mut h, &fwd(true));
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(first_forwarded_for(&h), Some(IpAddr::from([1, 2, 3, 4])));
+    }
+
+    #[test]
+    fn request_id_is_kept_or_generated() {
+        let mut h = map(&[("x-request-id", "abc-123")]);
+        rewrite_request(&mut h, &fwd(false));
+        assert_eq!(h["x-request-id"], "abc-123");
+
+        for bad in ["", "has space", &"x".repeat(200)] {
+            let mut h = map(&[("x-request-id", bad)]);
+            rewrite_request(&mut h, &fwd(false));
+            let id = h["x-request-id"].to_str().unwrap();
+            assert_eq!(id.len(), 32, "replaced {bad:?}");
+        }
+        let mut h = HeaderMap::new();
+        rewrite_request(&mut h, &fwd(false));
+        assert_eq!(h["x-request-id"].len(), 32);
+    }
+
+    #[test]
+    fn proxy_only_headers_are_removed() {
+        let forced = HeaderName::from_static("x-switchyard-backend");
+        let only = [forced];
+        let mut h = map(&[("x-switchyard-backend", "canary")]);
+        rewrite_request(
+            &mut h,
+            &Forwarding {
+                proxy_only: &only,
+                ..fwd(false)
+            },
+        );
+        assert!(!h.contains_key("x-switchyard-backend"));
+    }
+
+    #[test]
+    fn upgrade_survives_as_the_only_connection_option() {
+        let mut h = map(&[
+            ("connection", "Upgrade, keep-alive"),
+            ("upgrade", "websocket"),
+        ]);
+        assert!(is_upgrade(&h));
+        rewrite_request(&mut h, &fwd(false));
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+
+        let mut resp = map(&[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("keep-alive", "x"),
+        ]);
+        rewrite_response(StatusCode::SWITCHING_PROTOCOLS, &mut resp);
+        assert_eq!(resp["upgrade"], "websocket");
+        assert!(!resp.contains_key("keep-alive"));
+
+        let mut resp = map(&[
+            ("connection", "close, x-hop"),
+            ("x-hop", "1"),
+            ("upgrade", "h2c"),
+        ]);
+        rewrite_response(StatusCode::OK, &mut resp);
+        assert!(resp.is_empty(), "{resp:?}");
+    }
+}

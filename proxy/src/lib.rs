@@ -1,0 +1,15 @@
+//! Switchyard's data plane. The request path, stage by stage (see
+//! `docs/request-lifecycle.md` and `pipeline.rs`): `listen` → `route` →
+//! `split` → `headers` → `forward` → `respond`.
+
+pub mod cli;
+pub mod demo;
+pub mod forward;
+pub mod headers;
+pub mod listen;
+pub mod pipeline;
+pub mod respond;
+pub mod route;
+pub mod server;
+pub mod snapshot;
+pub mod split;

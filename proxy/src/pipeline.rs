@@ -1,0 +1,217 @@
+//! The request path, composed in one readable place. Each stage lives in its
+//! own module; this file only says in which order they run and why.
+//!
+//! ```text
+//! admit      bounded in-flight requests: past the limit, 503 + Retry-After
+//! route      host, path prefix, header rules; first match wins      (route.rs)
+//! split      user key → bucket → backend, or the forced header      (split.rs)
+//! rewrite    hop-by-hop out, forwarding headers in                  (headers.rs)
+//! forward    pooled HTTP/1.1 upstream, request timeout              (forward.rs)
+//! respond    response hygiene, anonymous cookie; errors → status    (respond.rs)
+//! ```
+//!
+//! All routing decisions are made under one `load()` of the snapshot, in a
+//! synchronous block; the guard is dropped before the first `.await`.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+use http::header::{HeaderValue, HOST, SET_COOKIE};
+use http::request::Parts;
+use http::{Request, Response, StatusCode};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::forward::Upstreams;
+use crate::headers::{self, Forwarding};
+use crate::respond::{ProxyBody, ProxyError};
+use crate::snapshot::Snapshot;
+use crate::{route, split};
+
+/// State every request shares.
+pub struct Shared {
+    /// The routing snapshot (see `snapshot.rs`).
+    pub snapshot: ArcSwap<Snapshot>,
+    pub upstreams: Upstreams,
+    pub admission: Admission,
+}
+
+/// What the connection tells about a request.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: IpAddr,
+    /// `http` or `https`, for `x-forwarded-proto`.
+    pub proto: &'static str,
+}
+
+/// Proxies one request; every failure becomes the response for its kind.
+pub async fn handle(
+    shared: &Shared,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let Some(_admitted) = shared.admission.enter() else {
+        return ProxyError::Overloaded.into_response();
+    };
+    match proxy(shared, conn, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::debug!(error = %e, "request failed");
+            e.into_response()
+        }
+    }
+}
+
+async fn proxy(
+    shared: &Shared,
+    conn: ConnInfo,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let client_upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+
+    let (endpoint, set_cookie) = {
+        let snapshot = shared.snapshot.load();
+        check_head_size(&snapshot, &parts)?;
+        let route = route::find(&snapshot, &parts).ok_or(ProxyError::NoRoute)?;
+        let choice = split::choose(&snapshot, route, &parts, conn.peer)?;
+        let backend = &route.backends[choice.backend];
+        let endpoint = backend.endpoint().ok_or(ProxyError::NoEndpoint)?.clone();
+        headers::rewrite_request(
+            &mut parts.headers,
+            &Forwarding {
+                peer: conn.peer,
+                proto: conn.proto,
+                trust_forwarded_for: snapshot.trust_forwarded_for,
+                proxy_only: &snapshot.proxy_only_headers,
+            },
+        );
+        (endpoint, choice.set_cookie)
+    };
+    keep_host(&mut parts)?;
+
+    let mut resp = shared
+        .upstreams
+        .send(&endpoint, Request::from_parts(parts, body))
+        .await?;
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client) = client_upgrade {
+            tunnel(client, hyper::upgrade::on(&mut resp));
+        }
+    }
+    headers::rewrite_response(resp.status(), resp.headers_mut());
+    if let Some(cookie) = set_cookie {
+        resp.headers_mut().append(SET_COOKIE, cookie);
+    }
+    Ok(resp.map(Either::Left))
+}
+
+/// HTTP/2 requests carry the host in `:authority`; the HTTP/1.1 upstream
+/// needs it as `Host`.
+fn keep_host(parts: &mut Parts) -> Result<(), ProxyError> {
+    if parts.headers.contains_key(HOST) {
+        return Ok(());
+    }
+    if let Some(authority) = parts.uri.authority() {
+        let value = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| ProxyError::DownstreamMalformed("bad authority"))?;
+        parts.headers.insert(HOST, value);
+    }
+    Ok(())
+}
+
+/// hyper refuses heads over its 8 KiB minimum parse buffer by itself (431);
+/// smaller configured limits are enforced here.
+fn check_head_size(snapshot: &Snapshot, parts: &Parts) -> Result<(), ProxyError> {
+    if snapshot.max_header_bytes >= crate::listen::HYPER_MIN_BUF {
+        return Ok(());
+    }
+    let mut size = parts.method.as_str().len() + parts.uri.to_string().len() + 12;
+    for (name, value) in &parts.headers {
+        size += name.as_str().len() + value.len() + 4;
+        if size > snapshot.max_header_bytes {
+            return Err(ProxyError::DownstreamHeadersTooLarge);
+        }
+    }
+    if size > snapshot.max_header_bytes {
+        return Err(ProxyError::DownstreamHeadersTooLarge);
+    }
+    Ok(())
+}
+
+/// After a 101, bytes flow both ways until either side closes.
+fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(error = %e, "upgraded connection ended with an error");
+        }
+    });
+}
+
+// === impl Admission ===
+
+/// Bounds the requests being proxied at once (`limits.max_requests_in_flight`).
+/// A counter, not a semaphore: over the limit is refused at once, never queued.
+pub struct Admission {
+    in_flight: AtomicUsize,
+    max: usize,
+}
+
+pub struct Admitted<'a>(&'a AtomicUsize);
+
+impl Admission {
+    pub fn new(max: usize) -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    pub fn enter(&self) -> Option<Admitted<'_>> {
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Admitted(&self.in_flight))
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_refuses_past_the_limit_and_frees_on_drop() {
+        let a = Admission::new(2);
+        let one = a.enter().unwrap();
+        let _two = a.enter().unwrap();
+        assert!(a.enter().is_none());
+        assert_eq!(a.in_flight(), 2);
+        drop(one);
+        assert!(a.enter().is_some());
+    }
+}

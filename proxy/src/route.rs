@@ -1,0 +1,155 @@
+//! Stage: match the request to a route (host, path prefix, header rules);
+//! the first route that fits wins.
+
+use http::header::HOST;
+use http::request::Parts;
+
+use crate::snapshot::{HostMatch, Route, Snapshot};
+
+/// The request's host without port: the URI authority (HTTP/2 `:authority`,
+/// or an absolute-form HTTP/1.1 target, which RFC 9112 says wins), else the
+/// `Host` header.
+pub fn request_host(parts: &Parts) -> Option<&str> {
+    if let Some(host) = parts.uri.host() {
+        return Some(host);
+    }
+    let value = parts.headers.get(HOST)?.to_str().ok()?;
+    Some(strip_port(value))
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port → v6
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+/// The first route whose match fits the request.
+pub fn find<'s>(snapshot: &'s Snapshot, parts: &Parts) -> Option<&'s Route> {
+    let host = request_host(parts);
+    let path = parts.uri.path();
+    snapshot.routes.iter().find(|route| {
+        host_matches(&route.host, host)
+            && path_matches(&route.path_prefix, path)
+            && route
+                .headers
+                .iter()
+                .all(|(name, value)| parts.headers.get_all(name).iter().any(|v| v == value))
+    })
+}
+
+fn host_matches(rule: &HostMatch, host: Option<&str>) -> bool {
+    match (rule, host) {
+        (HostMatch::Any, _) => true,
+        (HostMatch::Exact(want), Some(host)) => host.eq_ignore_ascii_case(want),
+        (HostMatch::Suffix(suffix), Some(host)) => {
+            host.len() > suffix.len()
+                && host.is_char_boundary(host.len() - suffix.len())
+                && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+        }
+        (_, None) => false,
+    }
+}
+
+/// Segment-wise prefix match (as Gateway API's `PathPrefix`): `/api` takes
+/// `/api` and `/api/x` but not `/apix`.
+fn path_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+    use switchyard_control::config::Config;
+
+    fn snapshot() -> Snapshot {
+        let yaml = r#"
+routes:
+  - name: admin-host
+    match: { host: admin.example.com }
+    backends: [{ name: a, endpoints: ["127.0.0.1:1"], weight: 100 }]
+  - name: wild
+    match: { host: "*.example.com", path_prefix: /api/ }
+    backends: [{ name: a, endpoints: ["127.0.0.1:1"], weight: 100 }]
+  - name: staging
+    match: { path_prefix: /api, headers: [{ name: x-env, value: staging }] }
+    backends: [{ name: a, endpoints: ["127.0.0.1:1"], weight: 100 }]
+  - name: api
+    match: { path_prefix: /api }
+    backends: [{ name: a, endpoints: ["127.0.0.1:1"], weight: 100 }]
+"#;
+        Snapshot::build(&Config::from_yaml(yaml).unwrap())
+    }
+
+    fn route_of(s: &Snapshot, req: Request<()>) -> Option<String> {
+        let (parts, _) = req.into_parts();
+        find(s, &parts).map(|r| r.name.to_string())
+    }
+
+    fn get(host: &str, path: &str) -> Request<()> {
+        Request::get(path).header(HOST, host).body(()).unwrap()
+    }
+
+    #[test]
+    fn first_matching_route_wins() {
+        let s = snapshot();
+        assert_eq!(
+            route_of(&s, get("ADMIN.example.com:8080", "/x")).as_deref(),
+            Some("admin-host")
+        );
+        assert_eq!(
+            route_of(&s, get("app.example.com", "/api/v1")).as_deref(),
+            Some("wild")
+        );
+        assert_eq!(
+            route_of(&s, get("app.example.com", "/api")).as_deref(),
+            Some("wild")
+        );
+        // `*.example.com` does not take the bare domain.
+        assert_eq!(
+            route_of(&s, get("example.com", "/api")).as_deref(),
+            Some("api")
+        );
+        let staged = Request::get("/api/x")
+            .header(HOST, "other")
+            .header("x-env", "staging");
+        assert_eq!(
+            route_of(&s, staged.body(()).unwrap()).as_deref(),
+            Some("staging")
+        );
+        assert_eq!(route_of(&s, get("other", "/api/x")).as_deref(), Some("api"));
+    }
+
+    #[test]
+    fn prefix_matches_whole_segments() {
+        let s = snapshot();
+        assert_eq!(route_of(&s, get("other", "/apix")), None);
+        assert_eq!(route_of(&s, get("other", "/")), None);
+        assert!(path_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn absolute_form_authority_wins_over_host_header() {
+        let s = snapshot();
+        let req = Request::get("http://admin.example.com/x")
+            .header(HOST, "other")
+            .body(())
+            .unwrap();
+        assert_eq!(route_of(&s, req).as_deref(), Some("admin-host"));
+    }
+
+    #[test]
+    fn strips_ports_from_hosts() {
+        assert_eq!(strip_port("a.b:80"), "a.b");
+        assert_eq!(strip_port("a.b"), "a.b");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+    }
+}

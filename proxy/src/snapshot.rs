@@ -1,0 +1,197 @@
+//! The routing snapshot: everything a request needs to be routed, split and
+//! rewritten, pre-parsed and immutable. It lives behind one `ArcSwap`; a
+//! request `load()`s it once, the control plane builds a new one off the
+//! request path and `store()`s it. Nothing in here is locked.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http::header::HeaderValue;
+use http::uri::Authority;
+use http::HeaderName;
+use switchyard_control::bucket::BUCKETS;
+use switchyard_control::config::{normalized_prefix, Config, Fallback, RouteConfig, Weight};
+
+/// The whole routing state at one moment.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub routes: Box<[Route]>,
+    pub user_key: UserKeySources,
+    /// Client-chosen backend, for QA (`forced_backend_header`).
+    pub forced_backend_header: Option<HeaderName>,
+    /// Headers only the proxy sets; client copies are removed before forwarding.
+    pub proxy_only_headers: Box<[HeaderName]>,
+    pub trust_forwarded_for: bool,
+    /// Enforced by the proxy itself only below hyper's 8 KiB parse buffer.
+    pub max_header_bytes: usize,
+}
+
+#[derive(Debug)]
+pub struct UserKeySources {
+    pub headers: Box<[HeaderName]>,
+    /// Configured cookies, then the anonymous cookie.
+    pub cookies: Box<[Box<str>]>,
+    pub fallback: Fallback,
+    /// `name=` prefix and `; Path=/; Max-Age=...` suffix of the anonymous
+    /// cookie, so setting one is a single concatenation.
+    pub anon_cookie_name: Box<str>,
+    pub anon_cookie_attrs: Box<str>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub host: HostMatch,
+    /// Normalized: no trailing `/` unless it is `/` itself.
+    pub path_prefix: Box<str>,
+    pub headers: Box<[(HeaderName, HeaderValue)]>,
+    pub salt: Box<str>,
+    pub backends: Box<[Backend]>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Any,
+    /// Lower-case host.
+    Exact(Box<str>),
+    /// Lower-case suffix including the leading dot: `*.example.com` → `.example.com`.
+    Suffix(Box<str>),
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    pub name: Arc<str>,
+    pub weight: Weight,
+    /// Exclusive upper bound of this backend's bucket range; the range starts
+    /// where the previous backend's ends.
+    pub bucket_end: u32,
+    pub endpoints: Box<[Authority]>,
+    /// Round-robin cursor over `endpoints`.
+    next: AtomicUsize,
+}
+
+impl Backend {
+    /// The next endpoint, round robin.
+    pub fn endpoint(&self) -> Option<&Authority> {
+        match self.endpoints.len() {
+            0 => None,
+            1 => self.endpoints.first(),
+            n => self
+                .endpoints
+                .get(self.next.fetch_add(1, Ordering::Relaxed) % n),
+        }
+    }
+}
+
+impl Route {
+    /// The backend that owns `bucket`: backends own consecutive ranges in
+    /// configured order, so the last one's range is a suffix of the space and
+    /// raising its weight only adds buckets to it.
+    pub fn backend_for_bucket(&self, bucket: u32) -> usize {
+        debug_assert!(bucket < BUCKETS);
+        self.backends
+            .iter()
+            .position(|b| bucket < b.bucket_end)
+            .unwrap_or(self.backends.len() - 1)
+    }
+
+    pub fn backend_named(&self, name: &[u8]) -> Option<usize> {
+        self.backends.iter().position(|b| b.name.as_bytes() == name)
+    }
+}
+
+// === building ===
+
+impl Snapshot {
+    /// Builds a snapshot from a validated configuration.
+    pub fn build(config: &Config) -> Snapshot {
+        let uk = &config.user_key;
+        let mut cookies: Vec<Box<str>> = uk.cookies.iter().map(|c| c.as_str().into()).collect();
+        if !uk.cookies.contains(&uk.anonymous_cookie.name) {
+            cookies.push(uk.anonymous_cookie.name.as_str().into());
+        }
+        let attrs = format!(
+            "; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
+            uk.anonymous_cookie.max_age.0.as_secs(),
+            if uk.anonymous_cookie.secure {
+                "; Secure"
+            } else {
+                ""
+            }
+        );
+        Snapshot {
+            routes: config.routes.iter().map(build_route).collect(),
+            user_key: UserKeySources {
+                headers: uk.headers.iter().map(|h| header_name(h)).collect(),
+                cookies: cookies.into(),
+                fallback: uk.fallback,
+                anon_cookie_name: uk.anonymous_cookie.name.as_str().into(),
+                anon_cookie_attrs: attrs.into(),
+            },
+            forced_backend_header: config.forced_backend_header.as_deref().map(header_name),
+            proxy_only_headers: config
+                .forced_backend_header
+                .as_deref()
+                .map(header_name)
+                .into_iter()
+                .collect(),
+            trust_forwarded_for: config.trust_forwarded_for,
+            max_header_bytes: config.limits.max_header_bytes,
+        }
+    }
+
+    pub fn route(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| &*r.name == name)
+    }
+}
+
+fn build_route(rc: &RouteConfig) -> Route {
+    let mut end = 0;
+    let backends = rc
+        .backends
+        .iter()
+        .map(|b| {
+            end += b.weight.basis_points();
+            Backend {
+                name: b.name.as_str().into(),
+                weight: b.weight,
+                bucket_end: end,
+                endpoints: b
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        Authority::try_from(e.as_str()).expect("endpoint validated as host:port")
+                    })
+                    .collect(),
+                next: AtomicUsize::new(0),
+            }
+        })
+        .collect();
+    let host = rc.matches.host.to_ascii_lowercase();
+    Route {
+        name: rc.name.as_str().into(),
+        host: if host == "*" {
+            HostMatch::Any
+        } else if let Some(suffix) = host.strip_prefix('*') {
+            HostMatch::Suffix(suffix.into())
+        } else {
+            HostMatch::Exact(host.into())
+        },
+        path_prefix: normalized_prefix(&rc.matches.path_prefix).into(),
+        headers: rc
+            .matches
+            .headers
+            .iter()
+            .map(|h| {
+                let value = HeaderValue::from_str(&h.value).expect("header value validated");
+                (header_name(&h.name), value)
+            })
+            .collect(),
+        salt: rc.salt().into(),
+        backends,
+    }
+}
+
+fn header_name(name: &str) -> HeaderName {
+    HeaderName::from_bytes(name.as_bytes()).expect("header name validated")
+}
