@@ -447,7 +447,8 @@ impl Config {
                 ));
             }
         }
-        if self.admin.listen == self.listen {
+        // Port 0 asks the kernel for a free port, so two of them never clash.
+        if self.admin.listen == self.listen && self.listen.port() != 0 {
             return Err(ConfigError::new(
                 "admin.listen",
                 format!("{} is also the data listener's address", self.listen),

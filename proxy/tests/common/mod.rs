@@ -1,0 +1,238 @@
+//! Real servers and clients on loopback for the end-to-end tests: hyper
+//! upstreams that answer with their name (or echo what they received), the
+//! proxy's own `run()` on ephemeral ports, and hyper clients.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use switchyard_control::config::Config;
+use switchyard_proxy::listen::Drained;
+use switchyard_proxy::server::{Listeners, Proxy, ProxyHandle};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+
+/// How a test upstream answers.
+#[derive(Clone, Copy, Debug)]
+pub enum Behaviour {
+    /// `200` with body `<name>\n`.
+    Name,
+    /// `200` with every received header as `name: value` lines.
+    EchoHeaders,
+    /// Waits this long, then answers like `Name`.
+    Delay(Duration),
+    /// Answers a WebSocket-style upgrade with 101, then echoes bytes.
+    UpgradeEcho,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// Requests that have arrived (counted before any delay).
+    pub arrived: Arc<AtomicUsize>,
+    /// Notified on every arrival.
+    pub arrival: Arc<Notify>,
+}
+
+impl Upstream {
+    pub async fn start(name: &str, behaviour: Behaviour) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let arrival = Arc::new(Notify::new());
+        let name: Arc<str> = name.into();
+        let (count, notify) = (arrived.clone(), arrival.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (name, count, notify) = (name.clone(), count.clone(), notify.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        notify.notify_waiters();
+                        answer(name.clone(), behaviour, req)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            arrived,
+            arrival,
+        }
+    }
+
+    /// Resolves once at least `n` requests have arrived.
+    pub async fn wait_for_arrivals(&self, n: usize) {
+        loop {
+            let notified = self.arrival.notified();
+            if self.arrived.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+async fn answer(
+    name: Arc<str>,
+    behaviour: Behaviour,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let text = match behaviour {
+        Behaviour::Name => format!("{name}\n"),
+        Behaviour::Delay(d) => {
+            tokio::time::sleep(d).await;
+            format!("{name}\n")
+        }
+        Behaviour::EchoHeaders => {
+            let mut out = String::new();
+            for (k, v) in req.headers() {
+                out.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("<bin>")));
+            }
+            out
+        }
+        Behaviour::UpgradeEcho => {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(up) = on_upgrade.await {
+                    let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+            let resp = Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            return Ok(resp);
+        }
+    };
+    Ok(Response::new(Full::new(Bytes::from(text))))
+}
+
+/// A proxy running in this process on ephemeral ports.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub handle: ProxyHandle,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Drained>,
+}
+
+impl Running {
+    /// Starts the proxy with `yaml`, whose `listen` addresses are replaced
+    /// by ephemeral ones.
+    pub async fn start(yaml: &str) -> Running {
+        let mut config = Config::from_yaml(yaml).expect("test config is valid");
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.admin.listen = "127.0.0.1:0".parse().unwrap();
+        let listeners = Listeners::bind(&config).await.unwrap();
+        let (addr, admin) = (listeners.data_addr(), listeners.admin_addr());
+        let proxy = Proxy::new(config);
+        let handle = proxy.handle();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(proxy.run(listeners, async move {
+            let _ = stopped.await;
+        }));
+        Running {
+            addr,
+            admin,
+            handle,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Starts the drain and waits for it to finish.
+    pub async fn stop(mut self) -> Drained {
+        let _ = self.stop.take().unwrap().send(());
+        (&mut self.task).await.unwrap()
+    }
+}
+
+/// A config with one route `api` over the given `(name, addr, weight)` backends.
+pub fn config(extra: &str, backends: &[(&str, SocketAddr, f64)]) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(n, a, w)| format!("      - {{ name: {n}, endpoints: [\"{a}\"], weight: {w} }}"))
+        .collect();
+    format!(
+        "{extra}\nroutes:\n  - name: api\n    backends:\n{}\n",
+        list.join("\n")
+    )
+}
+
+pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// GET `url` with `headers`; returns status, headers and body text.
+pub async fn get(
+    client: &HttpClient,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, http::HeaderMap, String) {
+    let mut req = Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client
+        .request(req.body(Empty::new()).unwrap())
+        .await
+        .expect("request");
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.expect("body").to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+/// The backend name a user reaches.
+pub async fn backend_of(client: &HttpClient, proxy: &Running, user: &str) -> String {
+    let (status, _, body) = get(client, &proxy.url("/"), &[("x-user-id", user)]).await;
+    assert_eq!(status, StatusCode::OK, "user {user}: {body}");
+    body.trim().to_owned()
+}
+
+/// Sends raw bytes on a fresh connection and returns everything read until
+/// the server closes (bounded by a 10 s guard so a bug cannot hang the suite).
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
