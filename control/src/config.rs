@@ -41,7 +41,7 @@ impl ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Data-plane listener. Default `127.0.0.1:8080`.
-    #[serde(default = "default_listen")]
+    #[serde(default = "default_listen", deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// Runtime worker threads. `1` runs a current-thread runtime (the cheapest
     /// for a sidecar); default: the number of available cores.
@@ -77,7 +77,7 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Admin listener address. Default `127.0.0.1:9901`.
-    #[serde(default = "default_admin_listen")]
+    #[serde(default = "default_admin_listen", deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
 }
 
@@ -345,6 +345,16 @@ impl<'de> Deserialize<'de> for Weight {
         }
         d.deserialize_any(V)
     }
+}
+
+/// A listen address: `ip:port` (`[v6]:port`); names are not resolved.
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.trim().parse().map_err(|_| {
+        de::Error::custom(format!(
+            "`{text}` is not an address like 127.0.0.1:8080 or [::1]:8080"
+        ))
+    })
 }
 
 /// A duration written as `500ms`, `30s`, `5m`, `1h`, `365d`.

@@ -66,13 +66,14 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            let first = e
-                .to_string()
+            // clap's first paragraph is the reason; usage and tips follow.
+            let text = e.to_string();
+            let reason: Vec<&str> = text
                 .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .to_owned();
-            eprintln!("{first} (see `switchyard --help`)");
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            eprintln!("{} (see `switchyard --help`)", reason.join(" "));
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -162,6 +163,7 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

@@ -1,0 +1,201 @@
+//! The real `switchyard` binary: exit codes, messages, start-up and SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{client, get, Behaviour, Upstream};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+fn temp_file(name: &str, contents: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("switchyard-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+fn switchyard(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn check(name: &str, yaml: &str) -> Output {
+    let path = temp_file(name, yaml);
+    switchyard(&["check", "--config", path.to_str().unwrap()])
+}
+
+const VALID: &str = r#"
+listen: 127.0.0.1:0
+admin: { listen: 127.0.0.1:0 }
+routes:
+  - name: api
+    backends:
+      - { name: blue,   endpoints: ["127.0.0.1:18081"], weight: 90 }
+      - { name: canary, endpoints: ["127.0.0.1:18083"], weight: 10 }
+"#;
+
+#[test]
+fn check_accepts_a_valid_config() {
+    let out = check("valid.yaml", VALID);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 route(s), 2 backend(s))"));
+}
+
+#[test]
+fn invalid_configs_exit_64_naming_the_problem() {
+    let cases = [
+        ("sum.yaml", VALID.replace("weight: 10", "weight: 5"), "routes[0].backends: weights sum to 95"),
+        ("unknown-backend.yaml", VALID.replace("canary, endpoints", "blue, endpoints"), "duplicate backend name `blue`"),
+        (
+            "duplicate-route.yaml",
+            format!("{VALID}  - name: api\n    match: {{ path_prefix: /x }}\n    backends: [{{ name: b, endpoints: [\"127.0.0.1:1\"], weight: 100 }}]\n"),
+            "duplicate route name `api`",
+        ),
+        ("bad-address.yaml", VALID.replace("127.0.0.1:18081", "127.0.0.1"), "routes[0].backends[0].endpoints[0]"),
+        ("bad-listen.yaml", VALID.replace("listen: 127.0.0.1:0\n", "listen: nowhere\n"), "listen"),
+        ("unknown-field.yaml", VALID.replace("routes:", "colour: blue\nroutes:"), "colour"),
+        ("not-yaml.yaml", "routes: [\n  - {".to_owned(), "switchyard: "),
+    ];
+    for (name, yaml, want) in cases {
+        let out = check(name, &yaml);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{name}: {stderr}");
+        assert!(stderr.contains(want), "{name}: {stderr:?} lacks {want:?}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{name}: not one line: {stderr:?}"
+        );
+    }
+}
+
+#[test]
+fn missing_config_file_exits_64_naming_it() {
+    let out = switchyard(&["check", "--config", "/nonexistent/switchyard.yaml"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/switchyard.yaml"));
+}
+
+#[test]
+fn bad_arguments_exit_64_and_help_exits_0() {
+    for args in [
+        &["frobnicate"][..],
+        &["run"],
+        &["run", "--config"],
+        &["demo", "--listen", "nowhere"],
+        &[],
+    ] {
+        let out = switchyard(args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr)
+                .trim_end()
+                .lines()
+                .count(),
+            1,
+            "{args:?}"
+        );
+    }
+    let help = switchyard(&["--help"]);
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for word in ["demo", "run", "check"] {
+        assert!(text.contains(word), "{text}");
+    }
+}
+
+#[test]
+fn port_in_use_fails_start_up_with_nothing_left_running() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let yaml = VALID.replace(
+        "listen: 127.0.0.1:0\n",
+        &format!("listen: 127.0.0.1:{port}\n"),
+    );
+    let path = temp_file("taken.yaml", &yaml);
+    let out = switchyard(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot listen on") && stderr.contains(&port.to_string()),
+        "{stderr}"
+    );
+}
+
+/// Starts the binary and waits for the line announcing the data listener.
+fn spawn_run(config: &str) -> (Child, SocketAddr) {
+    let path = temp_file(&format!("run-{}.yaml", fastrand::u32(..)), config);
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("switchyard exited before serving")
+            .unwrap();
+        if let Some(rest) = line.split("data=").nth(1) {
+            break rest.trim().parse().unwrap();
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+/// SIGTERM during a burst of slow requests: every one completes with 200,
+/// then the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits_0() {
+    const IN_FLIGHT: usize = 8;
+    let slow = Upstream::start("slow", Behaviour::Delay(Duration::from_millis(800))).await;
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\nworkers: 1\ntimeouts: {{ drain: 20s }}\nroutes:\n  - name: api\n    backends: [{{ name: slow, endpoints: [\"{}\"], weight: 100 }}]\n",
+        slow.addr
+    );
+    let (mut child, addr) = spawn_run(&yaml);
+
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..IN_FLIGHT {
+        let url = format!("http://{addr}/slow/{i}");
+        requests
+            .spawn(async move { get(&client(), &url, &[("x-user-id", &format!("u{i}"))]).await });
+    }
+    // Signal only once every request is inside the upstream.
+    slow.wait_for_arrivals(IN_FLIGHT).await;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+
+    while let Some(done) = requests.join_next().await {
+        let (status, _, body) = done.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, "slow\n");
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    // And the listener is gone.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}

@@ -1,0 +1,271 @@
+//! Against real third-party parts: curl as the client of the running demo,
+//! nginx as an origin behind the proxy. Each test skips with a printed reason
+//! when its tool is missing, unless SWITCHYARD_REQUIRE_EXTERNAL=1 (set by
+//! `.ci/run`, which installs them), where a missing tool fails the test.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{client, config, get, Running};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// The path of `tool`, or `None` after printing why the test is skipped.
+fn require(tool: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+            .map(|dir| dir.join(tool))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var("SWITCHYARD_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
+            panic!("{tool} is required (SWITCHYARD_REQUIRE_EXTERNAL=1) but not installed");
+        }
+        eprintln!("SKIPPED: {tool} is not installed (`.ci/run` installs it)");
+    }
+    found
+}
+
+/// Kills the child on drop so a failed assertion leaves nothing running.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Demo {
+    child: Guard,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn start_demo() -> Demo {
+    let mut child = Command::new(BIN)
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut find = |prefix: &str| -> SocketAddr {
+        loop {
+            let line = lines.next().expect("demo exited early").unwrap();
+            if let Some(addr) = line.trim().strip_prefix(prefix) {
+                return addr.parse().unwrap();
+            }
+        }
+    };
+    let proxy = find("proxy listening on ");
+    let admin = find("admin listening on ");
+    std::thread::spawn(move || for _ in lines {});
+    Demo {
+        child: Guard(child),
+        proxy,
+        admin,
+    }
+}
+
+fn curl(curl: &Path, args: &[&str]) -> String {
+    let out = Command::new(curl)
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn curl_against_the_running_demo() {
+    let Some(curl_bin) = require("curl") else {
+        return;
+    };
+    let demo = start_demo();
+    let url = format!("http://{}/", demo.proxy);
+
+    let alice = curl(&curl_bin, &["-H", "x-user-id: alice", &url]);
+    assert!(
+        ["blue\n", "green\n", "canary\n"].contains(&alice.as_str()),
+        "{alice:?}"
+    );
+    for _ in 0..5 {
+        assert_eq!(curl(&curl_bin, &["-H", "x-user-id: alice", &url]), alice);
+        assert_eq!(
+            curl(
+                &curl_bin,
+                &["--http2-prior-knowledge", "-H", "x-user-id: alice", &url]
+            ),
+            alice
+        );
+    }
+    assert_eq!(
+        curl(&curl_bin, &["-H", "x-switchyard-backend: canary", &url]),
+        "canary\n"
+    );
+
+    // Anonymous users: curl's cookie jar keeps the id the proxy set.
+    let jar = std::env::temp_dir().join(format!("switchyard-jar-{}", std::process::id()));
+    let jar = jar.to_str().unwrap();
+    let head = curl(&curl_bin, &["-i", "-c", jar, &url]);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("set-cookie: switchyard-uid="),
+        "{head}"
+    );
+    let first = curl(&curl_bin, &["-b", jar, &url]);
+    for _ in 0..5 {
+        assert_eq!(curl(&curl_bin, &["-b", jar, &url]), first);
+    }
+
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..200 {
+        seen.insert(curl(
+            &curl_bin,
+            &["-H", &format!("x-user-id: user-{i}"), &url],
+        ));
+    }
+    assert_eq!(seen.len(), 3, "200 users reached {seen:?}");
+
+    assert_eq!(
+        curl(&curl_bin, &[&format!("http://{}/health/ready", demo.admin)]),
+        "ready\n"
+    );
+
+    let mut child = demo.child;
+    kill(Pid::from_raw(child.0.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+}
+
+/// An nginx origin on a free loopback port, serving a fixed answer that
+/// echoes what the proxy forwarded, and a 1 MiB file.
+struct Nginx {
+    _child: Guard,
+    addr: SocketAddr,
+    big: Vec<u8>,
+}
+
+fn start_nginx(nginx: &Path) -> Nginx {
+    let dir = std::env::temp_dir().join(format!(
+        "switchyard-nginx-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.join("www/big.bin"), &big).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 256; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         server {{\n    listen 127.0.0.1:{port};\n    root {d}/www;\n\
+         location = / {{ default_type text/plain; return 200 \"nginx xff=$http_x_forwarded_for proto=$http_x_forwarded_proto rid=$http_x_request_id host=$host\\n\"; }}\n\
+         location /big.bin {{ }}\n  }}\n}}\n"
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let child = Command::new(nginx)
+        .args([
+            "-p",
+            dir.to_str().unwrap(),
+            "-c",
+            conf_path.to_str().unwrap(),
+        ])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let child = Guard(child);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // nginx says nothing when it is ready; its port accepting is the signal.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nginx did not start; see {d}/error.log"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Nginx {
+        _child: child,
+        addr,
+        big,
+    }
+}
+
+#[tokio::test]
+async fn nginx_as_origin_behind_the_proxy() {
+    let Some(nginx_bin) = require("nginx") else {
+        return;
+    };
+    let nginx = start_nginx(&nginx_bin);
+    let proxy = Running::start(&config("", &[("origin", nginx.addr, 100.0)])).await;
+    let c = client();
+
+    let (status, _, body) = get(
+        &c,
+        &proxy.url("/"),
+        &[
+            ("x-user-id", "alice"),
+            ("x-request-id", "rid-7"),
+            ("host", "shop.test"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        "nginx xff=127.0.0.1 proto=http rid=rid-7 host=shop.test\n"
+    );
+
+    // A 1 MiB body streams through intact, many times over pooled connections.
+    for _ in 0..20 {
+        let (status, headers, _) = get(&c, &proxy.url("/big.bin"), &[("x-user-id", "bob")]).await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["content-length"], "1048576");
+    }
+    let resp = c
+        .request(
+            http::Request::get(proxy.url("/big.bin"))
+                .body(http_body_util::Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(bytes[..] == nginx.big[..], "body changed in transit");
+
+    let (status, _, _) = get(&c, &proxy.url("/missing"), &[]).await;
+    assert_eq!(status, 404, "nginx's own 404 passes through");
+    proxy.stop().await;
+}
