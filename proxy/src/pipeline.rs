@@ -76,6 +76,9 @@ async fn proxy(
     let (endpoint, set_cookie) = {
         let snapshot = shared.snapshot.load();
         check_head_size(&snapshot, &parts)?;
+        if route::has_dot_segment(parts.uri.path()) {
+            return Err(ProxyError::DownstreamMalformed("dot segment in path"));
+        }
         let route = route::find(&snapshot, &parts).ok_or(ProxyError::NoRoute)?;
         let choice = split::choose(&snapshot, route, &parts, conn.peer)?;
         let backend = &route.backends[choice.backend];
@@ -112,11 +115,16 @@ async fn proxy(
 
 /// HTTP/2 requests carry the host in `:authority`; the HTTP/1.1 upstream
 /// needs it as `Host`.
+/// The URI authority, when there is one (HTTP/2 `:authority`, an
+/// absolute-form HTTP/1.1 target), is the host the request was routed by, so
+/// it replaces any `Host` header (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
 fn keep_host(parts: &mut Parts) -> Result<(), ProxyError> {
-    if parts.headers.contains_key(HOST) {
-        return Ok(());
-    }
     if let Some(authority) = parts.uri.authority() {
+        if authority.as_str().contains('@') {
+            return Err(ProxyError::DownstreamMalformed(
+                "user info in request target",
+            ));
+        }
         let value = HeaderValue::from_str(authority.as_str())
             .map_err(|_| ProxyError::DownstreamMalformed("bad authority"))?;
         parts.headers.insert(HOST, value);

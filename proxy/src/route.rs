@@ -52,6 +52,35 @@ fn host_matches(rule: &HostMatch, host: Option<&str>) -> bool {
     }
 }
 
+/// Whether `path` has a `.` or `..` segment (also percent-encoded). Such a
+/// path could match one route's prefix here and resolve to another path at
+/// the upstream (`/api/../admin`), so it is refused rather than forwarded.
+/// Clients normalize paths before sending; browsers always do.
+pub fn has_dot_segment(path: &str) -> bool {
+    if !path.contains('.') && !path.contains('%') {
+        return false;
+    }
+    path.split('/').any(|segment| {
+        let mut dots = 0;
+        let mut rest = segment.as_bytes();
+        while !rest.is_empty() {
+            if rest[0] == b'.' {
+                rest = &rest[1..];
+            } else if rest.len() >= 3
+                && rest[0] == b'%'
+                && rest[1] == b'2'
+                && rest[2].eq_ignore_ascii_case(&b'e')
+            {
+                rest = &rest[3..];
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
+    })
+}
+
 /// Segment-wise prefix match (as Gateway API's `PathPrefix`): `/api` takes
 /// `/api` and `/api/x` but not `/apix`.
 fn path_matches(prefix: &str, path: &str) -> bool {
@@ -144,6 +173,30 @@ routes:
             .body(())
             .unwrap();
         assert_eq!(route_of(&s, req).as_deref(), Some("admin-host"));
+    }
+
+    #[test]
+    fn dot_segments_are_found() {
+        for bad in [
+            "/api/../admin",
+            "/./x",
+            "/a/..",
+            "/a/%2e%2E/b",
+            "/a/.%2e",
+            "/..",
+        ] {
+            assert!(has_dot_segment(bad), "{bad}");
+        }
+        for ok in [
+            "/",
+            "/a.b/c",
+            "/...",
+            "/a/.well-known/x",
+            "/v1.2/%20",
+            "/file.tar.gz",
+        ] {
+            assert!(!has_dot_segment(ok), "{ok}");
+        }
     }
 
     #[test]

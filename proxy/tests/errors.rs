@@ -82,6 +82,7 @@ async fn malformed_requests_are_400() {
         b"GET / HTTP/1.1\r\nbad header line\r\n\r\n",
         b"GET / HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ncontent-length: 7\r\n\r\n",
         b"GET /\x01 HTTP/1.1\r\nhost: a\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: gzip, chunked, identity\r\n\r\n",
     ] {
         let reply = raw_exchange(proxy.addr, garbage).await;
         assert!(
@@ -89,6 +90,13 @@ async fn malformed_requests_are_400() {
             "{:?} -> {reply:?}",
             String::from_utf8_lossy(garbage)
         );
+    }
+    // Dot segments could match one route's prefix and resolve elsewhere
+    // upstream; user info has no place in a request target.
+    for target in ["/api/../admin", "/a/%2e%2e/b", "http://user@shop.test/"] {
+        let req = format!("GET {target} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+        let reply = raw_exchange(proxy.addr, req.as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{target} -> {reply}");
     }
     // `OPTIONS *` is well-formed HTTP but has no path to forward.
     let reply = raw_exchange(
@@ -122,5 +130,36 @@ async fn past_the_in_flight_limit_is_503_with_retry_after() {
     assert_eq!(headers["retry-after"], "1");
     assert!(body.contains("overloaded"), "{body}");
     assert_eq!(first.await.unwrap(), 200);
+    proxy.stop().await;
+}
+
+/// RFC 9112 §6.3: with both framings, Transfer-Encoding wins, Content-Length
+/// must not be forwarded, and the connection closes after the response, so
+/// nothing smuggled in the body can be read as a second request.
+#[tokio::test]
+async fn conflicting_framing_cannot_smuggle_a_request() {
+    let echo = Upstream::start("echo", Behaviour::EchoHeaders).await;
+    let proxy = Running::start(&config("", &[("echo", echo.addr, 100.0)])).await;
+    let smuggle = "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: a\r\n\r\n";
+    let reply = raw_exchange(proxy.addr, smuggle.as_bytes()).await;
+    let lower = reply.to_ascii_lowercase();
+    assert_eq!(
+        lower.matches("http/1.1 ").count(),
+        1,
+        "a second response came back: {reply}"
+    );
+    if lower.starts_with("http/1.1 200") {
+        assert!(lower.contains("connection: close"), "{reply}");
+        assert!(
+            !lower.contains("content-length: 4"),
+            "content-length forwarded: {reply}"
+        );
+    } else {
+        assert!(lower.starts_with("http/1.1 400"), "{reply}");
+    }
+    assert_eq!(
+        echo.arrived.load(std::sync::atomic::Ordering::SeqCst),
+        lower.starts_with("http/1.1 200") as usize
+    );
     proxy.stop().await;
 }

@@ -187,3 +187,36 @@ async fn admin_health_probes() {
     assert!(reply.starts_with("HTTP/1.1 405"), "{reply}");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_and_kept_alive() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let proxy = Running::start(&config("", &[("blue", blue.addr, 100.0)])).await;
+    let c = client();
+    for i in 0..50 {
+        let (status, _, _) = get(&c, &proxy.url("/"), &[("x-user-id", &format!("u{i}"))]).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(blue.arrived.load(std::sync::atomic::Ordering::SeqCst), 50);
+    assert_eq!(
+        blue.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "50 sequential requests, one upstream connection"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn absolute_form_target_sets_the_host() {
+    let blue = Upstream::start("blue", Behaviour::EchoHeaders).await;
+    let proxy = Running::start(&config("", &[("blue", blue.addr, 100.0)])).await;
+    let reply = raw_exchange(
+        proxy.addr,
+        b"GET http://shop.test/echo HTTP/1.1\r\nhost: other.test\r\nx-user-id: u\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("host: shop.test\n"), "{reply}");
+    assert!(!reply.contains("other.test"), "{reply}");
+    proxy.stop().await;
+}

@@ -42,6 +42,8 @@ pub struct Upstream {
     pub arrived: Arc<AtomicUsize>,
     /// Notified on every arrival.
     pub arrival: Arc<Notify>,
+    /// TCP connections accepted.
+    pub connections: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -51,12 +53,14 @@ impl Upstream {
         let arrived = Arc::new(AtomicUsize::new(0));
         let arrival = Arc::new(Notify::new());
         let name: Arc<str> = name.into();
-        let (count, notify) = (arrived.clone(), arrival.clone());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (count, notify, accepted) = (arrived.clone(), arrival.clone(), connections.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let (name, count, notify) = (name.clone(), count.clone(), notify.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
@@ -75,6 +79,7 @@ impl Upstream {
             addr,
             arrived,
             arrival,
+            connections,
         }
     }
 
