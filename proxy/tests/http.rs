@@ -220,3 +220,27 @@ async fn absolute_form_target_sets_the_host() {
     assert!(!reply.contains("other.test"), "{reply}");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn requests_are_balanced_across_a_backends_endpoints() {
+    let (one, two) = (
+        Upstream::start("one", Behaviour::Name).await,
+        Upstream::start("two", Behaviour::Name).await,
+    );
+    let yaml = format!(
+        "routes:\n  - name: api\n    backends: [{{ name: blue, endpoints: [\"{}\", \"{}\"], weight: 100 }}]\n",
+        one.addr, two.addr
+    );
+    let proxy = Running::start(&yaml).await;
+    let c = client();
+    for _ in 0..20 {
+        let (status, _, _) = get(&c, &proxy.url("/"), &[("x-user-id", "same-user")]).await;
+        assert_eq!(status, 200);
+    }
+    let counts = (
+        one.arrived.load(std::sync::atomic::Ordering::SeqCst),
+        two.arrived.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    assert_eq!(counts, (10, 10), "round robin over two endpoints");
+    proxy.stop().await;
+}
