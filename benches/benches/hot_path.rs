@@ -9,6 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::Request;
 use switchyard_control::bucket::bucket;
 use switchyard_control::config::Config;
+use switchyard_control::metrics::Metrics;
 use switchyard_proxy::headers::{rewrite_request, Forwarding};
 use switchyard_proxy::snapshot::Snapshot;
 use switchyard_proxy::{route, split};
@@ -30,7 +31,8 @@ fn bench(c: &mut Criterion) {
         b.iter(|| bucket(black_box("api"), black_box(b"user-123456")))
     });
 
-    let snapshot = Snapshot::build(&Config::from_yaml(CONFIG).unwrap());
+    let metrics = Metrics::new(true, std::time::Duration::from_secs(60));
+    let snapshot = Snapshot::build(&Config::from_yaml(CONFIG).unwrap(), &metrics);
     let peer = IpAddr::from([127, 0, 0, 1]);
     let request = || {
         Request::get("/api/v1/courses?page=2")

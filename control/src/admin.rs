@@ -1,6 +1,13 @@
-//! The admin listener: health probes now; metrics and the `/v1/` control API
-//! are served here too as they land. It runs on its own listener so that the
-//! data plane's limits and load never starve a kubelet probe.
+//! The admin listener: health probes, Prometheus metrics, and the `/v1/`
+//! control API as it lands. It runs on its own listener so that the data
+//! plane's limits and load never starve a kubelet probe or a scrape.
+//!
+//! ```text
+//! GET /health/live                 200 while the process runs
+//! GET /health/ready                200 once listeners are bound; 503 while draining
+//! GET /metrics                     Prometheus text format
+//! GET /v1/routes/{route}/stats     rolling-window figures per backend (JSON)
+//! ```
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,6 +22,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
 
 /// What the health probes report.
 #[derive(Debug, Default)]
@@ -34,8 +43,15 @@ impl Health {
     }
 }
 
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct Admin {
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+}
+
 /// Serves the admin API on `listener` until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -50,11 +66,11 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: impl Fu
                 }
             },
         };
-        let health = health.clone();
+        let admin = admin.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let health = health.clone();
-                async move { Ok::<_, Infallible>(route(&health, &req)) }
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(route(&admin, &req)) }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
@@ -63,24 +79,83 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: impl Fu
     }
 }
 
-fn route(health: &Health, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    match path {
         "/health/live" => text(StatusCode::OK, "live\n"),
-        "/health/ready" if health.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/health/ready" if admin.health.is_ready() => text(StatusCode::OK, "ready\n"),
         "/health/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            admin.metrics.render().into(),
+        ),
+        _ => match path
+            .strip_prefix("/v1/routes/")
+            .and_then(|r| r.strip_suffix("/stats"))
+        {
+            Some(route) if !route.contains('/') => route_stats(&admin.metrics, route),
+            _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+        },
     }
 }
 
+/// `GET /v1/routes/{route}/stats`: the rolling window of each backend.
+fn route_stats(metrics: &Metrics, route: &str) -> Response<Full<Bytes>> {
+    if !metrics.enabled() {
+        return json_error(
+            StatusCode::CONFLICT,
+            "metrics_disabled",
+            "metrics.enabled is false in the configuration",
+        );
+    }
+    let Some(backends) = metrics.route_window(route) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no route named `{route}`"),
+        );
+    };
+    let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+    let body = serde_json::json!({
+        "route": route,
+        "window_seconds": metrics.window_span().as_secs(),
+        "backends": backends.iter().map(|b| serde_json::json!({
+            "backend": &*b.backend,
+            "requests": b.stats.requests,
+            "errors": b.stats.errors,
+            "error_rate_percent": b.stats.error_rate_percent(),
+            "p50_ms": ms(b.stats.p50),
+            "p95_ms": ms(b.stats.p95),
+            "p99_ms": ms(b.stats.p99),
+        })).collect::<Vec<_>>(),
+    });
+    respond(StatusCode::OK, "application/json", body.to_string().into())
+}
+
+/// The admin API's error shape: `{"error": {"code": ..., "message": ...}}`.
+pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    respond(status, "application/json", body.to_string().into())
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    respond(
+        status,
+        "text/plain; charset=utf-8",
+        Bytes::from_static(body.as_bytes()),
+    )
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        header::HeaderValue::from_static(content_type),
     );
     resp
 }

@@ -69,8 +69,34 @@ pub struct Config {
     /// otherwise claim any address. Set to `true` behind a trusted load balancer.
     #[serde(default)]
     pub trust_forwarded_for: bool,
+    /// Inline measurement of every request.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Routes, tried in order; the first whose match fits takes the request.
     pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Record per-request metrics and rolling windows. Default `true`. Off is
+    /// only for measuring what metrics cost: rollouts need them.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Span of the in-process rolling windows (1 s resolution) that the
+    /// automatic rollback and `/v1/routes/{route}/stats` read. Default `60s`;
+    /// allowed 1s to 1h.
+    #[serde(default = "default_stats_window")]
+    pub window: Dur,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window: default_stats_window(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -403,6 +429,12 @@ fn default_idle() -> Dur {
 fn default_drain() -> Dur {
     Dur(Duration::from_secs(30))
 }
+fn default_true() -> bool {
+    true
+}
+fn default_stats_window() -> Dur {
+    Dur(Duration::from_secs(60))
+}
 fn default_max_connections() -> usize {
     10_000
 }
@@ -467,6 +499,16 @@ impl Config {
         self.user_key.validate()?;
         self.timeouts.validate()?;
         self.limits.validate()?;
+        let window = self.metrics.window.0;
+        if window < Duration::from_secs(1) || window > Duration::from_secs(3600) {
+            return Err(ConfigError::new(
+                "metrics.window",
+                format!(
+                    "{} is not between 1s and 1h",
+                    humantime::format_duration(window)
+                ),
+            ));
+        }
         if let Some(h) = &self.forced_backend_header {
             check_header_name("forced_backend_header", h)?;
         }
@@ -976,6 +1018,10 @@ routes:
             let e = err(&with(from, to));
             assert_eq!(e.field, field, "{from} -> {to}: {e}");
         }
+        let e = err(&format!("{GOOD}metrics: {{ window: 2h }}\n"));
+        assert_eq!(e.field, "metrics.window");
+        let e = err(&format!("{GOOD}metrics: {{ window: 500ms }}\n"));
+        assert_eq!(e.field, "metrics.window");
         let e = err(&format!("{GOOD}workers: 0\n"));
         assert_eq!(e.field, "workers");
         let e = err(&format!("{GOOD}limits: {{ max_header_bytes: 10 }}\n"));

@@ -5,3 +5,5 @@
 pub mod admin;
 pub mod bucket;
 pub mod config;
+pub mod metrics;
+pub mod window;

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use switchyard_control::config::Config;
 
 use crate::demo::{self, DemoAddrs};
-use crate::server::{Listeners, Proxy};
+use crate::server::{metrics_for, Listeners, Proxy};
 
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
 pub const EXIT_USAGE: u8 = 64;
@@ -99,7 +99,10 @@ pub fn main() -> ExitCode {
             let workers = config.worker_threads();
             block_on(workers, async move {
                 let listeners = Listeners::bind(&config).await?;
-                Proxy::new(config).run(listeners, shutdown_signal()).await;
+                let metrics = metrics_for(&config);
+                Proxy::new(config, metrics)
+                    .run(listeners, shutdown_signal())
+                    .await;
                 Ok(())
             })
         }

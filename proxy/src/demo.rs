@@ -15,7 +15,7 @@ use switchyard_control::config::Config;
 use tokio::net::TcpListener;
 
 use crate::listen::Drained;
-use crate::server::{Listeners, Proxy};
+use crate::server::{metrics_for, Listeners, Proxy};
 
 /// The embedded demo configuration.
 pub const DEMO_CONFIG: &str = include_str!("demo.yaml");
@@ -45,7 +45,9 @@ pub async fn run(addrs: DemoAddrs, shutdown: impl Future<Output = ()>) -> std::i
 
     let listeners = Listeners::bind(&config).await?;
     print_banner(&config, &listeners, &upstreams);
-    Ok(Proxy::new(config).run(listeners, shutdown).await)
+    Ok(Proxy::new(config.clone(), metrics_for(&config))
+        .run(listeners, shutdown)
+        .await)
 }
 
 fn print_banner(config: &Config, listeners: &Listeners, upstreams: &[String]) {

@@ -1,6 +1,6 @@
 //! Switchyard's data plane. The request path, stage by stage (see
 //! `docs/request-lifecycle.md` and `pipeline.rs`): `listen` → `route` →
-//! `split` → `headers` → `forward` → `respond`.
+//! `split` → `headers` → `forward` → `respond`, with `record` measuring.
 
 pub mod cli;
 pub mod demo;
@@ -8,6 +8,7 @@ pub mod forward;
 pub mod headers;
 pub mod listen;
 pub mod pipeline;
+pub mod record;
 pub mod respond;
 pub mod route;
 pub mod server;

@@ -61,6 +61,7 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        let open_gauge = shared.metrics.connection_opened();
         let conn = ConnInfo {
             peer: peer.ip(),
             proto: "http",
@@ -78,7 +79,7 @@ pub async fn serve(
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
-            drop(permit);
+            drop((permit, open_gauge));
         });
     }
     drop(listener);

@@ -15,10 +15,12 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::header::{HeaderValue, HOST, SET_COOKIE};
 use http::request::Parts;
+use http::uri::Authority;
 use http::{Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -27,9 +29,11 @@ use hyper_util::rt::TokioIo;
 
 use crate::forward::Upstreams;
 use crate::headers::{self, Forwarding};
+use crate::record::Recording;
 use crate::respond::{ProxyBody, ProxyError};
 use crate::snapshot::Snapshot;
 use crate::{route, split};
+use switchyard_control::metrics::Metrics;
 
 /// State every request shares.
 pub struct Shared {
@@ -37,6 +41,7 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub upstreams: Upstreams,
     pub admission: Admission,
+    pub metrics: Arc<Metrics>,
 }
 
 /// What the connection tells about a request.
@@ -54,7 +59,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let Some(_admitted) = shared.admission.enter() else {
-        return ProxyError::Overloaded.into_response();
+        return unrouted(shared, ProxyError::Overloaded);
     };
     match proxy(shared, conn, req).await {
         Ok(resp) => resp,
@@ -65,6 +70,14 @@ pub async fn handle(
     }
 }
 
+/// Answers a request that never reached a backend, counting why.
+fn unrouted(shared: &Shared, e: ProxyError) -> Response<ProxyBody> {
+    if let Some(reason) = e.unrouted() {
+        shared.metrics.unrouted(reason);
+    }
+    e.into_response()
+}
+
 async fn proxy(
     shared: &Shared,
     conn: ConnInfo,
@@ -73,33 +86,31 @@ async fn proxy(
     let client_upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
-    let (endpoint, set_cookie) = {
+    let decided = {
         let snapshot = shared.snapshot.load();
-        check_head_size(&snapshot, &parts)?;
-        if route::has_dot_segment(parts.uri.path()) {
-            return Err(ProxyError::DownstreamMalformed("dot segment in path"));
-        }
-        let route = route::find(&snapshot, &parts).ok_or(ProxyError::NoRoute)?;
-        let choice = split::choose(&snapshot, route, &parts, conn.peer)?;
-        let backend = &route.backends[choice.backend];
-        let endpoint = backend.endpoint().ok_or(ProxyError::NoEndpoint)?.clone();
-        headers::rewrite_request(
-            &mut parts.headers,
-            &Forwarding {
-                peer: conn.peer,
-                proto: conn.proto,
-                trust_forwarded_for: snapshot.trust_forwarded_for,
-                proxy_only: &snapshot.proxy_only_headers,
-            },
-        );
-        (endpoint, choice.set_cookie)
+        decide(&snapshot, &mut parts, conn)
     };
-    keep_host(&mut parts)?;
-
-    let mut resp = shared
-        .upstreams
-        .send(&endpoint, Request::from_parts(parts, body))
-        .await?;
+    let (endpoint, set_cookie, recording) = match decided {
+        Ok(d) => d,
+        Err(e) => return Ok(unrouted(shared, e)),
+    };
+    let sent = match keep_host(&mut parts) {
+        Ok(()) => {
+            shared
+                .upstreams
+                .send(&endpoint, Request::from_parts(parts, body))
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    let mut resp = match sent {
+        Ok(resp) => resp,
+        Err(e) => {
+            recording.finish(e.status(), e.failure_reason());
+            return Err(e);
+        }
+    };
+    recording.finish(resp.status(), None);
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client) = client_upgrade {
@@ -111,6 +122,40 @@ async fn proxy(
         resp.headers_mut().append(SET_COOKIE, cookie);
     }
     Ok(resp.map(Either::Left))
+}
+
+/// Route, split and rewrite under one snapshot: synchronous, so the snapshot
+/// guard never lives across an `.await`.
+fn decide(
+    snapshot: &Snapshot,
+    parts: &mut Parts,
+    conn: ConnInfo,
+) -> Result<(Authority, Option<HeaderValue>, Recording), ProxyError> {
+    check_head_size(snapshot, parts)?;
+    if route::has_dot_segment(parts.uri.path()) {
+        return Err(ProxyError::DownstreamMalformed("dot segment in path"));
+    }
+    let route = route::find(snapshot, parts).ok_or(ProxyError::NoRoute)?;
+    let choice = split::choose(snapshot, route, parts, conn.peer)?;
+    let backend = &route.backends[choice.backend];
+    let recording = Recording::start(backend.stats.as_ref());
+    let Some(endpoint) = backend.endpoint().cloned() else {
+        recording.finish(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoint.failure_reason(),
+        );
+        return Err(ProxyError::NoEndpoint);
+    };
+    headers::rewrite_request(
+        &mut parts.headers,
+        &Forwarding {
+            peer: conn.peer,
+            proto: conn.proto,
+            trust_forwarded_for: snapshot.trust_forwarded_for,
+            proxy_only: &snapshot.proxy_only_headers,
+        },
+    );
+    Ok((endpoint, choice.set_cookie, recording))
 }
 
 /// HTTP/2 requests carry the host in `:authority`; the HTTP/1.1 upstream

@@ -7,6 +7,7 @@ use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use switchyard_control::metrics::{FailureReason, Unrouted};
 
 /// The body of every response the proxy sends: an upstream's, streamed, or a
 /// short one of the proxy's own.
@@ -60,6 +61,30 @@ impl ProxyError {
             Self::Overloaded | Self::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamConnect(_) | Self::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamConnectTimeout | Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The metric reason of a failure that happened before a backend was
+    /// chosen (`None` for upstream failures, counted per backend).
+    pub fn unrouted(&self) -> Option<Unrouted> {
+        match self {
+            Self::DownstreamMalformed(_) => Some(Unrouted::Malformed),
+            Self::DownstreamHeadersTooLarge => Some(Unrouted::HeadersTooLarge),
+            Self::DownstreamUnknownBackend => Some(Unrouted::UnknownForcedBackend),
+            Self::NoRoute => Some(Unrouted::NoRoute),
+            Self::Overloaded => Some(Unrouted::Overloaded),
+            _ => None,
+        }
+    }
+
+    /// The `switchyard_upstream_failures_total` reason of an upstream failure.
+    pub fn failure_reason(&self) -> Option<FailureReason> {
+        match self {
+            Self::UpstreamConnect(_) | Self::NoEndpoint => Some(FailureReason::Connect),
+            Self::UpstreamConnectTimeout => Some(FailureReason::ConnectTimeout),
+            Self::UpstreamTimeout => Some(FailureReason::Timeout),
+            Self::UpstreamReset(_) => Some(FailureReason::Reset),
+            _ => None,
         }
     }
 

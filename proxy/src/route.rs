@@ -98,6 +98,11 @@ mod tests {
     use super::*;
     use http::Request;
     use switchyard_control::config::Config;
+    use switchyard_control::metrics::Metrics;
+
+    fn test_metrics() -> Metrics {
+        Metrics::new(false, std::time::Duration::from_secs(60))
+    }
 
     fn snapshot() -> Snapshot {
         let yaml = r#"
@@ -115,7 +120,7 @@ routes:
     match: { path_prefix: /api }
     backends: [{ name: a, endpoints: ["127.0.0.1:1"], weight: 100 }]
 "#;
-        Snapshot::build(&Config::from_yaml(yaml).unwrap())
+        Snapshot::build(&Config::from_yaml(yaml).unwrap(), &test_metrics())
     }
 
     fn route_of(s: &Snapshot, req: Request<()>) -> Option<String> {

@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use switchyard_control::admin::{self, Health};
+use switchyard_control::admin::{self, Admin, Health};
 use switchyard_control::config::{Config, ConfigError, Weight};
+use switchyard_control::metrics::Metrics;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -52,6 +53,14 @@ async fn bind(field: &str, addr: SocketAddr) -> io::Result<TcpListener> {
         .map_err(|e| io::Error::new(e.kind(), format!("{field}: cannot listen on {addr}: {e}")))
 }
 
+/// The metrics registry `config` asks for.
+pub fn metrics_for(config: &Config) -> Arc<Metrics> {
+    Arc::new(Metrics::new(
+        config.metrics.enabled,
+        config.metrics.window.0,
+    ))
+}
+
 /// A proxy built from a configuration, ready to run on listeners.
 pub struct Proxy {
     config: Arc<ArcSwap<Config>>,
@@ -68,12 +77,14 @@ pub struct ProxyHandle {
 
 impl Proxy {
     /// Builds the first routing snapshot and the upstream pool. `config` must
-    /// have passed `Config::validate` (as `Config::load` does).
-    pub fn new(config: Config) -> Proxy {
+    /// have passed `Config::validate` (as `Config::load` does); `metrics` is
+    /// the process's registry (see `metrics_for`).
+    pub fn new(config: Config, metrics: Arc<Metrics>) -> Proxy {
         let shared = Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(&config)),
+            snapshot: ArcSwap::from_pointee(Snapshot::build(&config, &metrics)),
             upstreams: Upstreams::new(&config.timeouts),
             admission: Admission::new(config.limits.max_requests_in_flight),
+            metrics,
         });
         Proxy {
             config: Arc::new(ArcSwap::from_pointee(config)),
@@ -98,13 +109,13 @@ impl Proxy {
     /// `timeouts.drain`), and the admin listener closes last.
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Drained {
         let (admin_stop, mut admin_stopped) = watch::channel(false);
-        let admin = tokio::spawn(admin::serve(
-            listeners.admin,
-            self.health.clone(),
-            async move {
-                let _ = admin_stopped.wait_for(|stop| *stop).await;
-            },
-        ));
+        let context = Admin {
+            health: self.health.clone(),
+            metrics: self.shared.metrics.clone(),
+        };
+        let admin = tokio::spawn(admin::serve(listeners.admin, context, async move {
+            let _ = admin_stopped.wait_for(|stop| *stop).await;
+        }));
         self.health.set_ready(true);
         tracing::info!(data = %listeners.data.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
 
@@ -162,7 +173,9 @@ impl ProxyHandle {
             })?;
         }
         next.validate()?;
-        self.shared.snapshot.store(Arc::new(Snapshot::build(&next)));
+        self.shared
+            .snapshot
+            .store(Arc::new(Snapshot::build(&next, &self.shared.metrics)));
         self.config.store(Arc::new(next));
         Ok(())
     }

@@ -11,6 +11,7 @@ use http::uri::Authority;
 use http::HeaderName;
 use switchyard_control::bucket::BUCKETS;
 use switchyard_control::config::{normalized_prefix, Config, Fallback, RouteConfig, Weight};
+use switchyard_control::metrics::{BackendStats, Metrics};
 
 /// The whole routing state at one moment.
 #[derive(Debug)]
@@ -66,6 +67,8 @@ pub struct Backend {
     /// where the previous backend's ends.
     pub bucket_end: u32,
     pub endpoints: Box<[Authority]>,
+    /// Metric handles and rolling window; `None` with metrics disabled.
+    pub stats: Option<Arc<BackendStats>>,
     /// Round-robin cursor over `endpoints`.
     next: AtomicUsize,
 }
@@ -103,8 +106,9 @@ impl Route {
 // === building ===
 
 impl Snapshot {
-    /// Builds a snapshot from a validated configuration.
-    pub fn build(config: &Config) -> Snapshot {
+    /// Builds a snapshot from a validated configuration, resolving every
+    /// backend's metric handles in `metrics`.
+    pub fn build(config: &Config, metrics: &Metrics) -> Snapshot {
         let uk = &config.user_key;
         let mut cookies: Vec<Box<str>> = uk.cookies.iter().map(|c| c.as_str().into()).collect();
         if !uk.cookies.contains(&uk.anonymous_cookie.name) {
@@ -120,7 +124,11 @@ impl Snapshot {
             }
         );
         Snapshot {
-            routes: config.routes.iter().map(build_route).collect(),
+            routes: config
+                .routes
+                .iter()
+                .map(|r| build_route(r, metrics))
+                .collect(),
             user_key: UserKeySources {
                 headers: uk.headers.iter().map(|h| header_name(h)).collect(),
                 cookies: cookies.into(),
@@ -145,7 +153,7 @@ impl Snapshot {
     }
 }
 
-fn build_route(rc: &RouteConfig) -> Route {
+fn build_route(rc: &RouteConfig, metrics: &Metrics) -> Route {
     let mut end = 0;
     let backends = rc
         .backends
@@ -163,6 +171,7 @@ fn build_route(rc: &RouteConfig) -> Route {
                         Authority::try_from(e.as_str()).expect("endpoint validated as host:port")
                     })
                     .collect(),
+                stats: metrics.backend(&rc.name, &b.name, b.weight.percent()),
                 next: AtomicUsize::new(0),
             }
         })

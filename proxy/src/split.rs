@@ -140,6 +140,11 @@ mod tests {
     use crate::snapshot::Snapshot;
     use http::Request;
     use switchyard_control::config::Config;
+    use switchyard_control::metrics::Metrics;
+
+    fn test_metrics() -> Metrics {
+        Metrics::new(false, std::time::Duration::from_secs(60))
+    }
 
     const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
@@ -153,7 +158,7 @@ mod tests {
             "{extra}\nroutes:\n  - name: api\n    backends: [{}]\n",
             backends.join(", ")
         );
-        Snapshot::build(&Config::from_yaml(&yaml).unwrap())
+        Snapshot::build(&Config::from_yaml(&yaml).unwrap(), &test_metrics())
     }
 
     fn parts(headers: &[(&str, &str)]) -> Parts {

@@ -1,0 +1,431 @@
+//! The golden signals, as Prometheus metrics and rolling windows.
+//!
+//! One `Metrics` is built at start-up (by `main`, or a test) and passed down:
+//! no global registry. When a routing snapshot is built, every (route,
+//! backend) gets its `BackendStats`: label values resolved once, so a request
+//! only touches atomics. Labels come from configuration only, never from
+//! request data, so cardinality is bounded by the config.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::window::{RollingWindow, WindowStats};
+
+/// Latency buckets (seconds): sub-millisecond to 10 s, including the 2 s and
+/// 5 s alert and rollback thresholds.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+
+/// Why an upstream exchange failed (`switchyard_upstream_failures_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureReason {
+    /// Connection refused or unreachable.
+    Connect,
+    /// No connection within `timeouts.connect`.
+    ConnectTimeout,
+    /// No response headers within `timeouts.request`.
+    Timeout,
+    /// Connection closed or reset, or broken HTTP, before the response headers.
+    Reset,
+    /// The client went away before the response headers.
+    Cancelled,
+}
+
+impl FailureReason {
+    const ALL: [FailureReason; 5] = [
+        FailureReason::Connect,
+        FailureReason::ConnectTimeout,
+        FailureReason::Timeout,
+        FailureReason::Reset,
+        FailureReason::Cancelled,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureReason::Connect => "connect",
+            FailureReason::ConnectTimeout => "connect_timeout",
+            FailureReason::Timeout => "timeout",
+            FailureReason::Reset => "reset",
+            FailureReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Why a request was answered before a backend was chosen
+/// (`switchyard_unrouted_requests_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unrouted {
+    NoRoute,
+    Malformed,
+    HeadersTooLarge,
+    Overloaded,
+    UnknownForcedBackend,
+}
+
+impl Unrouted {
+    const ALL: [Unrouted; 5] = [
+        Unrouted::NoRoute,
+        Unrouted::Malformed,
+        Unrouted::HeadersTooLarge,
+        Unrouted::Overloaded,
+        Unrouted::UnknownForcedBackend,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Unrouted::NoRoute => "no_route",
+            Unrouted::Malformed => "malformed",
+            Unrouted::HeadersTooLarge => "headers_too_large",
+            Unrouted::Overloaded => "overloaded",
+            Unrouted::UnknownForcedBackend => "unknown_forced_backend",
+        }
+    }
+}
+
+const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The metric families and every backend's pre-resolved handles.
+pub struct Metrics {
+    registry: Registry,
+    enabled: bool,
+    window: Duration,
+    origin: Instant,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    failures: IntCounterVec,
+    in_flight: IntGaugeVec,
+    weight: prometheus::GaugeVec,
+    connections: IntGauge,
+    unrouted: Box<[IntCounter]>,
+    backends: ArcSwap<Vec<Arc<BackendStats>>>,
+}
+
+/// Pre-resolved handles for one (route, backend).
+pub struct BackendStats {
+    pub route: Arc<str>,
+    pub backend: Arc<str>,
+    requests: [IntCounter; 5],
+    duration: Histogram,
+    failures: [IntCounter; 5],
+    in_flight: IntGauge,
+    window: RollingWindow,
+}
+
+/// Per-backend window figures, as the admin API and the analysis read them.
+#[derive(Debug, Clone)]
+pub struct BackendWindow {
+    pub backend: Arc<str>,
+    pub stats: WindowStats,
+}
+
+impl Metrics {
+    /// Registers every family in a fresh registry. With `enabled: false`
+    /// nothing is recorded per request (the families still exist, at 0).
+    pub fn new(enabled: bool, window: Duration) -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "switchyard_requests_total",
+                "Requests answered, by route, backend and status class.",
+            ),
+            &["route", "backend", "code_class"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_request_duration_seconds",
+                "Time from receiving a request to sending its response headers.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["route", "backend"],
+        )
+        .expect("valid metric");
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "switchyard_upstream_failures_total",
+                "Upstream exchanges that failed, by reason.",
+            ),
+            &["route", "backend", "reason"],
+        )
+        .expect("valid metric");
+        let in_flight = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_requests_in_flight",
+                "Requests waiting for their response headers.",
+            ),
+            &["route", "backend"],
+        )
+        .expect("valid metric");
+        let weight = prometheus::GaugeVec::new(
+            Opts::new(
+                "switchyard_backend_weight_percent",
+                "Current share of users per backend, in percent.",
+            ),
+            &["route", "backend"],
+        )
+        .expect("valid metric");
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_connections_open",
+                "Open client connections, by listener.",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
+        let unrouted_vec = IntCounterVec::new(
+            Opts::new(
+                "switchyard_unrouted_requests_total",
+                "Requests answered before a backend was chosen, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let unrouted = Unrouted::ALL
+            .iter()
+            .map(|r| unrouted_vec.with_label_values(&[r.label()]))
+            .collect();
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(failures.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(weight.clone()),
+            Box::new(connections.clone()),
+            Box::new(unrouted_vec),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metrics register once");
+        Metrics {
+            registry,
+            enabled,
+            window,
+            origin: Instant::now(),
+            requests,
+            duration,
+            failures,
+            in_flight,
+            weight,
+            connections: connections.with_label_values(&["data"]),
+            unrouted,
+            backends: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The handles of (route, backend), made on first use and kept across
+    /// snapshot rebuilds so counters and windows carry on. Also sets the
+    /// backend's weight gauge. `None` when metrics are disabled.
+    pub fn backend(
+        &self,
+        route: &str,
+        backend: &str,
+        weight_percent: f64,
+    ) -> Option<Arc<BackendStats>> {
+        self.weight
+            .with_label_values(&[route, backend])
+            .set(weight_percent);
+        if !self.enabled {
+            return None;
+        }
+        if let Some(found) = self.find(route, backend) {
+            return Some(found);
+        }
+        let stats = Arc::new(BackendStats {
+            route: route.into(),
+            backend: backend.into(),
+            requests: CODE_CLASSES.map(|c| self.requests.with_label_values(&[route, backend, c])),
+            duration: self.duration.with_label_values(&[route, backend]),
+            failures: FailureReason::ALL.map(|r| {
+                self.failures
+                    .with_label_values(&[route, backend, r.label()])
+            }),
+            in_flight: self.in_flight.with_label_values(&[route, backend]),
+            window: RollingWindow::new(self.window, self.origin),
+        });
+        self.backends.rcu(|list| {
+            let mut next = Vec::clone(list);
+            if !next
+                .iter()
+                .any(|b| &*b.route == route && &*b.backend == backend)
+            {
+                next.push(stats.clone());
+            }
+            next
+        });
+        self.find(route, backend)
+    }
+
+    fn find(&self, route: &str, backend: &str) -> Option<Arc<BackendStats>> {
+        self.backends
+            .load()
+            .iter()
+            .find(|b| &*b.route == route && &*b.backend == backend)
+            .cloned()
+    }
+
+    /// Window figures for each backend of `route` (in the order they were
+    /// first configured), read now; `None` if the route has no stats.
+    pub fn route_window(&self, route: &str) -> Option<Vec<BackendWindow>> {
+        let now = Instant::now();
+        let list: Vec<BackendWindow> = self
+            .backends
+            .load()
+            .iter()
+            .filter(|b| &*b.route == route)
+            .map(|b| BackendWindow {
+                backend: b.backend.clone(),
+                stats: b.window.stats(now),
+            })
+            .collect();
+        (!list.is_empty()).then_some(list)
+    }
+
+    pub fn window_span(&self) -> Duration {
+        self.window
+    }
+
+    /// Counts a request answered before a backend was chosen.
+    pub fn unrouted(&self, reason: Unrouted) {
+        let index = Unrouted::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("listed");
+        self.unrouted[index].inc();
+    }
+
+    /// Counts an open client connection until the guard drops.
+    pub fn connection_opened(&self) -> ConnectionGuard {
+        self.connections.inc();
+        ConnectionGuard(self.connections.clone())
+    }
+
+    /// Everything, in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding to memory does not fail");
+        String::from_utf8(out).expect("text format is UTF-8")
+    }
+}
+
+/// Decrements `switchyard_connections_open` when the connection ends.
+pub struct ConnectionGuard(IntGauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+// === impl BackendStats ===
+
+impl std::fmt::Debug for BackendStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendStats")
+            .field("route", &self.route)
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BackendStats {
+    /// A request to this backend begins.
+    pub fn start(&self) -> Instant {
+        self.in_flight.inc();
+        Instant::now()
+    }
+
+    /// The request that began at `started` got response headers with
+    /// `status` (possibly the proxy's own 502/504, with the `failure` that
+    /// caused it).
+    pub fn finish(&self, started: Instant, status: u16, failure: Option<FailureReason>) {
+        let now = Instant::now();
+        let latency = now.saturating_duration_since(started);
+        self.in_flight.dec();
+        let class = usize::from((status / 100).clamp(1, 5) - 1);
+        self.requests[class].inc();
+        self.duration.observe(latency.as_secs_f64());
+        if let Some(reason) = failure {
+            self.failures[reason as usize].inc();
+        }
+        self.window.record(now, latency, status >= 500);
+    }
+
+    /// The client left before the response headers: no response was sent,
+    /// so no status is counted; the wait still counts as latency, so a
+    /// backend that hangs until clients give up shows it.
+    pub fn cancelled(&self, started: Instant) {
+        let now = Instant::now();
+        let latency = now.saturating_duration_since(started);
+        self.in_flight.dec();
+        self.duration.observe(latency.as_secs_f64());
+        self.failures[FailureReason::Cancelled as usize].inc();
+        self.window.record(now, latency, false);
+    }
+
+    /// The window read now.
+    pub fn window(&self) -> WindowStats {
+        self.window.stats(Instant::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_are_shared_across_rebuilds_and_render() {
+        let m = Metrics::new(true, Duration::from_secs(60));
+        let a = m.backend("api", "blue", 90.0).unwrap();
+        let again = m.backend("api", "blue", 80.0).unwrap();
+        assert!(Arc::ptr_eq(&a, &again));
+        let t = a.start();
+        a.finish(t, 200, None);
+        let t = a.start();
+        a.finish(t, 502, Some(FailureReason::Connect));
+        m.unrouted(Unrouted::NoRoute);
+        let _conn = m.connection_opened();
+        let text = m.render();
+        for line in [
+            r#"switchyard_requests_total{backend="blue",code_class="2xx",route="api"} 1"#,
+            r#"switchyard_requests_total{backend="blue",code_class="5xx",route="api"} 1"#,
+            r#"switchyard_upstream_failures_total{backend="blue",reason="connect",route="api"} 1"#,
+            r#"switchyard_backend_weight_percent{backend="blue",route="api"} 80"#,
+            r#"switchyard_requests_in_flight{backend="blue",route="api"} 0"#,
+            r#"switchyard_connections_open{listener="data"} 1"#,
+            r#"switchyard_unrouted_requests_total{reason="no_route"} 1"#,
+            r#"switchyard_request_duration_seconds_bucket{backend="blue",route="api",le="2"} 2"#,
+            r#"switchyard_request_duration_seconds_bucket{backend="blue",route="api",le="5"} 2"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        let w = m.route_window("api").unwrap();
+        assert_eq!((w[0].stats.requests, w[0].stats.errors), (2, 1));
+        assert!(m.route_window("nope").is_none());
+    }
+
+    #[test]
+    fn disabled_metrics_record_nothing_per_request() {
+        let m = Metrics::new(false, Duration::from_secs(60));
+        assert!(m.backend("api", "blue", 100.0).is_none());
+        assert!(m.route_window("api").is_none());
+        assert!(m.render().contains("switchyard_backend_weight_percent"));
+    }
+}

@@ -1,0 +1,323 @@
+//! Rolling windows of golden signals per (route, backend): request and error
+//! counts and a latency histogram for each second of the last N seconds. The
+//! automatic rollback judges from these.
+//!
+//! Recording is a handful of relaxed atomic adds: no lock, no allocation.
+//! A slot is cleared lazily by the first recorder of a new second (a
+//! compare-and-swap on the slot's epoch); a sample recorded by another thread
+//! at the very instant of that clear can be lost. That is the documented
+//! imprecision, bounded to samples racing a once-per-second reset.
+//!
+//! Latency histogram: log-linear over microseconds. Values below 32 µs have
+//! one bucket each; above, every power of two is split into 16 equal buckets,
+//! so a bucket is at most 1/16 (6.25 %) of its lower bound wide. Quantiles are
+//! reported as the bucket's midpoint: within ±3.2 % of the true sample
+//! (±0.5 µs below 32 µs). Values above ~134 s land in the last bucket.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+/// Sub-buckets per power of two above the linear range.
+const SUB: u64 = 16;
+const SUB_BITS: u32 = 4;
+/// Largest recorded value, in µs (2^27 ≈ 134 s); larger values are clamped.
+const MAX_MICROS: u64 = (1 << 27) - 1;
+/// Bucket count: 32 linear, then 16 per power of two from 2^5 to 2^26.
+pub const LATENCY_BUCKETS: usize = bucket_index(MAX_MICROS) + 1;
+
+const fn bucket_index(micros: u64) -> usize {
+    let v = if micros > MAX_MICROS {
+        MAX_MICROS
+    } else {
+        micros
+    };
+    if v < 2 * SUB {
+        return v as usize;
+    }
+    let msb = 63 - v.leading_zeros();
+    let shift = msb - SUB_BITS;
+    let sub = (v >> shift) - SUB;
+    (2 * SUB + (shift as u64 - 1) * SUB + sub) as usize
+}
+
+/// The inclusive lower and exclusive upper bound (µs) of bucket `index`.
+fn bucket_bounds(index: usize) -> (u64, u64) {
+    let i = index as u64;
+    if i < 2 * SUB {
+        return (i, i + 1);
+    }
+    let shift = (i - 2 * SUB) / SUB + 1;
+    let sub = (i - 2 * SUB) % SUB;
+    let low = (SUB + sub) << shift;
+    (low, low + (1 << shift))
+}
+
+/// One second of samples.
+struct Slot {
+    /// The second (since the window's origin) these counts belong to.
+    epoch: AtomicU64,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    latency: Box<[AtomicU32]>,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            epoch: AtomicU64::new(u64::MAX),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            latency: (0..LATENCY_BUCKETS).map(|_| AtomicU32::new(0)).collect(),
+        }
+    }
+
+    fn clear(&self) {
+        self.requests.store(0, Relaxed);
+        self.errors.store(0, Relaxed);
+        for b in self.latency.iter() {
+            b.store(0, Relaxed);
+        }
+    }
+}
+
+/// A ring of one-second slots covering the last `len` seconds.
+pub struct RollingWindow {
+    origin: Instant,
+    slots: Box<[Slot]>,
+}
+
+/// What a window holds over some span, read at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowStats {
+    /// The span read.
+    pub span: Duration,
+    pub requests: u64,
+    /// 5xx responses, including the proxy's own 502/503/504.
+    pub errors: u64,
+    /// p50, p95, p99 latency; `None` without samples.
+    pub p50: Option<Duration>,
+    pub p95: Option<Duration>,
+    pub p99: Option<Duration>,
+}
+
+impl WindowStats {
+    /// Errors as a percentage of requests (0 without requests).
+    pub fn error_rate_percent(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 * 100.0 / self.requests as f64
+        }
+    }
+}
+
+impl RollingWindow {
+    /// A window over the last `span`, in whole seconds (at least 1).
+    pub fn new(span: Duration, origin: Instant) -> RollingWindow {
+        let len = span.as_secs().max(1) as usize;
+        RollingWindow {
+            origin,
+            slots: (0..len).map(|_| Slot::new()).collect(),
+        }
+    }
+
+    pub fn span(&self) -> Duration {
+        Duration::from_secs(self.slots.len() as u64)
+    }
+
+    fn second(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_secs()
+    }
+
+    /// Records one finished request at `at`.
+    pub fn record(&self, at: Instant, latency: Duration, error: bool) {
+        let sec = self.second(at);
+        let slot = &self.slots[(sec % self.slots.len() as u64) as usize];
+        let seen = slot.epoch.load(Relaxed);
+        if seen != sec {
+            if seen != u64::MAX && seen > sec {
+                // A newer second already owns the slot: this sample is older
+                // than the window's resolution allows keeping.
+                return;
+            }
+            if slot
+                .epoch
+                .compare_exchange(seen, sec, Relaxed, Relaxed)
+                .is_ok()
+            {
+                slot.clear();
+            }
+        }
+        slot.requests.fetch_add(1, Relaxed);
+        if error {
+            slot.errors.fetch_add(1, Relaxed);
+        }
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        slot.latency[bucket_index(micros)].fetch_add(1, Relaxed);
+    }
+
+    /// The whole window, read at `at`.
+    pub fn stats(&self, at: Instant) -> WindowStats {
+        self.stats_over(at, self.span())
+    }
+
+    /// The last `span` (whole seconds, capped at the window) read at `at`:
+    /// the current second and the `span - 1` before it.
+    pub fn stats_over(&self, at: Instant, span: Duration) -> WindowStats {
+        let now = self.second(at);
+        let len = (span.as_secs().max(1) as usize).min(self.slots.len()) as u64;
+        let oldest = now.saturating_sub(len - 1);
+        let mut requests = 0;
+        let mut errors = 0;
+        let mut latency = vec![0u64; LATENCY_BUCKETS];
+        for slot in self.slots.iter() {
+            let epoch = slot.epoch.load(Relaxed);
+            if epoch == u64::MAX || epoch < oldest || epoch > now {
+                continue;
+            }
+            requests += slot.requests.load(Relaxed);
+            errors += slot.errors.load(Relaxed);
+            for (sum, b) in latency.iter_mut().zip(slot.latency.iter()) {
+                *sum += u64::from(b.load(Relaxed));
+            }
+        }
+        let quantile = |q: f64| quantile(&latency, q);
+        WindowStats {
+            span: Duration::from_secs(len),
+            requests,
+            errors,
+            p50: quantile(0.50),
+            p95: quantile(0.95),
+            p99: quantile(0.99),
+        }
+    }
+}
+
+/// The `q` quantile of a bucketed distribution, as its bucket's midpoint.
+fn quantile(buckets: &[u64], q: f64) -> Option<Duration> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    // The rank of the sample at quantile q (1-based, nearest-rank method).
+    let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+    let mut seen = 0;
+    for (index, n) in buckets.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            let (low, high) = bucket_bounds(index);
+            let mid_nanos = (low * 1000 + high * 1000) / 2;
+            return Some(Duration::from_nanos(mid_nanos));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_contiguous_and_narrow() {
+        let mut expected = 0;
+        for v in 0..=200_000u64 {
+            let i = bucket_index(v);
+            assert!(i == expected || i == expected + 1, "gap at {v}");
+            expected = i;
+            let (low, high) = bucket_bounds(i);
+            assert!(
+                low <= v && v < high,
+                "{v} outside bucket {i} [{low}, {high})"
+            );
+            if v >= 32 {
+                assert!((high - low) * 16 <= low, "bucket {i} too wide at {v}");
+            }
+        }
+        assert_eq!(bucket_index(u64::MAX), LATENCY_BUCKETS - 1);
+        assert_eq!(LATENCY_BUCKETS, 384);
+    }
+
+    #[test]
+    fn quantiles_within_documented_resolution() {
+        let origin = Instant::now();
+        let w = RollingWindow::new(Duration::from_secs(60), origin);
+        let at = origin + Duration::from_secs(5);
+        // 90 % at 10 ms, 10 % at 200 ms.
+        for i in 0..1000 {
+            let ms = if i % 10 == 0 { 200 } else { 10 };
+            w.record(at, Duration::from_millis(ms), i % 50 == 0);
+        }
+        let s = w.stats(at);
+        assert_eq!(s.requests, 1000);
+        assert_eq!(s.errors, 20);
+        assert!((s.error_rate_percent() - 2.0).abs() < 1e-9);
+        let within = |got: Option<Duration>, want_ms: f64| {
+            let got = got.unwrap().as_secs_f64() * 1000.0;
+            assert!(
+                (got - want_ms).abs() <= want_ms * 0.032,
+                "{got} ms vs {want_ms} ms"
+            );
+        };
+        within(s.p50, 10.0);
+        within(s.p95, 200.0);
+        within(s.p99, 200.0);
+    }
+
+    #[test]
+    fn old_traffic_stops_counting() {
+        let origin = Instant::now();
+        let w = RollingWindow::new(Duration::from_secs(10), origin);
+        let t0 = origin + Duration::from_secs(100);
+        for _ in 0..50 {
+            w.record(t0, Duration::from_millis(1), true);
+        }
+        w.record(t0 + Duration::from_secs(4), Duration::from_millis(1), false);
+        assert_eq!(w.stats(t0 + Duration::from_secs(9)).requests, 51);
+        // Ten seconds on, t0's second has left the window; the later sample stays.
+        let later = w.stats(t0 + Duration::from_secs(10));
+        assert_eq!((later.requests, later.errors), (1, 0));
+        assert_eq!(w.stats(t0 + Duration::from_secs(14)).requests, 0);
+        assert_eq!(w.stats(t0 + Duration::from_secs(14)).p95, None);
+        // A narrower read sees only the recent seconds.
+        assert_eq!(
+            w.stats_over(t0 + Duration::from_secs(5), Duration::from_secs(2))
+                .requests,
+            1
+        );
+    }
+
+    #[test]
+    fn a_reused_slot_starts_clean() {
+        let origin = Instant::now();
+        let w = RollingWindow::new(Duration::from_secs(3), origin);
+        w.record(origin, Duration::from_millis(500), true);
+        // Same slot index, three seconds later.
+        let later = origin + Duration::from_secs(3);
+        w.record(later, Duration::from_millis(1), false);
+        let s = w.stats(later);
+        assert_eq!((s.requests, s.errors), (1, 0));
+        assert!(s.p99.unwrap() < Duration::from_millis(2));
+    }
+
+    #[test]
+    fn concurrent_recording_counts_every_sample_within_a_second() {
+        let origin = Instant::now();
+        let w = std::sync::Arc::new(RollingWindow::new(Duration::from_secs(60), origin));
+        let at = origin + Duration::from_secs(1);
+        w.record(at, Duration::from_millis(1), false); // the slot's reset happens here
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let w = w.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        w.record(at, Duration::from_millis(3), false);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(w.stats(at).requests, 40_001);
+    }
+}
