@@ -1,5 +1,5 @@
 //! Against real third-party parts: curl as the client of the running demo,
-//! nginx as an origin behind the proxy. Each test skips with a printed reason
+//! nginx as an origin behind the proxy, Prometheus scraping `/metrics`. Each test skips with a printed reason
 //! when its tool is missing, unless SWITCHYARD_REQUIRE_EXTERNAL=1 (set by
 //! `.ci/run`, which installs them), where a missing tool fails the test.
 
@@ -267,5 +267,173 @@ async fn nginx_as_origin_behind_the_proxy() {
 
     let (status, _, _) = get(&c, &proxy.url("/missing"), &[]).await;
     assert_eq!(status, 404, "nginx's own 404 passes through");
+    proxy.stop().await;
+}
+
+/// A Prometheus server on a free loopback port scraping `target` every second.
+struct Prometheus {
+    _child: Guard,
+    addr: SocketAddr,
+}
+
+fn start_prometheus(bin: &Path, target: SocketAddr) -> Prometheus {
+    let dir = std::env::temp_dir().join(format!(
+        "switchyard-prom-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = format!(
+        "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n  - job_name: switchyard\n    static_configs: [{{ targets: [\"{target}\"] }}]\n"
+    );
+    std::fs::write(dir.join("prometheus.yml"), conf).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let child = Command::new(bin)
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={addr}"))
+        .arg("--log.level=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Prometheus {
+        _child: Guard(child),
+        addr,
+    }
+}
+
+fn encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Runs an instant query; returns backend → value for a vector result.
+async fn query(prom: &Prometheus, promql: &str) -> std::collections::HashMap<String, f64> {
+    let url = format!("http://{}/api/v1/query?query={}", prom.addr, encode(promql));
+    let (status, _, body) = get(&client(), &url, &[]).await;
+    assert_eq!(status, 200, "{promql}: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let backend = r["metric"]["backend"].as_str().unwrap_or("").to_owned();
+            (backend, r["value"][1].as_str().unwrap().parse().unwrap())
+        })
+        .collect()
+}
+
+/// Polls `check` every 200 ms for at most `limit`: Prometheus scrapes on its
+/// own clock and offers no signal when a scrape lands.
+async fn eventually<T>(limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_golden_signals() {
+    let Some(prom_bin) = require("prometheus") else {
+        return;
+    };
+    let blue =
+        common::Upstream::start("blue", common::Behaviour::Delay(Duration::from_millis(10))).await;
+    let canary = common::Upstream::start(
+        "canary",
+        common::Behaviour::Delay(Duration::from_millis(200)),
+    )
+    .await;
+    let proxy = Running::start(&config(
+        "",
+        &[("blue", blue.addr, 50.0), ("canary", canary.addr, 50.0)],
+    ))
+    .await;
+    let prom = start_prometheus(&prom_bin, proxy.admin);
+    let up = eventually(Duration::from_secs(60), async || {
+        let url = format!("http://{}/-/ready", prom.addr);
+        let ready = client()
+            .request(
+                http::Request::get(url)
+                    .body(http_body_util::Empty::new())
+                    .unwrap(),
+            )
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if !ready {
+            return None;
+        }
+        query(&prom, r#"up{job="switchyard"}"#)
+            .await
+            .values()
+            .next()
+            .filter(|v| **v == 1.0)
+            .copied()
+    })
+    .await;
+    assert_eq!(up, Some(1.0), "Prometheus never scraped the proxy");
+
+    // About three seconds of traffic, so several scrapes see it grow.
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..10 {
+        let url = proxy.url("/");
+        tasks.spawn(async move {
+            let c = client();
+            for i in (worker..300).step_by(10) {
+                let (status, _, _) = get(&c, &url, &[("x-user-id", &format!("user-{i}"))]).await;
+                assert_eq!(status, 200);
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let want_blue = blue.arrived.load(std::sync::atomic::Ordering::SeqCst) as f64;
+    let want_canary = canary.arrived.load(std::sync::atomic::Ordering::SeqCst) as f64;
+    assert_eq!(want_blue + want_canary, 300.0);
+
+    let totals = eventually(Duration::from_secs(30), async || {
+        let t = query(&prom, "sum by (backend) (switchyard_requests_total)").await;
+        (t.get("blue") == Some(&want_blue) && t.get("canary") == Some(&want_canary)).then_some(t)
+    })
+    .await;
+    assert!(
+        totals.is_some(),
+        "Prometheus never saw blue={want_blue} canary={want_canary}"
+    );
+
+    let p95 = query(
+        &prom,
+        "histogram_quantile(0.95, sum by (le, backend) (rate(switchyard_request_duration_seconds_bucket[1m])))",
+    )
+    .await;
+    // All blue samples sit in the (10 ms, 25 ms] bucket, all canary ones in
+    // (100 ms, 250 ms]; histogram_quantile interpolates inside the bucket.
+    let (b, c) = (p95["blue"], p95["canary"]);
+    assert!(b > 0.010 && b <= 0.025, "blue p95 {b}");
+    assert!(c > 0.100 && c <= 0.250, "canary p95 {c}");
     proxy.stop().await;
 }

@@ -34,6 +34,14 @@ pub enum Behaviour {
     Delay(Duration),
     /// Answers a WebSocket-style upgrade with 101, then echoes bytes.
     UpgradeEcho,
+    /// By arrival order: every `slow_every`-th request waits `slow`, the
+    /// rest `fast`; every `fail_every`-th answers 500 (0: never).
+    Pattern {
+        fast: Duration,
+        slow: Duration,
+        slow_every: usize,
+        fail_every: usize,
+    },
 }
 
 pub struct Upstream {
@@ -64,9 +72,9 @@ impl Upstream {
                 let (name, count, notify) = (name.clone(), count.clone(), notify.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
-                        count.fetch_add(1, Ordering::SeqCst);
+                        let nth = count.fetch_add(1, Ordering::SeqCst) + 1;
                         notify.notify_waiters();
-                        answer(name.clone(), behaviour, req)
+                        answer(name.clone(), behaviour, nth, req)
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -98,9 +106,29 @@ impl Upstream {
 async fn answer(
     name: Arc<str>,
     behaviour: Behaviour,
+    nth: usize,
     mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let text = match behaviour {
+        Behaviour::Pattern {
+            fast,
+            slow,
+            slow_every,
+            fail_every,
+        } => {
+            let wait = if nth.is_multiple_of(slow_every) {
+                slow
+            } else {
+                fast
+            };
+            tokio::time::sleep(wait).await;
+            if fail_every > 0 && nth.is_multiple_of(fail_every) {
+                let mut resp = Response::new(Full::new(Bytes::from("failed\n")));
+                *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                return Ok(resp);
+            }
+            format!("{name}\n")
+        }
         Behaviour::Name => format!("{name}\n"),
         Behaviour::Delay(d) => {
             tokio::time::sleep(d).await;
