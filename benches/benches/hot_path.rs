@@ -1,6 +1,6 @@
-//! Micro-benchmarks of the per-request work that happens before the upstream
-//! is contacted: bucket hashing, and route + split + header rewrite for a
-//! typical request. Run: `cargo bench -p switchyard-benches`.
+//! Micro-benchmarks of the per-request work the proxy adds: bucket hashing,
+//! route + split + header rewrite for a typical request, and recording the
+//! golden signals. Run: `cargo bench -p switchyard-benches`.
 
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -76,5 +76,33 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+fn record(c: &mut Criterion) {
+    let metrics = Metrics::new(true, std::time::Duration::from_secs(60));
+    let stats = metrics.backend("api", "canary", 10.0).unwrap();
+    // What a request pays: in-flight gauge, two clock reads, counter,
+    // Prometheus histogram, rolling window.
+    c.bench_function("record: start+finish", |b| {
+        b.iter(|| {
+            let started = stats.start();
+            stats.finish(black_box(started), black_box(200), None);
+        })
+    });
+    let window = switchyard_control::window::RollingWindow::new(
+        std::time::Duration::from_secs(60),
+        std::time::Instant::now(),
+    );
+    let now = std::time::Instant::now();
+    c.bench_function("record: rolling window only", |b| {
+        b.iter(|| {
+            window.record(
+                black_box(now),
+                black_box(std::time::Duration::from_micros(1234)),
+                false,
+            )
+        })
+    });
+    c.bench_function("clock: Instant::now", |b| b.iter(std::time::Instant::now));
+}
+
+criterion_group!(benches, bench, record);
 criterion_main!(benches);

@@ -1,0 +1,361 @@
+#!/usr/bin/env python3
+"""Side-by-side load tests on loopback, written to loadtests/RESULTS.md.
+
+    python3 loadtests/bench.py metrics     # Switchyard with metrics on vs off
+
+Fairness: the proxy under test is pinned to core 0; the origin (nginx, one
+worker) and the load generator (wrk, one thread) share core 1. Variants
+alternate within each round, so drift (thermal, noisy neighbours) hits all of
+them alike; the report gives the median with min-max over the rounds.
+
+Per variant and round: requests/s at saturation (closed loop, wrk), latency
+percentiles from wrk, the proxy's CPU time per request (utime+stime from
+/proc/<pid>/stat across the run), and its peak RSS (VmHWM). A round whose
+responses were not all 2xx is discarded and reported.
+
+Needs: wrk, nginx, taskset (Debian: wrk nginx util-linux) and cargo.
+"""
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "loadtests" / "RESULTS.md"
+BIN = ROOT / "target" / "release" / "switchyard"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# wrk gives every request its own user id, so the sticky split really works.
+WRK_SCRIPT = """
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("GET", "/", { ["x-user-id"] = "user-" .. n })
+end
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout}s")
+
+
+def cpu_ticks(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def peak_rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def start_origin(workdir):
+    """nginx, one worker on core 1, answering a small 200."""
+    port = free_port()
+    conf = workdir / "origin.conf"
+    conf.write_text(
+        f"""daemon off; master_process off; worker_processes 1;
+pid {workdir}/origin.pid; error_log {workdir}/origin.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; keepalive_requests 1000000;
+  client_body_temp_path {workdir}/b; proxy_temp_path {workdir}/p;
+  fastcgi_temp_path {workdir}/f; uwsgi_temp_path {workdir}/u; scgi_temp_path {workdir}/s;
+  server {{ listen 127.0.0.1:{port}; location / {{ default_type text/plain; return 200 "ok\\n"; }} }}
+}}
+"""
+    )
+    proc = subprocess.Popen(["taskset", "-c", "1", nginx_bin(), "-c", str(conf), "-p", str(workdir)])
+    wait_port(port)
+    return proc, port
+
+
+def nginx_bin():
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def switchyard_config(port, admin, origin, metrics_enabled):
+    backends = "\n".join(
+        f'      - {{ name: {name}, endpoints: ["127.0.0.1:{origin}"], weight: {w} }}'
+        for name, w in (("blue", 90), ("green", 5), ("canary", 5))
+    )
+    return f"""listen: 127.0.0.1:{port}
+admin: {{ listen: 127.0.0.1:{admin} }}
+workers: 1
+metrics: {{ enabled: {str(metrics_enabled).lower()} }}
+user_key: {{ headers: [x-user-id], fallback: cookie }}
+routes:
+  - name: api
+    backends:
+{backends}
+"""
+
+
+def start_switchyard(workdir, origin, metrics_enabled, wrapper=()):
+    port, admin = free_port(), free_port()
+    conf = workdir / f"switchyard-{port}.yaml"
+    conf.write_text(switchyard_config(port, admin, origin, metrics_enabled))
+    proc = subprocess.Popen(
+        ["taskset", "-c", "0", *wrapper, str(BIN), "run", "--config", str(conf)],
+        env={**os.environ, "RUST_LOG": "warn"},
+    )
+    deadline = time.monotonic() + (120 if wrapper else 10)
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/health/ready", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("switchyard did not become ready")
+        time.sleep(0.02)
+    return proc, port
+
+
+def run_wrk(port, workdir, duration, connections):
+    script = workdir / "users.lua"
+    script.write_text(WRK_SCRIPT)
+    out = subprocess.run(
+        ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script),
+         f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True, check=True, timeout=duration + 60,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    lat = {}
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        lat[pct] = value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+    return {
+        "rps": rps,
+        "total": total,
+        "bad": (int(non2xx.group(1)) if non2xx else 0),
+        "socket_errors": errors.group(1) if errors else "",
+        "p50_ms": lat["50"],
+        "p99_ms": lat["99"],
+    }
+
+
+def measure(workdir, origin, variant, enabled, args):
+    proc, port = start_switchyard(workdir, origin, enabled)
+    try:
+        before = cpu_ticks(proc.pid)
+        r = run_wrk(port, workdir, args.duration, args.connections)
+        r["cpu_us_per_req"] = (cpu_ticks(proc.pid) - before) / CLK_TCK * 1e6 / max(r["total"], 1)
+        r["rss_mib"] = peak_rss_kib(proc.pid) / 1024
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=40)
+    r["variant"] = variant
+    return r
+
+
+def instructions_per_request(workdir, origin, enabled, requests=2000, warmup=200):
+    """Instructions the proxy executes per request, counted by callgrind:
+    repeatable whatever else the machine does, unlike wall-clock figures on a
+    shared VM. Counting is switched on only around `requests` sequential
+    keep-alive requests (after a warm-up), so start-up is not included."""
+    out = workdir / f"callgrind-{enabled}-{time.monotonic_ns()}.out"
+    proc, port = start_switchyard(
+        workdir, origin, enabled,
+        wrapper=("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"),
+    )
+    try:
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+        def burst(n, offset):
+            for i in range(n):
+                conn.request("GET", "/", headers={"x-user-id": f"user-{offset + i}"})
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"status {resp.status} under callgrind")
+
+        burst(warmup, 0)
+        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
+        burst(requests, warmup)
+        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
+        conn.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    total = 0
+    for f in workdir.glob(out.name + "*"):
+        for m in re.findall(r"^(?:summary|totals):\s+(\d+)", f.read_text(errors="replace"), re.M):
+            total = max(total, int(m))
+    return total / requests
+
+
+def summary(values, fmt):
+    med = statistics.median(values)
+    return f"{fmt.format(med)} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def suite_metrics(args):
+    variants = [("metrics on", True), ("metrics off", False)]
+    workdir = Path(tempfile.mkdtemp(prefix="switchyard-load-"))
+    origin_proc, origin = start_origin(workdir)
+    results = {v: [] for v, _ in variants}
+    discarded = []
+    try:
+        for rnd in range(args.rounds):
+            order = variants if rnd % 2 == 0 else list(reversed(variants))
+            for variant, enabled in order:
+                r = measure(workdir, origin, variant, enabled, args)
+                print(f"round {rnd + 1} {variant}: {r['rps']:.0f} req/s, {r['cpu_us_per_req']:.2f} µs CPU/req, "
+                      f"p99 {r['p99_ms']:.2f} ms, bad {r['bad']}", flush=True)
+                if r["bad"] or r["socket_errors"]:
+                    discarded.append(f"round {rnd + 1} {variant}: {r['bad']} non-2xx, socket errors {r['socket_errors']!r}")
+                else:
+                    results[variant].append(r)
+    finally:
+        origin_proc.terminate()
+        origin_proc.wait(timeout=10)
+
+    instructions = {}
+    if shutil.which("valgrind") and shutil.which("callgrind_control"):
+        origin_proc2, origin2 = start_origin(Path(tempfile.mkdtemp(prefix="switchyard-cg-")))
+        try:
+            for variant, enabled in variants:
+                instructions[variant] = instructions_per_request(workdir, origin2, enabled)
+                print(f"{variant}: {instructions[variant]:.0f} instructions/request (callgrind)", flush=True)
+        finally:
+            origin_proc2.terminate()
+            origin_proc2.wait(timeout=10)
+
+    on, off = results["metrics on"], results["metrics off"]
+    if not on or not off:
+        sys.exit("every round was discarded: " + "; ".join(discarded))
+    cost = 100 * (1 - statistics.median(x["rps"] for x in on) / statistics.median(x["rps"] for x in off))
+    rows = []
+    for variant, _ in variants:
+        rs = results[variant]
+        rows.append(
+            f"| {variant} | {summary([r['rps'] for r in rs], '{:.0f}')} | "
+            f"{summary([r['cpu_us_per_req'] for r in rs], '{:.2f}')} | "
+            f"{summary([r['p50_ms'] for r in rs], '{:.2f}')} | {summary([r['p99_ms'] for r in rs], '{:.2f}')} | "
+            f"{summary([r['rss_mib'] for r in rs], '{:.1f}')} | {len(rs)} |"
+        )
+    section = f"""## Metrics on vs off
+
+- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
+- Command: `{' '.join(['python3', 'loadtests/bench.py'] + sys.argv[1:])}`
+- Machine: {cpu_model()}, {os.cpu_count()} cores, {mem_gib():.0f} GiB, Linux {platform.release()}
+- Versions: {version(['wrk', '-v'])}; {version([nginx_bin(), '-v'])}; switchyard {git_rev()}
+- Setup: switchyard `workers: 1` pinned to core 0; origin nginx (1 worker) and wrk (1 thread,
+  {args.connections} connections, {args.duration} s, a new `x-user-id` per request) on core 1;
+  three-backend sticky split 90/5/5, all backends on the origin; {args.rounds} rounds, variants alternating.
+- Cells: median (min–max) over the rounds. Wall-clock figures on a shared VM spread widely
+  from round to round; the callgrind instruction count below is the repeatable one.
+
+| variant | requests/s | proxy CPU µs/request | p50 ms | p99 ms | peak RSS MiB | rounds |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Throughput cost of metrics (median): **{cost:.1f} %** (goal: under 5 %).
+{instructions_line(instructions)}
+{('Discarded: ' + '; '.join(discarded)) if discarded else 'No round was discarded.'}
+"""
+    write_section("## Metrics on vs off", section)
+    print(section)
+
+
+def instructions_line(instructions):
+    if len(instructions) < 2:
+        return "Instruction counts: valgrind not installed, not measured."
+    on, off = instructions["metrics on"], instructions["metrics off"]
+    return (
+        f"Instructions per request (callgrind, 2000 sequential keep-alive requests after a 200-request warm-up; "
+        f"deterministic): on {on:.0f}, off {off:.0f}: metrics add **{on - off:.0f} instructions = "
+        f"{100 * (on - off) / off:.1f} %** of the proxy's work per request."
+    )
+
+
+def cpu_model():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def mem_gib():
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / 1024 / 1024
+    return 0
+
+
+def version(cmd):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    text = (p.stdout + p.stderr).strip().splitlines()
+    return text[0] if text else " ".join(cmd)
+
+
+def git_rev():
+    p = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return p.stdout.strip() or "unknown"
+
+
+def write_section(heading, section):
+    """Replaces the section under `heading` in RESULTS.md (or appends it)."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Load-test results\n\nWritten by `loadtests/bench.py`; each section says how it was produced.\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(text):
+        text = pattern.sub(section.rstrip() + "\n\n", text)
+    else:
+        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
+    RESULTS.write_text(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", choices=["metrics"], help="which comparison to run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--no-build", action="store_true", help="use the existing release binary")
+    args = parser.parse_args()
+    for tool in ("wrk", "taskset"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is not installed (Debian: apt-get install wrk util-linux)")
+    if not Path(nginx_bin()).exists():
+        sys.exit("nginx is not installed (Debian: apt-get install nginx)")
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "-p", "switchyard-proxy"], cwd=ROOT, check=True)
+    {"metrics": suite_metrics}[args.suite](args)
+
+
+if __name__ == "__main__":
+    main()
