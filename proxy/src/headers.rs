@@ -40,14 +40,7 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Rewrites a request's headers for the upstream hop.
 pub fn rewrite_request(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
-    let upgrade = is_upgrade(headers)
-        .then(|| headers.get(UPGRADE).cloned())
-        .flatten();
-    strip_hop_by_hop(headers);
-    if let Some(protocol) = upgrade {
-        headers.insert(UPGRADE, protocol);
-        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    }
+    strip_hop_by_hop(headers, is_upgrade(headers));
     for name in fwd.proxy_only {
         headers.remove(name);
     }
@@ -88,14 +81,7 @@ pub fn rewrite_request(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
 
 /// Rewrites a response's headers for the client hop.
 pub fn rewrite_response(status: StatusCode, headers: &mut HeaderMap) {
-    let upgrade = (status == StatusCode::SWITCHING_PROTOCOLS)
-        .then(|| headers.get(UPGRADE).cloned())
-        .flatten();
-    strip_hop_by_hop(headers);
-    if let Some(protocol) = upgrade {
-        headers.insert(UPGRADE, protocol);
-        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    }
+    strip_hop_by_hop(headers, status == StatusCode::SWITCHING_PROTOCOLS);
 }
 
 /// The first address in `x-forwarded-for`, if it parses.
@@ -109,7 +95,13 @@ pub fn first_forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
     first.trim().parse().ok()
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes hop-by-hop headers. With `keep_upgrade` (a WebSocket handshake),
+/// `Upgrade` survives and `Connection: upgrade` is all that is left of
+/// `Connection`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let upgrade = keep_upgrade
+        .then(|| headers.get(UPGRADE).cloned())
+        .flatten();
     // Headers the sender listed in `Connection` are hop-by-hop too.
     let listed: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -131,6 +123,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         &PROXY_AUTHORIZATION,
     ] {
         headers.remove(name);
+    }
+    if let Some(protocol) = upgrade {
+        headers.insert(UPGRADE, protocol);
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
 }
 

@@ -16,6 +16,18 @@ async fn three() -> (Upstream, Upstream, Upstream) {
     )
 }
 
+/// Three upstreams behind a 34/33/33 split.
+async fn even_three() -> ((Upstream, Upstream, Upstream), Running) {
+    let (blue, green, canary) = three().await;
+    let weights = [
+        ("blue", blue.addr, 34.0),
+        ("green", green.addr, 33.0),
+        ("canary", canary.addr, 33.0),
+    ];
+    let proxy = Running::start(&config("", &weights)).await;
+    ((blue, green, canary), proxy)
+}
+
 /// Sends one request per user, 16 at a time; returns user → backend.
 async fn assign(proxy: &Running, users: &[String]) -> HashMap<String, String> {
     let mut tasks = tokio::task::JoinSet::new();
@@ -67,16 +79,7 @@ async fn ninety_ten_split_over_20000_users_is_within_one_point() {
 
 #[tokio::test]
 async fn a_user_always_reaches_the_same_backend() {
-    let (blue, green, canary) = three().await;
-    let yaml = config(
-        "",
-        &[
-            ("blue", blue.addr, 34.0),
-            ("green", green.addr, 33.0),
-            ("canary", canary.addr, 33.0),
-        ],
-    );
-    let proxy = Running::start(&yaml).await;
+    let (_upstreams, proxy) = even_three().await;
     let c = client();
     for user in ["alice", "bob", "carol", "dave", "user-123"] {
         let first = backend_of(&c, &proxy, user).await;
@@ -187,16 +190,7 @@ async fn rejected_weight_change_changes_nothing() {
 
 #[tokio::test]
 async fn anonymous_cookie_makes_users_stick() {
-    let (blue, green, canary) = three().await;
-    let yaml = config(
-        "",
-        &[
-            ("blue", blue.addr, 34.0),
-            ("green", green.addr, 33.0),
-            ("canary", canary.addr, 33.0),
-        ],
-    );
-    let proxy = Running::start(&yaml).await;
+    let (_upstreams, proxy) = even_three().await;
     let c = client();
     for _ in 0..10 {
         let (_, headers, first) = common::get(&c, &proxy.url("/"), &[]).await;
