@@ -1,12 +1,12 @@
-//! The admin listener: health probes, Prometheus metrics, and the `/v1/`
-//! control API as it lands. It runs on its own listener so that the data
+//! The admin listener: health probes, Prometheus metrics and the `/v1/`
+//! control API (`api.rs`). It runs on its own listener so that the data
 //! plane's limits and load never starve a kubelet probe or a scrape.
 //!
 //! ```text
-//! GET /health/live                 200 while the process runs
-//! GET /health/ready                200 once listeners are bound; 503 while draining
-//! GET /metrics                     Prometheus text format
-//! GET /v1/routes/{route}/stats     rolling-window figures per backend (JSON)
+//! GET /health/live     200 while the process runs               (open)
+//! GET /health/ready    200 once listeners are bound; 503 draining (open)
+//! GET /metrics         Prometheus text format                   (open)
+//! /v1/...              the control API                          (bearer token)
 //! ```
 
 use std::convert::Infallible;
@@ -19,11 +19,13 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use crate::config::Token;
 use crate::metrics::Metrics;
+use crate::store::Store;
 
 /// What the health probes report.
 #[derive(Debug, Default)]
@@ -43,15 +45,25 @@ impl Health {
     }
 }
 
-/// What the admin endpoints read.
+/// What the admin endpoints read and change.
 #[derive(Clone)]
 pub struct Admin {
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
+    pub store: Arc<Store>,
+    /// Accepted bearer tokens; empty means an open (loopback-only) admin API.
+    pub tokens: Arc<[Token]>,
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Output = ()>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Admin clients are operators and scrapers: a short head timeout is plenty.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(10));
+    let builder = Arc::new(builder);
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -67,23 +79,25 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Ou
             },
         };
         let admin = admin.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(&admin, &req)) }
+                async move { Ok::<_, Infallible>(route(&admin, req).await) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
 
-fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path == "/v1" || path.starts_with("/v1/") {
+        return crate::api::serve(admin, req).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
-    let path = req.uri().path();
     match path {
         "/health/live" => text(StatusCode::OK, "live\n"),
         "/health/ready" if admin.health.is_ready() => text(StatusCode::OK, "ready\n"),
@@ -93,18 +107,12 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "text/plain; version=0.0.4; charset=utf-8",
             admin.metrics.render().into(),
         ),
-        _ => match path
-            .strip_prefix("/v1/routes/")
-            .and_then(|r| r.strip_suffix("/stats"))
-        {
-            Some(route) if !route.contains('/') => route_stats(&admin.metrics, route),
-            _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
-        },
+        _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
     }
 }
 
 /// `GET /v1/routes/{route}/stats`: the rolling window of each backend.
-fn route_stats(metrics: &Metrics, route: &str) -> Response<Full<Bytes>> {
+pub(crate) fn route_stats(metrics: &Metrics, route: &str) -> Response<Full<Bytes>> {
     if !metrics.enabled() {
         return json_error(
             StatusCode::CONFLICT,
@@ -133,12 +141,18 @@ fn route_stats(metrics: &Metrics, route: &str) -> Response<Full<Bytes>> {
             "p99_ms": ms(b.stats.p99),
         })).collect::<Vec<_>>(),
     });
-    respond(StatusCode::OK, "application/json", body.to_string().into())
+    respond_json(StatusCode::OK, &body)
 }
 
 /// The admin API's error shape: `{"error": {"code": ..., "message": ...}}`.
 pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    respond_json(
+        status,
+        &serde_json::json!({ "error": { "code": code, "message": message } }),
+    )
+}
+
+pub(crate) fn respond_json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
     respond(status, "application/json", body.to_string().into())
 }
 

@@ -72,8 +72,83 @@ pub struct Config {
     /// Inline measurement of every request.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Where runtime state (weights, flags changed through the API) and the
+    /// audit log are kept, so a restart resumes where it was. Default none:
+    /// runtime changes live in memory only and are lost on restart.
+    #[serde(default)]
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Feature flags, evaluated per request (initial values; the admin API
+    /// changes them at run time).
+    #[serde(default)]
+    pub flags: Vec<FlagConfig>,
     /// Routes, tried in order; the first whose match fits takes the request.
     pub routes: Vec<RouteConfig>,
+}
+
+/// A feature flag (DESIGN.md): evaluated per request in this order — `enabled:
+/// false` turns it off for everyone; an override for the user wins; membership
+/// of a target group turns it on; otherwise on iff the user's bucket (salt =
+/// flag name) is below `rollout_percentage`.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlagConfig {
+    /// Unique; same syntax as route names. In an API body it may be left out
+    /// (the URL names the flag).
+    #[serde(default)]
+    pub name: String,
+    /// The kill switch. Default `true`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Share of users who get the flag, percent with two decimals. Default 0.
+    #[serde(default)]
+    pub rollout_percentage: Weight,
+    /// Groups that get the flag whatever their bucket. Default none.
+    #[serde(default)]
+    pub target_groups: Vec<String>,
+    /// Per-user answers that win over groups and percentage. Default none.
+    #[serde(default)]
+    pub overrides: std::collections::BTreeMap<String, bool>,
+}
+
+/// Bounds a flag's per-user overrides (each is kept in every snapshot).
+pub const MAX_FLAG_OVERRIDES: usize = 10_000;
+
+impl FlagConfig {
+    /// Checks one flag; `field` is where it sits (`flags[2]`).
+    pub fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        check_name(&format!("{field}.name"), &self.name)?;
+        for (i, g) in self.target_groups.iter().enumerate() {
+            let ok = !g.is_empty()
+                && g.len() <= 128
+                && g.bytes().all(|b| b.is_ascii_graphic() && b != b',');
+            if !ok {
+                return Err(ConfigError::new(
+                    format!("{field}.target_groups[{i}]"),
+                    format!("`{g}` must be 1-128 printable characters without commas"),
+                ));
+            }
+        }
+        if self.overrides.len() > MAX_FLAG_OVERRIDES {
+            return Err(ConfigError::new(
+                format!("{field}.overrides"),
+                format!(
+                    "{} overrides, at most {MAX_FLAG_OVERRIDES}",
+                    self.overrides.len()
+                ),
+            ));
+        }
+        if let Some(user) = self
+            .overrides
+            .keys()
+            .find(|u| u.is_empty() || u.len() > 256)
+        {
+            return Err(ConfigError::new(
+                format!("{field}.overrides"),
+                format!("user key `{user}` must be 1-256 bytes"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,13 +180,86 @@ pub struct AdminConfig {
     /// Admin listener address. Default `127.0.0.1:9901`.
     #[serde(default = "default_admin_listen", deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
+    /// Bearer tokens accepted on `/v1/` and `/ofrep/`, each with a name the
+    /// audit log records. Default none: an open admin API, allowed only on a
+    /// loopback address.
+    #[serde(default)]
+    pub tokens: Vec<TokenSource>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: default_admin_listen(),
+            tokens: Vec::new(),
         }
+    }
+}
+
+/// Where a named admin token is read from: a file (a mounted Kubernetes
+/// Secret) or an environment variable. Exactly one of `file` and `env`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSource {
+    /// Who holds the token (`ci`, `oncall`); the audit log's actor.
+    pub name: String,
+    #[serde(default)]
+    pub file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub env: Option<String>,
+}
+
+/// A token read from its source.
+#[derive(Clone)]
+pub struct Token {
+    pub name: String,
+    pub secret: Vec<u8>,
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token({}, <redacted>)", self.name)
+    }
+}
+
+impl AdminConfig {
+    /// Reads every token from its file or variable. Surrounding white space
+    /// (a trailing newline in a Secret file) is not part of the token.
+    pub fn resolve_tokens(&self) -> Result<Vec<Token>, ConfigError> {
+        self.tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let field = format!("admin.tokens[{i}]");
+                let raw = match (&t.file, &t.env) {
+                    (Some(path), None) => std::fs::read(path).map_err(|e| {
+                        ConfigError::new(
+                            format!("{field}.file"),
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?,
+                    (None, Some(var)) => std::env::var(var)
+                        .map_err(|_| {
+                            ConfigError::new(format!("{field}.env"), format!("`{var}` is not set"))
+                        })?
+                        .into_bytes(),
+                    _ => {
+                        return Err(ConfigError::new(
+                            field,
+                            "give exactly one of `file` and `env`",
+                        ))
+                    }
+                };
+                let secret = raw.trim_ascii().to_vec();
+                if secret.len() < 16 {
+                    return Err(ConfigError::new(field, "token is shorter than 16 bytes"));
+                }
+                Ok(Token {
+                    name: t.name.clone(),
+                    secret,
+                })
+            })
+            .collect()
     }
 }
 
@@ -351,6 +499,16 @@ impl fmt::Display for Weight {
     }
 }
 
+impl serde::Serialize for Weight {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.is_multiple_of(100) {
+            s.serialize_u32(self.0 / 100)
+        } else {
+            s.serialize_f64(self.percent())
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for Weight {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -511,6 +669,35 @@ impl Config {
         }
         if let Some(h) = &self.forced_backend_header {
             check_header_name("forced_backend_header", h)?;
+        }
+        if !self.admin.listen.ip().is_loopback() && self.admin.tokens.is_empty() {
+            return Err(ConfigError::new(
+                "admin.tokens",
+                format!(
+                    "admin.listen {} is not a loopback address, so at least one token is required",
+                    self.admin.listen
+                ),
+            ));
+        }
+        let mut token_names = HashSet::new();
+        for (i, t) in self.admin.tokens.iter().enumerate() {
+            check_name(&format!("admin.tokens[{i}].name"), &t.name)?;
+            if !token_names.insert(t.name.as_str()) {
+                return Err(ConfigError::new(
+                    format!("admin.tokens[{i}].name"),
+                    format!("duplicate token name `{}`", t.name),
+                ));
+            }
+        }
+        let mut flag_names = HashSet::new();
+        for (i, flag) in self.flags.iter().enumerate() {
+            flag.validate(&format!("flags[{i}]"))?;
+            if !flag_names.insert(flag.name.as_str()) {
+                return Err(ConfigError::new(
+                    format!("flags[{i}].name"),
+                    format!("duplicate flag name `{}`", flag.name),
+                ));
+            }
         }
         if self.routes.is_empty() {
             return Err(ConfigError::new("routes", "at least one route is needed"));

@@ -3,7 +3,9 @@
 //! snapshots from the types defined here.
 
 pub mod admin;
+pub mod api;
 pub mod bucket;
 pub mod config;
 pub mod metrics;
+pub mod store;
 pub mod window;

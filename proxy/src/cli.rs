@@ -10,10 +10,12 @@ use clap::{Parser, Subcommand};
 use switchyard_control::config::Config;
 
 use crate::demo::{self, DemoAddrs};
-use crate::server::{metrics_for, Listeners, Proxy};
+use crate::server::{metrics_for, Listeners, Proxy, StartError, StartOptions};
 
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
 pub const EXIT_USAGE: u8 = 64;
+/// EX_DATAERR: the persisted state in `state_dir` cannot be used.
+pub const EXIT_DATAERR: u8 = 65;
 /// Start-up failed for a reason outside the configuration (port in use...).
 pub const EXIT_FAILURE: u8 = 1;
 
@@ -22,7 +24,7 @@ pub const EXIT_FAILURE: u8 = 1;
     name = "switchyard",
     version,
     about = "Traffic-shifting HTTP proxy: sticky blue/green and canary splits by user",
-    after_help = "Exit status: 0 after a clean stop, 64 for bad arguments or configuration, 1 if start-up failed.\nLogging: RUST_LOG (default `info`)."
+    after_help = "Exit status: 0 after a clean stop, 64 for bad arguments or configuration, 65 for an unusable state file, 1 if start-up failed otherwise.\nLogging: RUST_LOG (default `info`)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -47,6 +49,10 @@ enum Command {
         /// YAML configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Move the state file in `state_dir` aside (kept as
+        /// `state.json.reset-<time>`) and start from the configuration.
+        #[arg(long)]
+        reset_state: bool,
     },
     /// Validate a configuration file and exit; errors name the field.
     Check {
@@ -78,31 +84,42 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(c) => {
-                let backends: usize = c.routes.iter().map(|r| r.backends.len()).sum();
-                println!(
-                    "{}: ok ({} route(s), {backends} backend(s))",
-                    config.display(),
-                    c.routes.len()
-                );
-                ExitCode::SUCCESS
+        Command::Check { config } => {
+            match Config::load(&config).and_then(|c| c.admin.resolve_tokens().map(|_| c)) {
+                Ok(c) => {
+                    let backends: usize = c.routes.iter().map(|r| r.backends.len()).sum();
+                    println!(
+                        "{}: ok ({} route(s), {backends} backend(s))",
+                        config.display(),
+                        c.routes.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => usage_error(&e),
             }
-            Err(e) => usage_error(&e),
-        },
-        Command::Run { config } => {
+        }
+        Command::Run {
+            config,
+            reset_state,
+        } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => return usage_error(&e),
             };
             init_logging();
             let workers = config.worker_threads();
+            let metrics = metrics_for(&config);
+            let proxy = match Proxy::new(config.clone(), metrics, StartOptions { reset_state }) {
+                Ok(p) => p,
+                Err(StartError::Config(e)) => return usage_error(&e),
+                Err(StartError::State(e)) => {
+                    eprintln!("switchyard: {e}");
+                    return ExitCode::from(EXIT_DATAERR);
+                }
+            };
             block_on(workers, async move {
                 let listeners = Listeners::bind(&config).await?;
-                let metrics = metrics_for(&config);
-                Proxy::new(config, metrics)
-                    .run(listeners, shutdown_signal())
-                    .await;
+                proxy.run(listeners, shutdown_signal()).await;
                 Ok(())
             })
         }

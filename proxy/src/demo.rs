@@ -15,7 +15,7 @@ use switchyard_control::config::Config;
 use tokio::net::TcpListener;
 
 use crate::listen::Drained;
-use crate::server::{metrics_for, Listeners, Proxy};
+use crate::server::{metrics_for, Listeners, Proxy, StartOptions};
 
 /// The embedded demo configuration.
 pub const DEMO_CONFIG: &str = include_str!("demo.yaml");
@@ -45,9 +45,10 @@ pub async fn run(addrs: DemoAddrs, shutdown: impl Future<Output = ()>) -> std::i
 
     let listeners = Listeners::bind(&config).await?;
     print_banner(&config, &listeners, &upstreams);
-    Ok(Proxy::new(config.clone(), metrics_for(&config))
-        .run(listeners, shutdown)
-        .await)
+    let metrics = metrics_for(&config);
+    let proxy =
+        Proxy::new(config, metrics, StartOptions::default()).map_err(std::io::Error::other)?;
+    Ok(proxy.run(listeners, shutdown).await)
 }
 
 fn print_banner(config: &Config, listeners: &Listeners, upstreams: &[String]) {

@@ -7,9 +7,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use std::collections::BTreeMap;
+
 use switchyard_control::admin::{self, Admin, Health};
-use switchyard_control::config::{Config, ConfigError, Weight};
+use switchyard_control::config::{Config, ConfigError, Token, Weight};
 use switchyard_control::metrics::Metrics;
+use switchyard_control::store::{Store, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -61,47 +64,85 @@ pub fn metrics_for(config: &Config) -> Arc<Metrics> {
     ))
 }
 
+/// Why a proxy could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration (or a token file it names) is wrong: exit 64.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The persisted state cannot be used: exit 65.
+    #[error("{0}")]
+    State(#[from] StoreError),
+}
+
+/// Start-up choices that are not configuration.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    /// Move an existing state file aside and start from the configuration.
+    pub reset_state: bool,
+}
+
 /// A proxy built from a configuration, ready to run on listeners.
 pub struct Proxy {
-    config: Arc<ArcSwap<Config>>,
+    config: Config,
     shared: Arc<Shared>,
+    store: Arc<Store>,
+    tokens: Arc<[Token]>,
     health: Arc<Health>,
 }
 
-/// Changes a running proxy's routing (the admin API's way in).
+/// Changes a running proxy's routing the way the admin API does.
 #[derive(Clone)]
 pub struct ProxyHandle {
     shared: Arc<Shared>,
-    config: Arc<ArcSwap<Config>>,
+    store: Arc<Store>,
 }
 
 impl Proxy {
-    /// Builds the first routing snapshot and the upstream pool. `config` must
-    /// have passed `Config::validate` (as `Config::load` does); `metrics` is
-    /// the process's registry (see `metrics_for`).
-    pub fn new(config: Config, metrics: Arc<Metrics>) -> Proxy {
+    /// Reads the admin tokens, opens the runtime state in `state_dir` (laid
+    /// over `config`), builds the routing snapshot and the upstream pool.
+    /// `config` must have passed `Config::validate` (as `Config::load` does);
+    /// `metrics` is the process's registry (see `metrics_for`).
+    pub fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        options: StartOptions,
+    ) -> Result<Proxy, StartError> {
+        let tokens: Arc<[Token]> = config.admin.resolve_tokens()?.into();
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::build(&config, &metrics)),
             upstreams: Upstreams::new(&config.timeouts),
             admission: Admission::new(config.limits.max_requests_in_flight),
             metrics,
         });
-        Proxy {
-            config: Arc::new(ArcSwap::from_pointee(config)),
+        let target = shared.clone();
+        let apply = Box::new(move |effective: &Config| {
+            let snapshot = Snapshot::build(effective, &target.metrics);
+            target.snapshot.store(Arc::new(snapshot));
+        });
+        let store = Arc::new(Store::open(config.clone(), options.reset_state, apply)?);
+        Ok(Proxy {
+            config,
             shared,
+            store,
+            tokens,
             health: Arc::new(Health::default()),
-        }
+        })
     }
 
     pub fn handle(&self) -> ProxyHandle {
         ProxyHandle {
             shared: self.shared.clone(),
-            config: self.config.clone(),
+            store: self.store.clone(),
         }
     }
 
     pub fn health(&self) -> Arc<Health> {
         self.health.clone()
+    }
+
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
     }
 
     /// Serves until `shutdown` resolves, then drains: readiness goes false,
@@ -112,6 +153,8 @@ impl Proxy {
         let context = Admin {
             health: self.health.clone(),
             metrics: self.shared.metrics.clone(),
+            store: self.store.clone(),
+            tokens: self.tokens.clone(),
         };
         let admin = tokio::spawn(admin::serve(listeners.admin, context, async move {
             let _ = admin_stopped.wait_for(|stop| *stop).await;
@@ -120,7 +163,7 @@ impl Proxy {
         tracing::info!(data = %listeners.data.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
 
         let health = self.health.clone();
-        let config = self.config.load_full();
+        let config = self.config;
         let drained = listen::serve(
             listeners.data,
             self.shared,
@@ -142,42 +185,23 @@ impl Proxy {
 
 impl ProxyHandle {
     /// Sets a route's weights (percent by backend name; backends left out get
-    /// 0), validates the whole result, and swaps in a new snapshot. A rejected
-    /// change changes nothing.
-    pub fn set_weights(&self, route: &str, weights: &[(&str, f64)]) -> Result<(), ConfigError> {
-        let mut next = Config::clone(&self.config.load());
-        let (index, rc) = next
-            .routes
-            .iter_mut()
-            .enumerate()
-            .find(|(_, r)| r.name == route)
-            .ok_or_else(|| ConfigError::new("route", format!("no route named `{route}`")))?;
-        for (name, _) in weights {
-            if !rc.backends.iter().any(|b| b.name == *name) {
-                return Err(ConfigError::new(
-                    format!("routes[{index}].backends"),
-                    format!("route `{route}` has no backend `{name}`"),
-                ));
-            }
+    /// 0) through the same validated, persisted, audited path as the admin
+    /// API. A rejected change changes nothing.
+    pub async fn set_weights(
+        &self,
+        route: &str,
+        weights: &[(&str, f64)],
+    ) -> Result<(), StoreError> {
+        let mut map = BTreeMap::new();
+        for (name, pct) in weights {
+            let weight = Weight::from_percent(*pct)
+                .map_err(|e| StoreError::Invalid(ConfigError::new(format!("weights.{name}"), e)))?;
+            map.insert((*name).to_owned(), weight);
         }
-        for backend in &mut rc.backends {
-            let pct = weights
-                .iter()
-                .find(|(n, _)| *n == backend.name)
-                .map_or(0.0, |(_, w)| *w);
-            backend.weight = Weight::from_percent(pct).map_err(|e| {
-                ConfigError::new(
-                    format!("routes[{index}].backends.{}.weight", backend.name),
-                    e,
-                )
-            })?;
-        }
-        next.validate()?;
-        self.shared
-            .snapshot
-            .store(Arc::new(Snapshot::build(&next, &self.shared.metrics)));
-        self.config.store(Arc::new(next));
-        Ok(())
+        self.store
+            .set_weights("handle", None, route, map)
+            .await
+            .map(|_| ())
     }
 
     /// The snapshot requests see now.

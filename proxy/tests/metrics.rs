@@ -122,6 +122,7 @@ async fn requests_errors_and_saturation_are_exported() {
     proxy
         .handle
         .set_weights("api", &[("blue", 90.0), ("canary", 10.0)])
+        .await
         .unwrap();
     let text = scrape(&proxy).await;
     assert_eq!(

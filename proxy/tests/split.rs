@@ -132,7 +132,7 @@ async fn raising_canary_weight_live_keeps_its_users() {
     .iter()
     .enumerate()
     {
-        proxy.handle.set_weights("api", weights).unwrap();
+        proxy.handle.set_weights("api", weights).await.unwrap();
         let got = assign(&proxy, &users).await;
         for user in &on_canary {
             assert_eq!(got[user], "canary", "step {step}: {user} left the canary");
@@ -169,14 +169,17 @@ async fn rejected_weight_change_changes_nothing() {
     assert!(proxy
         .handle
         .set_weights("api", &[("blue", 50.0), ("canary", 10.0)])
+        .await
         .is_err());
     assert!(proxy
         .handle
         .set_weights("api", &[("blue", 50.0), ("purple", 50.0)])
+        .await
         .is_err());
     assert!(proxy
         .handle
         .set_weights("nope", &[("blue", 100.0)])
+        .await
         .is_err());
     let after: Vec<u32> = proxy.handle.snapshot().routes[0]
         .backends

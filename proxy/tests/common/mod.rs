@@ -18,7 +18,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use switchyard_control::config::Config;
 use switchyard_proxy::listen::Drained;
-use switchyard_proxy::server::{metrics_for, Listeners, Proxy, ProxyHandle};
+use switchyard_proxy::server::{metrics_for, Listeners, Proxy, ProxyHandle, StartOptions};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -180,7 +180,7 @@ impl Running {
         let listeners = Listeners::bind(&config).await.unwrap();
         let (addr, admin) = (listeners.data_addr(), listeners.admin_addr());
         let metrics = metrics_for(&config);
-        let proxy = Proxy::new(config, metrics);
+        let proxy = Proxy::new(config, metrics, StartOptions::default()).expect("proxy starts");
         let handle = proxy.handle();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(proxy.run(listeners, async move {

@@ -1,0 +1,426 @@
+//! The `/v1/` control API: authentication, request parsing, and the mapping
+//! of store outcomes to HTTP. The state logic lives in `store.rs`.
+//!
+//! ```text
+//! GET    /v1/state                        routes, weights, flags in one document
+//! PUT    /v1/routes/{route}/weights       {"blue": 90, "canary": 10}
+//! GET    /v1/routes/{route}/stats         rolling-window figures per backend
+//! GET    /v1/flags                        every flag
+//! GET|PUT|PATCH|DELETE /v1/flags/{name}   PATCH is an RFC 7386 merge patch
+//! GET    /v1/events?after=SEQ&limit=N     the audit log, oldest first
+//! ```
+//!
+//! Errors are `{"error": {"code", "message"}}`: 400 unparseable (JSON syntax,
+//! bad `If-Match`), 401 no or wrong token, 404 unknown route, flag or
+//! endpoint, 405 wrong method, 409 stale `If-Match`, 413 body over 1 MiB,
+//! 422 well-formed but invalid (types, unknown fields, weights not summing to
+//! 100, unknown backend). Every state document carries `ETag: "<version>"`.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, ETAG, IF_MATCH};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::admin::{json_error, respond_json, Admin};
+use crate::config::{Config, FlagConfig, Token, Weight};
+use crate::store::{StoreError, View};
+
+/// Largest request body the API reads.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+type Resp = Response<Full<Bytes>>;
+
+/// Serves one request under `/v1/`.
+pub async fn serve(admin: &Admin, req: Request<Incoming>) -> Resp {
+    let actor = match authorize(req.headers(), &admin.tokens) {
+        Ok(actor) => actor,
+        Err(resp) => return resp,
+    };
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    let result = match (segments.as_slice(), &method) {
+        (["v1", "state"], &Method::GET) => Ok(state(&admin.store.view())),
+        (["v1", "state"], _) => Err(not_allowed("GET")),
+        (["v1", "routes", route, "weights"], &Method::PUT) => {
+            put_weights(admin, &actor, route, req).await
+        }
+        (["v1", "routes", _, "weights"], _) => Err(not_allowed("PUT")),
+        (["v1", "routes", route, "stats"], &Method::GET) => {
+            Ok(crate::admin::route_stats(&admin.metrics, route))
+        }
+        (["v1", "routes", _, "stats"], _) => Err(not_allowed("GET")),
+        (["v1", "flags"], &Method::GET) => Ok(flags(&admin.store.view())),
+        (["v1", "flags"], _) => Err(not_allowed("GET")),
+        (["v1", "flags", name], &Method::GET) => get_flag(&admin.store.view(), name),
+        (["v1", "flags", name], &Method::PUT) => put_flag(admin, &actor, name, req).await,
+        (["v1", "flags", name], &Method::PATCH) => patch_flag(admin, &actor, name, req).await,
+        (["v1", "flags", name], &Method::DELETE) => {
+            delete_flag(admin, &actor, name, req.headers()).await
+        }
+        (["v1", "flags", _], _) => Err(not_allowed("GET, PUT, PATCH, DELETE")),
+        (["v1", "events"], &Method::GET) => events(admin, req.uri().query().unwrap_or("")),
+        (["v1", "events"], _) => Err(not_allowed("GET")),
+        _ => Err(json_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no endpoint {path}"),
+        )),
+    };
+    result.unwrap_or_else(|resp| resp)
+}
+
+// === authentication ===
+
+/// The name of the token presented, or a 401. With no tokens configured
+/// (allowed only on a loopback admin address) everyone is `anonymous`.
+fn authorize(headers: &HeaderMap, tokens: &[Token]) -> Result<String, Resp> {
+    if tokens.is_empty() {
+        return Ok("anonymous".to_owned());
+    }
+    let unauthorized = |message: &str| {
+        let mut resp = json_error(StatusCode::UNAUTHORIZED, "unauthorized", message);
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        resp
+    };
+    let presented = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .ok_or_else(|| unauthorized("missing `Authorization: Bearer <token>`"))?;
+    // Every token is compared, in constant time, whatever matched earlier.
+    let mut found = None;
+    for token in tokens {
+        if constant_time_eq(presented, &token.secret) {
+            found = Some(token.name.clone());
+        }
+    }
+    found.ok_or_else(|| unauthorized("token not accepted"))
+}
+
+/// Compares without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+// === handlers ===
+
+fn state(view: &View) -> Resp {
+    let config = &view.config;
+    let routes: Vec<Value> = config
+        .routes
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "match": { "host": r.matches.host, "path_prefix": r.matches.path_prefix },
+                "backends": r.backends.iter().map(|b| json!({
+                    "name": b.name, "weight": b.weight, "endpoints": b.endpoints,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let body = json!({
+        "version": view.version,
+        "routes": routes,
+        "flags": config.flags,
+        "rollouts": {},
+    });
+    versioned(StatusCode::OK, &body, view.version)
+}
+
+async fn put_weights(
+    admin: &Admin,
+    actor: &str,
+    route: &str,
+    req: Request<Incoming>,
+) -> Result<Resp, Resp> {
+    let if_match = if_match(req.headers())?;
+    let weights: BTreeMap<String, Weight> = read_json(req).await?;
+    let view = admin
+        .store
+        .set_weights(actor, if_match, route, weights)
+        .await
+        .map_err(store_error)?;
+    Ok(versioned(
+        StatusCode::OK,
+        &route_doc(&view.config, route),
+        view.version,
+    ))
+}
+
+fn route_doc(config: &Config, route: &str) -> Value {
+    let weights: BTreeMap<&str, Weight> = config
+        .routes
+        .iter()
+        .find(|r| r.name == route)
+        .map(|r| {
+            r.backends
+                .iter()
+                .map(|b| (b.name.as_str(), b.weight))
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({ "route": route, "weights": weights })
+}
+
+fn flags(view: &View) -> Resp {
+    versioned(
+        StatusCode::OK,
+        &json!({ "flags": view.config.flags }),
+        view.version,
+    )
+}
+
+fn get_flag(view: &View, name: &str) -> Result<Resp, Resp> {
+    let flag = view
+        .config
+        .flags
+        .iter()
+        .find(|f| f.name == name)
+        .ok_or_else(|| store_error(StoreError::NotFound(format!("no flag named `{name}`"))))?;
+    Ok(versioned(StatusCode::OK, &json!(flag), view.version))
+}
+
+async fn put_flag(
+    admin: &Admin,
+    actor: &str,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Resp, Resp> {
+    let if_match = if_match(req.headers())?;
+    let mut flag: FlagConfig = read_json(req).await?;
+    if flag.name.is_empty() {
+        flag.name = name.to_owned();
+    } else if flag.name != name {
+        return Err(json_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            &format!("body names flag `{}` but the URL names `{name}`", flag.name),
+        ));
+    }
+    let (view, created) = admin
+        .store
+        .put_flag(actor, if_match, flag)
+        .await
+        .map_err(store_error)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    get_flag(&view, name).map(|mut resp| {
+        *resp.status_mut() = status;
+        resp
+    })
+}
+
+async fn patch_flag(
+    admin: &Admin,
+    actor: &str,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Resp, Resp> {
+    let if_match = if_match(req.headers())?;
+    let patch: Value = read_json(req).await?;
+    if !patch.is_object() {
+        return Err(json_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "a merge patch is a JSON object",
+        ));
+    }
+    let view = admin
+        .store
+        .patch_flag(actor, if_match, name, patch)
+        .await
+        .map_err(store_error)?;
+    get_flag(&view, name)
+}
+
+async fn delete_flag(
+    admin: &Admin,
+    actor: &str,
+    name: &str,
+    headers: &HeaderMap,
+) -> Result<Resp, Resp> {
+    let if_match = if_match(headers)?;
+    let view = admin
+        .store
+        .delete_flag(actor, if_match, name)
+        .await
+        .map_err(store_error)?;
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    resp.headers_mut().insert(ETAG, etag(view.version));
+    Ok(resp)
+}
+
+fn events(admin: &Admin, query: &str) -> Result<Resp, Resp> {
+    let mut after = 0u64;
+    let mut limit = 100usize;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let bad = || {
+            json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("`{pair}` is not a valid query parameter"),
+            )
+        };
+        match key {
+            "after" => after = value.parse().map_err(|_| bad())?,
+            "limit" => {
+                limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|l| (1..=1000).contains(l))
+                    .ok_or_else(bad)?
+            }
+            _ => return Err(bad()),
+        }
+    }
+    let events = admin.store.events(after, limit).map_err(store_error)?;
+    let next = events.last().map(|e| e.seq);
+    Ok(respond_json(
+        StatusCode::OK,
+        &json!({ "events": events, "next_after": next }),
+    ))
+}
+
+// === plumbing ===
+
+fn store_error(e: StoreError) -> Resp {
+    match e {
+        StoreError::Stale { .. } => json_error(StatusCode::CONFLICT, "conflict", &e.to_string()),
+        StoreError::NotFound(m) => json_error(StatusCode::NOT_FOUND, "not_found", &m),
+        StoreError::Invalid(c) => {
+            json_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &c.to_string())
+        }
+        StoreError::Io(m) => {
+            tracing::error!(error = %m, "state write failed");
+            json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &m)
+        }
+    }
+}
+
+fn not_allowed(allow: &'static str) -> Resp {
+    let mut resp = json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("allowed: {allow}"),
+    );
+    resp.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+fn etag(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header value")
+}
+
+fn versioned(status: StatusCode, body: &Value, version: u64) -> Resp {
+    let mut resp = respond_json(status, body);
+    resp.headers_mut().insert(ETAG, etag(version));
+    resp
+}
+
+/// `If-Match: "7"` (also `7`, `W/"7"`); `*` or none means any version.
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Resp> {
+    let Some(value) = headers.get(IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    let bare = text.trim_start_matches("W/").trim_matches('"');
+    bare.parse().map(Some).map_err(|_| {
+        json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("If-Match `{text}` is not a state version like \"7\""),
+        )
+    })
+}
+
+/// Reads a JSON body of at most `MAX_BODY` bytes.
+async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Resp> {
+    let too_large = || {
+        json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            &format!("body is over {MAX_BODY} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Err(e) => {
+            return Err(json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("reading the body failed: {e}"),
+            ))
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            json_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &e.to_string())
+        }
+        _ => json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("body is not JSON: {e}"),
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
+        assert!(!constant_time_eq(b"secret-token-123", b"secret-token-124"));
+        assert!(!constant_time_eq(b"secret", b"secret-token-123"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn if_match_forms() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(IF_MATCH, HeaderValue::from_str(v).unwrap());
+            if_match(&h).map_err(|r| r.status())
+        };
+        assert_eq!(with("\"7\""), Ok(Some(7)));
+        assert_eq!(with("W/\"7\""), Ok(Some(7)));
+        assert_eq!(with("7"), Ok(Some(7)));
+        assert_eq!(with("*"), Ok(None));
+        assert_eq!(with("\"seven\""), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(if_match(&HeaderMap::new()).unwrap(), None);
+    }
+}
