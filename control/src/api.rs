@@ -35,11 +35,47 @@ pub const MAX_BODY: usize = 1024 * 1024;
 
 type Resp = Response<Full<Bytes>>;
 
+/// A request the API refuses: status, machine-readable code, message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    /// `Allow` for 405s.
+    allow: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            allow: None,
+        }
+    }
+
+    fn into_response(self) -> Resp {
+        let mut resp = json_error(self.status, self.code, &self.message);
+        if let Some(allow) = self.allow {
+            resp.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allow));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
 /// Serves one request under `/v1/`.
 pub async fn serve(admin: &Admin, req: Request<Incoming>) -> Resp {
     let actor = match authorize(req.headers(), &admin.tokens) {
         Ok(actor) => actor,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -66,31 +102,25 @@ pub async fn serve(admin: &Admin, req: Request<Incoming>) -> Resp {
         (["v1", "flags", _], _) => Err(not_allowed("GET, PUT, PATCH, DELETE")),
         (["v1", "events"], &Method::GET) => events(admin, req.uri().query().unwrap_or("")),
         (["v1", "events"], _) => Err(not_allowed("GET")),
-        _ => Err(json_error(
+        _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            &format!("no endpoint {path}"),
+            format!("no endpoint {path}"),
         )),
     };
-    result.unwrap_or_else(|resp| resp)
+    result.unwrap_or_else(ApiError::into_response)
 }
 
 // === authentication ===
 
 /// The name of the token presented, or a 401. With no tokens configured
 /// (allowed only on a loopback admin address) everyone is `anonymous`.
-fn authorize(headers: &HeaderMap, tokens: &[Token]) -> Result<String, Resp> {
+fn authorize(headers: &HeaderMap, tokens: &[Token]) -> Result<String, ApiError> {
     if tokens.is_empty() {
         return Ok("anonymous".to_owned());
     }
-    let unauthorized = |message: &str| {
-        let mut resp = json_error(StatusCode::UNAUTHORIZED, "unauthorized", message);
-        resp.headers_mut().insert(
-            http::header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer"),
-        );
-        resp
-    };
+    let unauthorized =
+        |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
     let presented = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
@@ -147,7 +177,7 @@ async fn put_weights(
     actor: &str,
     route: &str,
     req: Request<Incoming>,
-) -> Result<Resp, Resp> {
+) -> Result<Resp, ApiError> {
     let if_match = if_match(req.headers())?;
     let weights: BTreeMap<String, Weight> = read_json(req).await?;
     let view = admin
@@ -185,7 +215,7 @@ fn flags(view: &View) -> Resp {
     )
 }
 
-fn get_flag(view: &View, name: &str) -> Result<Resp, Resp> {
+fn get_flag(view: &View, name: &str) -> Result<Resp, ApiError> {
     let flag = view
         .config
         .flags
@@ -200,16 +230,16 @@ async fn put_flag(
     actor: &str,
     name: &str,
     req: Request<Incoming>,
-) -> Result<Resp, Resp> {
+) -> Result<Resp, ApiError> {
     let if_match = if_match(req.headers())?;
     let mut flag: FlagConfig = read_json(req).await?;
     if flag.name.is_empty() {
         flag.name = name.to_owned();
     } else if flag.name != name {
-        return Err(json_error(
+        return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid",
-            &format!("body names flag `{}` but the URL names `{name}`", flag.name),
+            format!("body names flag `{}` but the URL names `{name}`", flag.name),
         ));
     }
     let (view, created) = admin
@@ -233,11 +263,11 @@ async fn patch_flag(
     actor: &str,
     name: &str,
     req: Request<Incoming>,
-) -> Result<Resp, Resp> {
+) -> Result<Resp, ApiError> {
     let if_match = if_match(req.headers())?;
     let patch: Value = read_json(req).await?;
     if !patch.is_object() {
-        return Err(json_error(
+        return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid",
             "a merge patch is a JSON object",
@@ -256,7 +286,7 @@ async fn delete_flag(
     actor: &str,
     name: &str,
     headers: &HeaderMap,
-) -> Result<Resp, Resp> {
+) -> Result<Resp, ApiError> {
     let if_match = if_match(headers)?;
     let view = admin
         .store
@@ -269,16 +299,16 @@ async fn delete_flag(
     Ok(resp)
 }
 
-fn events(admin: &Admin, query: &str) -> Result<Resp, Resp> {
+fn events(admin: &Admin, query: &str) -> Result<Resp, ApiError> {
     let mut after = 0u64;
     let mut limit = 100usize;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let bad = || {
-            json_error(
+            ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
-                &format!("`{pair}` is not a valid query parameter"),
+                format!("`{pair}` is not a valid query parameter"),
             )
         };
         match key {
@@ -303,29 +333,29 @@ fn events(admin: &Admin, query: &str) -> Result<Resp, Resp> {
 
 // === plumbing ===
 
-fn store_error(e: StoreError) -> Resp {
+fn store_error(e: StoreError) -> ApiError {
     match e {
-        StoreError::Stale { .. } => json_error(StatusCode::CONFLICT, "conflict", &e.to_string()),
-        StoreError::NotFound(m) => json_error(StatusCode::NOT_FOUND, "not_found", &m),
+        StoreError::Stale { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+        StoreError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
         StoreError::Invalid(c) => {
-            json_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &c.to_string())
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", c.to_string())
         }
         StoreError::Io(m) => {
             tracing::error!(error = %m, "state write failed");
-            json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &m)
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
         }
     }
 }
 
-fn not_allowed(allow: &'static str) -> Resp {
-    let mut resp = json_error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        &format!("allowed: {allow}"),
-    );
-    resp.headers_mut()
-        .insert(ALLOW, HeaderValue::from_static(allow));
-    resp
+fn not_allowed(allow: &'static str) -> ApiError {
+    ApiError {
+        allow: Some(allow),
+        ..ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("allowed: {allow}"),
+        )
+    }
 }
 
 fn etag(version: u64) -> HeaderValue {
@@ -339,7 +369,7 @@ fn versioned(status: StatusCode, body: &Value, version: u64) -> Resp {
 }
 
 /// `If-Match: "7"` (also `7`, `W/"7"`); `*` or none means any version.
-fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Resp> {
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let Some(value) = headers.get(IF_MATCH) else {
         return Ok(None);
     };
@@ -349,21 +379,21 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Resp> {
     }
     let bare = text.trim_start_matches("W/").trim_matches('"');
     bare.parse().map(Some).map_err(|_| {
-        json_error(
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            &format!("If-Match `{text}` is not a state version like \"7\""),
+            format!("If-Match `{text}` is not a state version like \"7\""),
         )
     })
 }
 
 /// Reads a JSON body of at most `MAX_BODY` bytes.
-async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Resp> {
+async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
     let too_large = || {
-        json_error(
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            &format!("body is over {MAX_BODY} bytes"),
+            format!("body is over {MAX_BODY} bytes"),
         )
     };
     let declared = req
@@ -378,21 +408,21 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Res
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
         Err(e) => {
-            return Err(json_error(
+            return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
-                &format!("reading the body failed: {e}"),
+                format!("reading the body failed: {e}"),
             ))
         }
     };
     serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
-            json_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &e.to_string())
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())
         }
-        _ => json_error(
+        _ => ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            &format!("body is not JSON: {e}"),
+            format!("body is not JSON: {e}"),
         ),
     })
 }
@@ -414,7 +444,7 @@ mod tests {
         let with = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert(IF_MATCH, HeaderValue::from_str(v).unwrap());
-            if_match(&h).map_err(|r| r.status())
+            if_match(&h).map_err(|e| e.status)
         };
         assert_eq!(with("\"7\""), Ok(Some(7)));
         assert_eq!(with("W/\"7\""), Ok(Some(7)));
