@@ -527,10 +527,15 @@ pub fn overlay(base: &Config, overrides: &Overrides) -> Config {
             }
         }
     }
+    // A changed flag keeps its place; a new one goes last.
     for (name, flag) in &overrides.flags {
-        out.flags.retain(|f| &f.name != name);
-        if let Some(flag) = flag {
-            out.flags.push(flag.clone());
+        match (out.flags.iter().position(|f| &f.name == name), flag) {
+            (Some(i), Some(flag)) => out.flags[i] = flag.clone(),
+            (Some(i), None) => {
+                out.flags.remove(i);
+            }
+            (None, Some(flag)) => out.flags.push(flag.clone()),
+            (None, None) => {}
         }
     }
     out

@@ -270,3 +270,41 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+pub type BodyClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn body_client() -> BodyClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// One admin API call: `method url` with an optional bearer token, extra
+/// headers and a body; returns status, headers and body text.
+pub async fn call(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> (StatusCode, http::HeaderMap, String) {
+    let mut req = Request::builder().method(method).uri(url);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = body_client()
+        .request(req.body(Full::new(body.into())).unwrap())
+        .await
+        .expect("admin request");
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.expect("body").to_bytes();
+    (parts.status, parts.headers, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("switchyard-{tag}-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
