@@ -149,6 +149,7 @@ impl Proxy {
     /// the data listener stops accepting, in-flight requests finish (up to
     /// `timeouts.drain`), and the admin listener closes last.
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Drained {
+        let (data_addr, admin_addr) = (listeners.data_addr(), listeners.admin_addr());
         let (admin_stop, mut admin_stopped) = watch::channel(false);
         let context = Admin {
             health: self.health.clone(),
@@ -160,7 +161,7 @@ impl Proxy {
             let _ = admin_stopped.wait_for(|stop| *stop).await;
         }));
         self.health.set_ready(true);
-        tracing::info!(data = %listeners.data.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
+        tracing::info!(data = %data_addr, admin = %admin_addr, "serving");
 
         let health = self.health.clone();
         let config = self.config;

@@ -45,7 +45,11 @@ routes:
             dir = dir.display()
         );
         let proxy = Running::start(&yaml).await;
-        Setup { proxy, _upstreams: (blue, canary), state_dir: dir.join("state") }
+        Setup {
+            proxy,
+            _upstreams: (blue, canary),
+            state_dir: dir.join("state"),
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -56,9 +60,26 @@ routes:
         self.call_with(method, path, &[], body).await
     }
 
-    async fn call_with(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, Value) {
-        let (status, _, text) = call(method, &self.url(path), Some(CI_TOKEN), headers, body.to_owned()).await;
-        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+    async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, Value) {
+        let (status, _, text) = call(
+            method,
+            &self.url(path),
+            Some(CI_TOKEN),
+            headers,
+            body.to_owned(),
+        )
+        .await;
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         (status.as_u16(), value)
     }
 
@@ -78,43 +99,95 @@ async fn weights_change_and_the_next_request_follows() {
     let s = Setup::new().await;
     let state = s.state().await;
     assert_eq!(state["version"], 0);
-    assert_eq!(state["routes"][0]["backends"][1], json!({"name": "canary", "weight": 0, "endpoints": [s._upstreams.1.addr.to_string()]}));
+    assert_eq!(
+        state["routes"][0]["backends"][1],
+        json!({"name": "canary", "weight": 0, "endpoints": [s._upstreams.1.addr.to_string()]})
+    );
     assert_eq!(s.backend_of("alice").await, "blue");
 
-    let (status, headers, body) =
-        call("PUT", &s.url("/v1/routes/api/weights"), Some(CI_TOKEN), &[], r#"{"blue": 0, "canary": 100}"#).await;
+    let (status, headers, body) = call(
+        "PUT",
+        &s.url("/v1/routes/api/weights"),
+        Some(CI_TOKEN),
+        &[],
+        r#"{"blue": 0, "canary": 100}"#,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(headers["etag"], "\"1\"");
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), json!({"route": "api", "weights": {"blue": 0, "canary": 100}}));
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"route": "api", "weights": {"blue": 0, "canary": 100}})
+    );
     // No sleep: the swap happened before the API answered.
     assert_eq!(s.backend_of("alice").await, "canary");
 
     // Decimals and left-out backends (weight 0).
-    let (status, body) = s.call("PUT", "/v1/routes/api/weights", r#"{"blue": 99.99, "canary": 0.01}"#).await;
+    let (status, body) = s
+        .call(
+            "PUT",
+            "/v1/routes/api/weights",
+            r#"{"blue": 99.99, "canary": 0.01}"#,
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["weights"], json!({"blue": 99.99, "canary": 0.01}));
-    let (status, body) = s.call("PUT", "/v1/routes/api/weights", r#"{"blue": 100}"#).await;
-    assert_eq!((status, &body["weights"]), (200, &json!({"blue": 100, "canary": 0})));
+    let (status, body) = s
+        .call("PUT", "/v1/routes/api/weights", r#"{"blue": 100}"#)
+        .await;
+    assert_eq!(
+        (status, &body["weights"]),
+        (200, &json!({"blue": 100, "canary": 0}))
+    );
     assert_eq!(s.state().await["version"], 3);
 }
 
 #[tokio::test]
 async fn v1_needs_a_valid_token_and_health_and_metrics_do_not() {
     let s = Setup::new().await;
-    for (token, why) in [(None, "missing"), (Some("wrong-token-0123456789"), "wrong"), (Some(""), "empty")] {
+    for (token, why) in [
+        (None, "missing"),
+        (Some("wrong-token-0123456789"), "wrong"),
+        (Some(""), "empty"),
+    ] {
         let (status, headers, body) = call("GET", &s.url("/v1/state"), token, &[], "").await;
         assert_eq!(status, 401, "{why}: {body}");
         assert_eq!(headers["www-authenticate"], "Bearer");
         assert!(body.contains(r#""code":"unauthorized""#), "{body}");
-        let (status, _, _) = call("PUT", &s.url("/v1/routes/api/weights"), token, &[], r#"{"canary": 100}"#).await;
+        let (status, _, _) = call(
+            "PUT",
+            &s.url("/v1/routes/api/weights"),
+            token,
+            &[],
+            r#"{"canary": 100}"#,
+        )
+        .await;
         assert_eq!(status, 401);
     }
     // A token with a different case or a suffix is not the token.
-    let (status, _, _) = call("GET", &s.url("/v1/state"), Some(&CI_TOKEN.to_uppercase()), &[], "").await;
+    let (status, _, _) = call(
+        "GET",
+        &s.url("/v1/state"),
+        Some(&CI_TOKEN.to_uppercase()),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(status, 401);
-    let (status, _, _) = call("GET", &s.url("/v1/state"), Some(&format!("{CI_TOKEN}x")), &[], "").await;
+    let (status, _, _) = call(
+        "GET",
+        &s.url("/v1/state"),
+        Some(&format!("{CI_TOKEN}x")),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(status, 401);
-    assert_eq!(s.state().await["version"], 0, "unauthenticated writes changed nothing");
+    assert_eq!(
+        s.state().await["version"],
+        0,
+        "unauthenticated writes changed nothing"
+    );
     assert_eq!(s.backend_of("alice").await, "blue");
 
     for open in ["/health/live", "/health/ready", "/metrics"] {
@@ -122,7 +195,14 @@ async fn v1_needs_a_valid_token_and_health_and_metrics_do_not() {
         assert_eq!(status, 200, "{open}");
     }
     // Both named tokens work, and the audit log says who did what.
-    let (status, _, _) = call("PUT", &s.url("/v1/routes/api/weights"), Some(ONCALL_TOKEN), &[], r#"{"blue": 90, "canary": 10}"#).await;
+    let (status, _, _) = call(
+        "PUT",
+        &s.url("/v1/routes/api/weights"),
+        Some(ONCALL_TOKEN),
+        &[],
+        r#"{"blue": 90, "canary": 10}"#,
+    )
+    .await;
     assert_eq!(status, 200);
     let (_, events) = s.call("GET", "/v1/events", "").await;
     assert_eq!(events["events"][0]["actor"], "oncall");
@@ -132,43 +212,180 @@ async fn v1_needs_a_valid_token_and_health_and_metrics_do_not() {
 async fn invalid_changes_are_rejected_and_change_nothing() {
     let s = Setup::new().await;
     let before = s.state().await;
-    let ten_mb = format!(r#"{{"blue": 100, "x": "{}"}}"#, "a".repeat(10 * 1024 * 1024));
+    let ten_mb = format!(
+        r#"{{"blue": 100, "x": "{}"}}"#,
+        "a".repeat(10 * 1024 * 1024)
+    );
     let cases: Vec<(&str, &str, String, u16, &str)> = vec![
-        ("PUT", "/v1/routes/api/weights", r#"{"blue": "ninety", "canary": 10}"#.into(), 422, "invalid"),
-        ("PUT", "/v1/routes/api/weights", r#"{"blue": 90, "canary": 9}"#.into(), 422, "sum to 99"),
-        ("PUT", "/v1/routes/api/weights", r#"{"blue": 90, "purple": 10}"#.into(), 422, "no backend `purple`"),
-        ("PUT", "/v1/routes/api/weights", r#"{"blue": 89.999, "canary": 10.001}"#.into(), 422, "two decimals"),
-        ("PUT", "/v1/routes/api/weights", r#"{"blue": -10, "canary": 110}"#.into(), 422, "0 to 100"),
-        ("PUT", "/v1/routes/api/weights", r#"{"blue": 90, "canary": 10"#.into(), 400, "not JSON"),
-        ("PUT", "/v1/routes/api/weights", "[90, 10]".into(), 422, "invalid"),
+        (
+            "PUT",
+            "/v1/routes/api/weights",
+            r#"{"blue": "ninety", "canary": 10}"#.into(),
+            422,
+            "invalid",
+        ),
+        (
+            "PUT",
+            "/v1/routes/api/weights",
+            r#"{"blue": 90, "canary": 9}"#.into(),
+            422,
+            "sum to 99",
+        ),
+        (
+            "PUT",
+            "/v1/routes/api/weights",
+            r#"{"blue": 90, "purple": 10}"#.into(),
+            422,
+            "no backend `purple`",
+        ),
+        (
+            "PUT",
+            "/v1/routes/api/weights",
+            r#"{"blue": 89.999, "canary": 10.001}"#.into(),
+            422,
+            "two decimals",
+        ),
+        (
+            "PUT",
+            "/v1/routes/api/weights",
+            r#"{"blue": -10, "canary": 110}"#.into(),
+            422,
+            "0 to 100",
+        ),
+        (
+            "PUT",
+            "/v1/routes/api/weights",
+            r#"{"blue": 90, "canary": 10"#.into(),
+            400,
+            "not JSON",
+        ),
+        (
+            "PUT",
+            "/v1/routes/api/weights",
+            "[90, 10]".into(),
+            422,
+            "invalid",
+        ),
         ("PUT", "/v1/routes/api/weights", "".into(), 400, "not JSON"),
         ("PUT", "/v1/routes/api/weights", ten_mb, 413, "too_large"),
-        ("PUT", "/v1/routes/nope/weights", r#"{"blue": 100}"#.into(), 404, "no route named `nope`"),
-        ("PUT", "/v1/flags/new-checkout", r#"{"rollout_percentage": 150}"#.into(), 422, "0 to 100"),
-        ("PUT", "/v1/flags/new-checkout", r#"{"enabled": true, "colour": "red"}"#.into(), 422, "unknown field `colour`"),
-        ("PUT", "/v1/flags/new-checkout", r#"{"enabled": "yes"}"#.into(), 422, "invalid"),
-        ("PUT", "/v1/flags/new-checkout", r#"{"name": "other"}"#.into(), 422, "URL names `new-checkout`"),
-        ("PUT", "/v1/flags/bad%20name", r#"{}"#.into(), 422, "must be 1-63"),
-        ("PUT", "/v1/flags/new-checkout", r#"{"target_groups": ["a,b"]}"#.into(), 422, "without commas"),
-        ("PATCH", "/v1/flags/new-checkout", r#"{"rollout_percentage": "ten"}"#.into(), 422, "invalid"),
-        ("PATCH", "/v1/flags/new-checkout", r#"{"name": "renamed"}"#.into(), 422, "cannot rename"),
-        ("PATCH", "/v1/flags/new-checkout", "[]".into(), 422, "JSON object"),
-        ("PATCH", "/v1/flags/missing", r#"{"enabled": false}"#.into(), 404, "no flag named"),
-        ("DELETE", "/v1/flags/missing", "".into(), 404, "no flag named"),
-        ("POST", "/v1/routes/api/weights", r#"{"blue": 100}"#.into(), 405, "allowed: PUT"),
+        (
+            "PUT",
+            "/v1/routes/nope/weights",
+            r#"{"blue": 100}"#.into(),
+            404,
+            "no route named `nope`",
+        ),
+        (
+            "PUT",
+            "/v1/flags/new-checkout",
+            r#"{"rollout_percentage": 150}"#.into(),
+            422,
+            "0 to 100",
+        ),
+        (
+            "PUT",
+            "/v1/flags/new-checkout",
+            r#"{"enabled": true, "colour": "red"}"#.into(),
+            422,
+            "unknown field `colour`",
+        ),
+        (
+            "PUT",
+            "/v1/flags/new-checkout",
+            r#"{"enabled": "yes"}"#.into(),
+            422,
+            "invalid",
+        ),
+        (
+            "PUT",
+            "/v1/flags/new-checkout",
+            r#"{"name": "other"}"#.into(),
+            422,
+            "URL names `new-checkout`",
+        ),
+        (
+            "PUT",
+            "/v1/flags/bad%20name",
+            r#"{}"#.into(),
+            422,
+            "must be 1-63",
+        ),
+        (
+            "PUT",
+            "/v1/flags/new-checkout",
+            r#"{"target_groups": ["a,b"]}"#.into(),
+            422,
+            "without commas",
+        ),
+        (
+            "PATCH",
+            "/v1/flags/new-checkout",
+            r#"{"rollout_percentage": "ten"}"#.into(),
+            422,
+            "invalid",
+        ),
+        (
+            "PATCH",
+            "/v1/flags/new-checkout",
+            r#"{"name": "renamed"}"#.into(),
+            422,
+            "cannot rename",
+        ),
+        (
+            "PATCH",
+            "/v1/flags/new-checkout",
+            "[]".into(),
+            422,
+            "JSON object",
+        ),
+        (
+            "PATCH",
+            "/v1/flags/missing",
+            r#"{"enabled": false}"#.into(),
+            404,
+            "no flag named",
+        ),
+        (
+            "DELETE",
+            "/v1/flags/missing",
+            "".into(),
+            404,
+            "no flag named",
+        ),
+        (
+            "POST",
+            "/v1/routes/api/weights",
+            r#"{"blue": 100}"#.into(),
+            405,
+            "allowed: PUT",
+        ),
         ("GET", "/v1/nothing", "".into(), 404, "no endpoint"),
     ];
     for (method, path, body, want_status, want_text) in cases {
         let (status, _, text) = call(method, &s.url(path), Some(CI_TOKEN), &[], body).await;
         assert_eq!(status.as_u16(), want_status, "{method} {path}: {text}");
-        assert!(text.contains(want_text), "{method} {path}: {text:?} lacks {want_text:?}");
+        assert!(
+            text.contains(want_text),
+            "{method} {path}: {text:?} lacks {want_text:?}"
+        );
         let parsed: Value = serde_json::from_str(&text).unwrap();
-        assert!(parsed["error"]["code"].is_string() && parsed["error"]["message"].is_string(), "{text}");
+        assert!(
+            parsed["error"]["code"].is_string() && parsed["error"]["message"].is_string(),
+            "{text}"
+        );
     }
-    assert_eq!(s.state().await, before, "a rejected change changed the state");
+    assert_eq!(
+        s.state().await,
+        before,
+        "a rejected change changed the state"
+    );
     assert_eq!(s.backend_of("alice").await, "blue");
     let (_, events) = s.call("GET", "/v1/events", "").await;
-    assert_eq!(events["events"], json!([]), "rejected changes left audit records");
+    assert_eq!(
+        events["events"],
+        json!([]),
+        "rejected changes left audit records"
+    );
 }
 
 #[tokio::test]
@@ -181,22 +398,50 @@ async fn flags_crud() {
         json!({"name": "new-checkout", "enabled": true, "rollout_percentage": 10, "target_groups": ["beta"], "overrides": {"user-123": true}})
     );
 
-    let (status, body) = s.call("PUT", "/v1/flags/dark-mode", r#"{"rollout_percentage": 12.5}"#).await;
+    let (status, body) = s
+        .call(
+            "PUT",
+            "/v1/flags/dark-mode",
+            r#"{"rollout_percentage": 12.5}"#,
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
-    assert_eq!(body, json!({"name": "dark-mode", "enabled": true, "rollout_percentage": 12.5, "target_groups": [], "overrides": {}}));
-    let (status, _) = s.call("PUT", "/v1/flags/dark-mode", r#"{"name": "dark-mode", "enabled": false}"#).await;
+    assert_eq!(
+        body,
+        json!({"name": "dark-mode", "enabled": true, "rollout_percentage": 12.5, "target_groups": [], "overrides": {}})
+    );
+    let (status, _) = s
+        .call(
+            "PUT",
+            "/v1/flags/dark-mode",
+            r#"{"name": "dark-mode", "enabled": false}"#,
+        )
+        .await;
     assert_eq!(status, 200, "replacing is not creating");
 
     let (status, body) = s
-        .call("PATCH", "/v1/flags/new-checkout", r#"{"overrides": {"user-123": null, "user-9": false}, "rollout_percentage": 25}"#)
+        .call(
+            "PATCH",
+            "/v1/flags/new-checkout",
+            r#"{"overrides": {"user-123": null, "user-9": false}, "rollout_percentage": 25}"#,
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["overrides"], json!({"user-9": false}));
     assert_eq!(body["rollout_percentage"], 25);
-    assert_eq!(body["target_groups"], json!(["beta"]), "untouched fields stay");
+    assert_eq!(
+        body["target_groups"],
+        json!(["beta"]),
+        "untouched fields stay"
+    );
 
     let (_, list) = s.call("GET", "/v1/flags", "").await;
-    let names: Vec<&str> = list["flags"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = list["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["new-checkout", "dark-mode"]);
 
     let (status, body) = s.call("DELETE", "/v1/flags/new-checkout", "").await;
@@ -214,8 +459,20 @@ async fn two_writers_with_the_same_version_exactly_one_wins() {
     let url = s.url("/v1/routes/api/weights");
     let if_match = [("if-match", etag.as_str())];
     let (a, b) = tokio::join!(
-        call("PUT", &url, Some(CI_TOKEN), &if_match, r#"{"blue": 90, "canary": 10}"#),
-        call("PUT", &url, Some(ONCALL_TOKEN), &if_match, r#"{"blue": 50, "canary": 50}"#),
+        call(
+            "PUT",
+            &url,
+            Some(CI_TOKEN),
+            &if_match,
+            r#"{"blue": 90, "canary": 10}"#
+        ),
+        call(
+            "PUT",
+            &url,
+            Some(ONCALL_TOKEN),
+            &if_match,
+            r#"{"blue": 50, "canary": 50}"#
+        ),
     );
     let mut statuses = [a.0.as_u16(), b.0.as_u16()];
     statuses.sort();
@@ -228,19 +485,41 @@ async fn two_writers_with_the_same_version_exactly_one_wins() {
     assert_eq!(state["routes"][0]["backends"][1]["weight"], winner_canary);
 
     // A write against the current version goes through; `*` means any.
-    let (status, _) = s.call_with("PUT", "/v1/routes/api/weights", &[("if-match", "\"1\"")], r#"{"blue": 100}"#).await;
+    let (status, _) = s
+        .call_with(
+            "PUT",
+            "/v1/routes/api/weights",
+            &[("if-match", "\"1\"")],
+            r#"{"blue": 100}"#,
+        )
+        .await;
     assert_eq!(status, 200);
-    let (status, _) = s.call_with("DELETE", "/v1/flags/new-checkout", &[("if-match", "\"1\"")], "").await;
+    let (status, _) = s
+        .call_with(
+            "DELETE",
+            "/v1/flags/new-checkout",
+            &[("if-match", "\"1\"")],
+            "",
+        )
+        .await;
     assert_eq!(status, 409, "stale");
-    let (status, _) = s.call_with("DELETE", "/v1/flags/new-checkout", &[("if-match", "*")], "").await;
+    let (status, _) = s
+        .call_with("DELETE", "/v1/flags/new-checkout", &[("if-match", "*")], "")
+        .await;
     assert_eq!(status, 204);
 }
 
 #[tokio::test]
 async fn every_change_is_audited_and_paged() {
     let s = Setup::new().await;
-    s.call("PUT", "/v1/routes/api/weights", r#"{"blue": 95, "canary": 5}"#).await;
-    s.call("PATCH", "/v1/flags/new-checkout", r#"{"enabled": false}"#).await;
+    s.call(
+        "PUT",
+        "/v1/routes/api/weights",
+        r#"{"blue": 95, "canary": 5}"#,
+    )
+    .await;
+    s.call("PATCH", "/v1/flags/new-checkout", r#"{"enabled": false}"#)
+        .await;
     s.call("DELETE", "/v1/flags/new-checkout", "").await;
 
     let (status, page) = s.call("GET", "/v1/events?limit=2", "").await;

@@ -139,9 +139,24 @@ fn port_in_use_fails_start_up_with_nothing_left_running() {
 
 /// Starts the binary and waits for the line announcing the data listener.
 fn spawn_run(config: &str) -> (Child, SocketAddr) {
+    let (child, data, _) = spawn_run_with(config, &[]);
+    (child, data)
+}
+
+/// The value of `key=` in a log line.
+fn field(line: &str, key: &str) -> Option<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Starts `switchyard run` with `config` and extra arguments; returns the
+/// child with its data and admin addresses once it serves.
+fn spawn_run_with(config: &str, args: &[&str]) -> (Child, SocketAddr, SocketAddr) {
     let path = temp_file(&format!("run-{}.yaml", fastrand::u32(..)), config);
     let mut child = Command::new(BIN)
         .args(["run", "--config", path.to_str().unwrap()])
+        .args(args)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
@@ -150,18 +165,18 @@ fn spawn_run(config: &str) -> (Child, SocketAddr) {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
+    let (data, admin) = loop {
         let line = lines
             .next()
             .expect("switchyard exited before serving")
             .unwrap();
-        if let Some(rest) = line.split("data=").nth(1) {
-            break rest.trim().parse().unwrap();
+        if let (Some(data), Some(admin)) = (field(&line, "data="), field(&line, "admin=")) {
+            break (data, admin);
         }
     };
     // Keep draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    (child, data, admin)
 }
 
 /// SIGTERM during a burst of slow requests: every one completes with 200,
@@ -198,4 +213,150 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     assert_eq!(status.code(), Some(0));
     // And the listener is gone.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[test]
+fn non_loopback_admin_without_a_token_is_refused() {
+    let yaml = VALID.replace(
+        "admin: { listen: 127.0.0.1:0 }",
+        "admin: { listen: 0.0.0.0:9901 }",
+    );
+    let out = check("open-admin.yaml", &yaml);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("admin.tokens") && stderr.contains("loopback"),
+        "{stderr}"
+    );
+
+    let missing = VALID.replace(
+        "admin: { listen: 127.0.0.1:0 }",
+        "admin: { listen: 0.0.0.0:9901, tokens: [{ name: ci, file: /nonexistent/token }] }",
+    );
+    let out = check("missing-token.yaml", &missing);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("admin.tokens[0].file"));
+}
+
+const TOKEN: &str = "restart-token-0123456789";
+
+fn stateful_config(dir: &std::path::Path, blue: SocketAddr, canary: SocketAddr) -> String {
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    format!(
+        "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0, tokens: [{{ name: ci, file: {d}/token }}] }}\nstate_dir: {d}/state\nroutes:\n  - name: api\n    backends:\n      - {{ name: blue, endpoints: [\"{blue}\"], weight: 100 }}\n      - {{ name: canary, endpoints: [\"{canary}\"], weight: 0 }}\n",
+        d = dir.display()
+    )
+}
+
+async fn admin_state(admin: SocketAddr) -> serde_json::Value {
+    let (status, _, body) = common::call(
+        "GET",
+        &format!("http://{admin}/v1/state"),
+        Some(TOKEN),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Acknowledged changes survive SIGKILL: the restarted proxy routes and
+/// reports exactly what the API last answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_state_survives_sigkill() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::Name).await;
+    let dir = common::temp_dir("restart");
+    let yaml = stateful_config(&dir, blue.addr, canary.addr);
+
+    let (mut child, data, admin) = spawn_run_with(&yaml, &[]);
+    let url = |path: &str| format!("http://{admin}{path}");
+    let (status, _, body) = common::call(
+        "PUT",
+        &url("/v1/routes/api/weights"),
+        Some(TOKEN),
+        &[],
+        r#"{"blue": 0, "canary": 100}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = common::call(
+        "PUT",
+        &url("/v1/flags/beta-ui"),
+        Some(TOKEN),
+        &[],
+        r#"{"rollout_percentage": 30}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let acknowledged = admin_state(admin).await;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    assert!(tokio::net::TcpStream::connect(data).await.is_err());
+
+    let (mut child, data, admin) = spawn_run_with(&yaml, &[]);
+    assert_eq!(admin_state(admin).await, acknowledged);
+    let (status, _, body) = get(
+        &client(),
+        &format!("http://{data}/"),
+        &[("x-user-id", "alice")],
+    )
+    .await;
+    assert_eq!((status.as_u16(), body.as_str()), (200, "canary\n"));
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_corrupt_state_file_stops_start_up_until_reset() {
+    let dir = common::temp_dir("corrupt");
+    let yaml = stateful_config(
+        &dir,
+        "127.0.0.1:1".parse().unwrap(),
+        "127.0.0.1:2".parse().unwrap(),
+    );
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let state_file = dir.join("state/state.json");
+    std::fs::write(&state_file, b"{ not json").unwrap();
+    let config = temp_file(&format!("corrupt-{}.yaml", fastrand::u32(..)), &yaml);
+
+    let out = switchyard(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(state_file.to_str().unwrap()) && stderr.contains("--reset-state"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&state_file).unwrap(),
+        b"{ not json",
+        "never silently overwritten"
+    );
+
+    let (mut child, _, admin) = spawn_run_with(&yaml, &["--reset-state"]);
+    let state = admin_state(admin).await;
+    assert_eq!(state["routes"][0]["backends"][0]["weight"], 100);
+    let aside: Vec<_> = std::fs::read_dir(dir.join("state"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.json.reset-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the corrupt file is kept aside");
+    assert_eq!(std::fs::read(aside[0].path()).unwrap(), b"{ not json");
+    let (_, _, events) = common::call(
+        "GET",
+        &format!("http://{admin}/v1/events"),
+        Some(TOKEN),
+        &[],
+        "",
+    )
+    .await;
+    assert!(events.contains("state.reset"), "{events}");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
 }
