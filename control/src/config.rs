@@ -151,7 +151,7 @@ impl FlagConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Record per-request metrics and rolling windows. Default `true`. Off is
@@ -174,7 +174,7 @@ impl Default for MetricsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Admin listener address. Default `127.0.0.1:9901`.
@@ -198,7 +198,7 @@ impl Default for AdminConfig {
 
 /// Where a named admin token is read from: a file (a mounted Kubernetes
 /// Secret) or an environment variable. Exactly one of `file` and `env`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenSource {
     /// Who holds the token (`ci`, `oncall`); the audit log's actor.
@@ -331,7 +331,7 @@ impl Default for AnonymousCookie {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     /// Opening a connection to an upstream endpoint. Default `1s`.
@@ -362,7 +362,7 @@ impl Default for Timeouts {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Open client connections on the data listener; past it, new connections
@@ -625,6 +625,26 @@ impl Config {
         let config = parse(text)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The fields a reload cannot change in a running process (listeners,
+    /// runtime, pools, state location, tokens): those that differ between
+    /// `self` and `next`.
+    pub fn restart_only_changes(&self, next: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |name, same: bool| {
+            if !same {
+                changed.push(name);
+            }
+        };
+        check("listen", self.listen == next.listen);
+        check("workers", self.workers == next.workers);
+        check("admin", self.admin == next.admin);
+        check("timeouts", self.timeouts == next.timeouts);
+        check("limits", self.limits == next.limits);
+        check("metrics", self.metrics == next.metrics);
+        check("state_dir", self.state_dir == next.state_dir);
+        changed
     }
 
     /// The worker count to run with.

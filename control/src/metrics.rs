@@ -104,6 +104,7 @@ pub struct Metrics {
     weight: prometheus::GaugeVec,
     connections: IntGauge,
     unrouted: Box<[IntCounter]>,
+    reloads: IntCounterVec,
     backends: ArcSwap<Vec<Arc<BackendStats>>>,
 }
 
@@ -187,6 +188,17 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "switchyard_config_reloads_total",
+                "Configuration reloads (SIGHUP or file change), by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for result in ["success", "failure"] {
+            reloads.with_label_values(&[result]);
+        }
         let unrouted = Unrouted::ALL
             .iter()
             .map(|r| unrouted_vec.with_label_values(&[r.label()]))
@@ -199,6 +211,7 @@ impl Metrics {
             Box::new(weight.clone()),
             Box::new(connections.clone()),
             Box::new(unrouted_vec),
+            Box::new(reloads.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -220,6 +233,7 @@ impl Metrics {
             weight,
             connections: connections.with_label_values(&["data"]),
             unrouted,
+            reloads,
             backends: ArcSwap::from_pointee(Vec::new()),
         }
     }
@@ -307,6 +321,13 @@ impl Metrics {
             .position(|r| *r == reason)
             .expect("listed");
         self.unrouted[index].inc();
+    }
+
+    /// Counts a configuration reload.
+    pub fn config_reloaded(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "success" } else { "failure" }])
+            .inc();
     }
 
     /// Counts an open client connection until the guard drops.

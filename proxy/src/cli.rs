@@ -10,10 +10,13 @@ use clap::{Parser, Subcommand};
 use switchyard_control::config::Config;
 
 use crate::demo::{self, DemoAddrs};
-use crate::server::{metrics_for, Listeners, Proxy, StartError, StartOptions};
+use crate::server::{metrics_for, watch_config, Listeners, Proxy, StartError, StartOptions};
 
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
 pub const EXIT_USAGE: u8 = 64;
+/// How often `run` looks for a changed configuration file.
+const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// EX_DATAERR: the persisted state in `state_dir` cannot be used.
 pub const EXIT_DATAERR: u8 = 65;
 /// Start-up failed for a reason outside the configuration (port in use...).
@@ -99,10 +102,10 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Run {
-            config,
+            config: config_file,
             reset_state,
         } => {
-            let config = match Config::load(&config) {
+            let config = match Config::load(&config_file) {
                 Ok(c) => c,
                 Err(e) => return usage_error(&e),
             };
@@ -119,7 +122,9 @@ pub fn main() -> ExitCode {
             };
             block_on(workers, async move {
                 let listeners = Listeners::bind(&config).await?;
+                let watcher = tokio::spawn(watch_config(proxy.handle(), config_file, CONFIG_POLL));
                 proxy.run(listeners, shutdown_signal()).await;
+                watcher.abort();
                 Ok(())
             })
         }

@@ -4,7 +4,9 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
@@ -54,6 +56,46 @@ async fn bind(field: &str, addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| io::Error::new(e.kind(), format!("{field}: cannot listen on {addr}: {e}")))
+}
+
+/// Reloads the configuration at `path` on every SIGHUP, and whenever its
+/// contents change (checked every `poll`: a Kubernetes ConfigMap update swaps
+/// a symlink, which content comparison sees and inotify on the file may not).
+/// Runs until the process ends.
+pub async fn watch_config(handle: ProxyHandle, path: PathBuf, poll: Duration) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; reloading on file change only");
+            None
+        }
+    };
+    let mut last = tokio::fs::read(&path).await.ok();
+    let mut tick = tokio::time::interval(poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = hangup => {
+                tracing::info!("SIGHUP: reloading configuration");
+                last = tokio::fs::read(&path).await.ok();
+                let _ = handle.reload(&path).await;
+            }
+            _ = tick.tick() => {
+                let now = tokio::fs::read(&path).await.ok();
+                if now.is_some() && now != last {
+                    last = now;
+                    let _ = handle.reload(&path).await;
+                }
+            }
+        }
+    }
 }
 
 /// The metrics registry `config` asks for.
@@ -203,6 +245,36 @@ impl ProxyHandle {
             .set_weights("handle", None, route, map)
             .await
             .map(|_| ())
+    }
+
+    /// Re-reads the configuration file and swaps it in, keeping the API's
+    /// overrides. An invalid file changes nothing: the running configuration
+    /// stays, the reason is logged, and `switchyard_config_reloads_total
+    /// {result="failure"}` goes up.
+    pub async fn reload(&self, path: &Path) -> Result<(), String> {
+        let result = match Config::load(path) {
+            Err(e) => Err(e.to_string()),
+            Ok(next) => {
+                let running = self.store.view().config.clone();
+                let ignored = running.restart_only_changes(&next);
+                if !ignored.is_empty() {
+                    tracing::warn!(fields = ?ignored, "changed fields take effect only after a restart");
+                }
+                self.store
+                    .reload(next)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        self.shared.metrics.config_reloaded(result.is_ok());
+        match &result {
+            Ok(()) => tracing::info!(file = %path.display(), "configuration reloaded"),
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "configuration reload failed; the running configuration stays")
+            }
+        }
+        result
     }
 
     /// The snapshot requests see now.

@@ -154,6 +154,10 @@ fn field(line: &str, key: &str) -> Option<SocketAddr> {
 /// child with its data and admin addresses once it serves.
 fn spawn_run_with(config: &str, args: &[&str]) -> (Child, SocketAddr, SocketAddr) {
     let path = temp_file(&format!("run-{}.yaml", fastrand::u32(..)), config);
+    spawn_run_path(&path, args)
+}
+
+fn spawn_run_path(path: &std::path::Path, args: &[&str]) -> (Child, SocketAddr, SocketAddr) {
     let mut child = Command::new(BIN)
         .args(["run", "--config", path.to_str().unwrap()])
         .args(args)
@@ -241,9 +245,19 @@ fn non_loopback_admin_without_a_token_is_refused() {
 const TOKEN: &str = "restart-token-0123456789";
 
 fn stateful_config(dir: &std::path::Path, blue: SocketAddr, canary: SocketAddr) -> String {
+    weighted_config(dir, blue, canary, 100, 0)
+}
+
+fn weighted_config(
+    dir: &std::path::Path,
+    blue: SocketAddr,
+    canary: SocketAddr,
+    wb: u32,
+    wc: u32,
+) -> String {
     std::fs::write(dir.join("token"), TOKEN).unwrap();
     format!(
-        "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0, tokens: [{{ name: ci, file: {d}/token }}] }}\nstate_dir: {d}/state\nroutes:\n  - name: api\n    backends:\n      - {{ name: blue, endpoints: [\"{blue}\"], weight: 100 }}\n      - {{ name: canary, endpoints: [\"{canary}\"], weight: 0 }}\n",
+        "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0, tokens: [{{ name: ci, file: {d}/token }}] }}\nstate_dir: {d}/state\nroutes:\n  - name: api\n    backends:\n      - {{ name: blue, endpoints: [\"{blue}\"], weight: {wb} }}\n      - {{ name: canary, endpoints: [\"{canary}\"], weight: {wc} }}\n",
         d = dir.display()
     )
 }
@@ -358,5 +372,81 @@ async fn a_corrupt_state_file_stops_start_up_until_reset() {
     .await;
     assert!(events.contains("state.reset"), "{events}");
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// Polls `check` every 100 ms for at most 20 s: a reload runs on the
+/// process's own schedule, with no signal back to the test.
+async fn eventually(mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_reload_applies_valid_files_and_keeps_running_on_invalid_ones() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::Name).await;
+    let dir = common::temp_dir("reload");
+    let yaml = stateful_config(&dir, blue.addr, canary.addr);
+    let path = dir.join("switchyard.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let (mut child, data, admin) = spawn_run_path(&path, &[]);
+    let pid = Pid::from_raw(child.id() as i32);
+
+    // A valid change, then SIGHUP (the file watcher may see it first: either
+    // way it must be applied).
+    std::fs::write(&path, weighted_config(&dir, blue.addr, canary.addr, 0, 100)).unwrap();
+    kill(pid, Signal::SIGHUP).unwrap();
+    let applied =
+        eventually(async || admin_state(admin).await["routes"][0]["backends"][1]["weight"] == 100)
+            .await;
+    assert!(applied, "reload never applied");
+    let (_, _, body) = get(
+        &client(),
+        &format!("http://{data}/"),
+        &[("x-user-id", "alice")],
+    )
+    .await;
+    assert_eq!(body, "canary\n");
+    let (_, _, events) = common::call(
+        "GET",
+        &format!("http://{admin}/v1/events"),
+        Some(TOKEN),
+        &[],
+        "",
+    )
+    .await;
+    assert!(
+        events.contains(r#""actor":"config-reload""#) && events.contains("config.reload"),
+        "{events}"
+    );
+
+    // An invalid file: the running config stays, the failure is counted.
+    let before = admin_state(admin).await;
+    std::fs::write(&path, weighted_config(&dir, blue.addr, canary.addr, 0, 95)).unwrap();
+    kill(pid, Signal::SIGHUP).unwrap();
+    let counted = eventually(async || {
+        let (_, _, metrics) = get(&client(), &format!("http://{admin}/metrics"), &[]).await;
+        metrics.contains(r#"switchyard_config_reloads_total{result="failure"} "#)
+            && !metrics.contains(r#"switchyard_config_reloads_total{result="failure"} 0"#)
+    })
+    .await;
+    assert!(counted, "failed reload not counted");
+    assert_eq!(admin_state(admin).await, before);
+    let (_, _, body) = get(
+        &client(),
+        &format!("http://{data}/"),
+        &[("x-user-id", "alice")],
+    )
+    .await;
+    assert_eq!(body, "canary\n");
+
+    kill(pid, Signal::SIGTERM).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
