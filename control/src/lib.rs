@@ -6,6 +6,7 @@ pub mod admin;
 pub mod api;
 pub mod bucket;
 pub mod config;
+pub mod ctl;
 pub mod metrics;
 pub mod store;
 pub mod window;

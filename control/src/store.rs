@@ -219,7 +219,7 @@ impl Store {
                 let sum = f64::from(total) / 100.0;
                 return Err(invalid(
                     "weights",
-                    format!("weights sum to {sum}, must be exactly 100"),
+                    format!("sum to {sum}, must be exactly 100"),
                 ));
             }
             let before = route_weights(current, route);

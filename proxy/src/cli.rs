@@ -57,6 +57,9 @@ enum Command {
         #[arg(long)]
         reset_state: bool,
     },
+    /// Talk to a running proxy's admin API: status, weights, flags, stats,
+    /// events.
+    Ctl(switchyard_control::ctl::CtlArgs),
     /// Validate a configuration file and exit; errors name the field.
     Check {
         /// YAML configuration file.
@@ -127,6 +130,18 @@ pub fn main() -> ExitCode {
                 watcher.abort();
                 Ok(())
             })
+        }
+        Command::Ctl(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match runtime {
+                Ok(rt) => ExitCode::from(rt.block_on(switchyard_control::ctl::run(args))),
+                Err(e) => {
+                    eprintln!("switchyard: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
         }
         Command::Demo {
             listen,

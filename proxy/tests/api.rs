@@ -549,3 +549,121 @@ async fn every_change_is_audited_and_paged() {
     assert_eq!(s.call("GET", "/v1/events?limit=0", "").await.0, 400);
     assert_eq!(s.call("GET", "/v1/events?after=x", "").await.0, 400);
 }
+
+/// `switchyard ctl` against the running proxy: the same API, as tables or JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_drives_every_endpoint() {
+    let s = Setup::new().await;
+    let token_file = s.state_dir.parent().unwrap().join("ci");
+    let admin = format!("http://{}", s.proxy.admin);
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("ctl")
+            .args([
+                "--admin",
+                &admin,
+                "--token-file",
+                token_file.to_str().unwrap(),
+            ])
+            .args(args)
+            .env_remove("SWITCHYARD_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (code, out, err) = ctl(&["status"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("ROUTE") && out.contains("canary") && out.contains("new-checkout"),
+        "{out}"
+    );
+
+    let (code, out, err) = ctl(&["weights", "set", "api", "blue=75", "canary=25"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "route api: blue=75% canary=25%\n");
+    let (code, _, err) = ctl(&["weights", "set", "api", "blue=75"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("422") && err.contains("sum to 75"), "{err}");
+    let (code, _, err) = ctl(&["weights", "set", "api", "blue=100", "--if-match", "0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("409"), "{err}");
+    let (code, _, err) = ctl(&["weights", "set", "api", "blue:100"]);
+    assert_eq!(code, Some(64), "{err}");
+
+    let (code, out, err) = ctl(&[
+        "flag",
+        "set",
+        "dark-mode",
+        "--rollout",
+        "5",
+        "--groups",
+        "beta,staff",
+        "--override",
+        "alice=true",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("dark-mode") && out.contains("5%") && out.contains("beta,staff"),
+        "{out}"
+    );
+    let (code, out, _) = ctl(&[
+        "--json",
+        "flag",
+        "set",
+        "dark-mode",
+        "--enabled",
+        "false",
+        "--override",
+        "alice=clear",
+    ]);
+    assert_eq!(code, Some(0));
+    let flag: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (flag["enabled"].clone(), flag["overrides"].clone()),
+        (json!(false), json!({}))
+    );
+    let (code, out, _) = ctl(&["flag", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("new-checkout") && out.contains("dark-mode"),
+        "{out}"
+    );
+    assert_eq!(ctl(&["flag", "delete", "dark-mode"]).0, Some(0));
+    let (code, _, err) = ctl(&["flag", "get", "dark-mode"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("404"), "{err}");
+
+    get(&client(), &s.proxy.url("/"), &[("x-user-id", "alice")]).await;
+    let (code, out, _) = ctl(&["stats", "api"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("P95 MS"), "{out}");
+
+    let (code, out, _) = ctl(&["events"]);
+    assert_eq!(code, Some(0));
+    for action in ["weights.set", "flag.create", "flag.patch", "flag.delete"] {
+        assert!(out.contains(action), "{action} missing from\n{out}");
+    }
+    let (code, out, _) = ctl(&["--json", "events", "--limit", "1"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["events"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Without a token: refused, and says so.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["ctl", "--admin", &admin, "status"])
+        .env_remove("SWITCHYARD_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}

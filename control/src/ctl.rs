@@ -1,0 +1,532 @@
+//! `switchyard ctl`: the admin API from a terminal or a CD pipeline. Readable
+//! tables by default, the API's JSON with `--json`. The admin address and
+//! token come from flags or `SWITCHYARD_ADMIN` / `SWITCHYARD_TOKEN`; a token
+//! is never taken from the command line alone in scripts (`--token-file`).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Map, Value};
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Admin API base URL.
+    #[arg(
+        long,
+        env = "SWITCHYARD_ADMIN",
+        default_value = "http://127.0.0.1:9901"
+    )]
+    pub admin: String,
+    /// Bearer token.
+    #[arg(
+        long,
+        env = "SWITCHYARD_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Routes with their backends and weights, and flags.
+    Status,
+    /// Change a route's weights.
+    Weights {
+        #[command(subcommand)]
+        command: WeightsCommand,
+    },
+    /// Feature flags.
+    Flag {
+        #[command(subcommand)]
+        command: FlagCommand,
+    },
+    /// Rolling-window stats of a route's backends.
+    Stats { route: String },
+    /// The audit log.
+    Events {
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WeightsCommand {
+    /// `weights set api blue=90 canary=10` (backends left out get 0).
+    Set {
+        route: String,
+        /// BACKEND=PERCENT pairs.
+        #[arg(required = true)]
+        weights: Vec<String>,
+        /// Only if the state is still at this version.
+        #[arg(long)]
+        if_match: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FlagCommand {
+    List,
+    Get {
+        name: String,
+    },
+    /// Create a flag or change the given fields of an existing one.
+    Set {
+        name: String,
+        #[arg(long)]
+        enabled: Option<bool>,
+        /// Percent of users, up to two decimals.
+        #[arg(long)]
+        rollout: Option<f64>,
+        /// Comma-separated target groups (replaces the list).
+        #[arg(long)]
+        groups: Option<String>,
+        /// USER=true|false, repeatable; USER=clear removes an override.
+        #[arg(long = "override")]
+        overrides: Vec<String>,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+/// Runs a ctl command; returns the process exit status (0 ok, 1 refused or
+/// unreachable, 64 bad arguments).
+pub async fn run(args: CtlArgs) -> u8 {
+    match execute(&args).await {
+        Ok(out) => {
+            print!("{out}");
+            0
+        }
+        Err(CtlError::Usage(m)) => {
+            eprintln!("switchyard ctl: {m}");
+            64
+        }
+        Err(CtlError::Failed(m)) => {
+            eprintln!("switchyard ctl: {m}");
+            1
+        }
+    }
+}
+
+enum CtlError {
+    Usage(String),
+    Failed(String),
+}
+
+async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => Some(t.trim().to_owned()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| CtlError::Usage(format!("--token-file {}: {e}", path.display())))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    let api = Api {
+        base: args.admin.trim_end_matches('/').to_owned(),
+        token,
+    };
+    let (value, table) = match &args.command {
+        CtlCommand::Status => {
+            let state = api.call(Method::GET, "/v1/state", None, None).await?;
+            let table = status_table(&state);
+            (state, table)
+        }
+        CtlCommand::Weights {
+            command:
+                WeightsCommand::Set {
+                    route,
+                    weights,
+                    if_match,
+                },
+        } => {
+            let mut body = Map::new();
+            for pair in weights {
+                let (backend, pct) = pair
+                    .split_once('=')
+                    .ok_or_else(|| CtlError::Usage(format!("`{pair}` is not BACKEND=PERCENT")))?;
+                let pct: f64 = pct
+                    .parse()
+                    .map_err(|_| CtlError::Usage(format!("`{pct}` in `{pair}` is not a number")))?;
+                body.insert(backend.to_owned(), json!(pct));
+            }
+            let path = format!("/v1/routes/{route}/weights");
+            let v = api
+                .call(Method::PUT, &path, Some(Value::Object(body)), *if_match)
+                .await?;
+            let table = weights_line(&v);
+            (v, table)
+        }
+        CtlCommand::Flag { command } => flag(&api, command).await?,
+        CtlCommand::Stats { route } => {
+            let v = api
+                .call(
+                    Method::GET,
+                    &format!("/v1/routes/{route}/stats"),
+                    None,
+                    None,
+                )
+                .await?;
+            let table = stats_table(&v);
+            (v, table)
+        }
+        CtlCommand::Events { after, limit } => {
+            let v = api
+                .call(
+                    Method::GET,
+                    &format!("/v1/events?after={after}&limit={limit}"),
+                    None,
+                    None,
+                )
+                .await?;
+            let table = events_table(&v);
+            (v, table)
+        }
+    };
+    Ok(if args.json {
+        format!("{}\n", serde_json::to_string_pretty(&value).expect("JSON"))
+    } else {
+        table
+    })
+}
+
+async fn flag(api: &Api, command: &FlagCommand) -> Result<(Value, String), CtlError> {
+    Ok(match command {
+        FlagCommand::List => {
+            let v = api.call(Method::GET, "/v1/flags", None, None).await?;
+            let table = flags_table(v["flags"].as_array().map_or(&[][..], |a| a.as_slice()));
+            (v, table)
+        }
+        FlagCommand::Get { name } => {
+            let v = api
+                .call(Method::GET, &format!("/v1/flags/{name}"), None, None)
+                .await?;
+            let table = flags_table(std::slice::from_ref(&v));
+            (v, table)
+        }
+        FlagCommand::Set {
+            name,
+            enabled,
+            rollout,
+            groups,
+            overrides,
+        } => {
+            let mut patch = Map::new();
+            if let Some(e) = enabled {
+                patch.insert("enabled".into(), json!(e));
+            }
+            if let Some(r) = rollout {
+                patch.insert("rollout_percentage".into(), json!(r));
+            }
+            if let Some(g) = groups {
+                let list: Vec<&str> = g
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                patch.insert("target_groups".into(), json!(list));
+            }
+            let mut over = Map::new();
+            for pair in overrides {
+                let (user, value) = pair.split_once('=').ok_or_else(|| {
+                    CtlError::Usage(format!("`{pair}` is not USER=true|false|clear"))
+                })?;
+                let value = match value {
+                    "true" => json!(true),
+                    "false" => json!(false),
+                    "clear" => Value::Null,
+                    other => {
+                        return Err(CtlError::Usage(format!(
+                            "`{other}` is not true, false or clear"
+                        )))
+                    }
+                };
+                over.insert(user.to_owned(), value);
+            }
+            if !over.is_empty() {
+                patch.insert("overrides".into(), Value::Object(over));
+            }
+            let path = format!("/v1/flags/{name}");
+            let exists = match api.call(Method::GET, &path, None, None).await {
+                Ok(_) => true,
+                Err(CtlError::Failed(m)) if m.starts_with("404") => false,
+                Err(e) => return Err(e),
+            };
+            let v = if exists {
+                api.call(Method::PATCH, &path, Some(Value::Object(patch)), None)
+                    .await?
+            } else {
+                // A new flag: clear-overrides mean nothing yet.
+                if let Some(Value::Object(o)) = patch.get_mut("overrides") {
+                    o.retain(|_, v| !v.is_null());
+                }
+                api.call(Method::PUT, &path, Some(Value::Object(patch)), None)
+                    .await?
+            };
+            let table = flags_table(std::slice::from_ref(&v));
+            (v, table)
+        }
+        FlagCommand::Delete { name } => {
+            api.call(Method::DELETE, &format!("/v1/flags/{name}"), None, None)
+                .await?;
+            (json!({ "deleted": name }), format!("deleted flag {name}\n"))
+        }
+    })
+}
+
+// === HTTP ===
+
+struct Api {
+    base: String,
+    token: Option<String>,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        if_match: Option<u64>,
+    ) -> Result<Value, CtlError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = Request::builder().method(method).uri(&url);
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(v) = if_match {
+            req = req.header("if-match", format!("\"{v}\""));
+        }
+        let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        if !bytes.is_empty() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(bytes))
+            .map_err(|e| CtlError::Usage(format!("bad admin URL {url}: {e}")))?;
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(30), client.request(req))
+            .await
+            .map_err(|_| CtlError::Failed(format!("{url}: no answer within 30 s")))?
+            .map_err(|e| CtlError::Failed(format!("{url}: {}", innermost(&e))))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| CtlError::Failed(format!("{url}: {e}")))?
+            .to_bytes();
+        if status == StatusCode::NO_CONTENT {
+            return Ok(Value::Null);
+        }
+        let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(value);
+        }
+        let error = &value["error"];
+        Err(CtlError::Failed(format!(
+            "{} {}: {}",
+            status.as_u16(),
+            error["code"].as_str().unwrap_or("error"),
+            error["message"]
+                .as_str()
+                .unwrap_or_else(|| status.canonical_reason().unwrap_or(""))
+        )))
+    }
+}
+
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+// === tables ===
+
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &mut dyn Iterator<Item = String>| {
+        let parts: Vec<String> = cells
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", parts.join("  ").trim_end());
+    };
+    line(&mut out, &mut header.iter().map(|h| h.to_string()));
+    for row in rows {
+        line(&mut out, &mut row.iter().cloned());
+    }
+    out
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn status_table(state: &Value) -> String {
+    let mut rows = Vec::new();
+    for route in state["routes"].as_array().into_iter().flatten() {
+        for b in route["backends"].as_array().into_iter().flatten() {
+            let endpoints: Vec<String> = b["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(text)
+                .collect();
+            rows.push(vec![
+                text(&route["name"]),
+                text(&b["name"]),
+                format!("{}%", text(&b["weight"])),
+                endpoints.join(","),
+            ]);
+        }
+    }
+    let mut out = format!("state version {}\n\n", text(&state["version"]));
+    out.push_str(&table(&["ROUTE", "BACKEND", "WEIGHT", "ENDPOINTS"], &rows));
+    if let Some(flags) = state["flags"].as_array().filter(|f| !f.is_empty()) {
+        out.push('\n');
+        out.push_str(&flags_table(flags));
+    }
+    out
+}
+
+fn weights_line(v: &Value) -> String {
+    let weights: Vec<String> = v["weights"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(b, w)| format!("{b}={}%", text(w)))
+        .collect();
+    format!("route {}: {}\n", text(&v["route"]), weights.join(" "))
+}
+
+fn flags_table(flags: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = flags
+        .iter()
+        .map(|f| {
+            let groups: Vec<String> = f["target_groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(text)
+                .collect();
+            let overrides = f["overrides"].as_object().map_or(0, |o| o.len());
+            vec![
+                text(&f["name"]),
+                text(&f["enabled"]),
+                format!("{}%", text(&f["rollout_percentage"])),
+                if groups.is_empty() {
+                    "-".into()
+                } else {
+                    groups.join(",")
+                },
+                overrides.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["FLAG", "ENABLED", "ROLLOUT", "GROUPS", "OVERRIDES"],
+        &rows,
+    )
+}
+
+fn stats_table(v: &Value) -> String {
+    let ms = |x: &Value| x.as_f64().map_or("-".into(), |m| format!("{m:.1}"));
+    let rows: Vec<Vec<String>> = v["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            vec![
+                text(&b["backend"]),
+                text(&b["requests"]),
+                text(&b["errors"]),
+                format!("{:.2}%", b["error_rate_percent"].as_f64().unwrap_or(0.0)),
+                ms(&b["p50_ms"]),
+                ms(&b["p95_ms"]),
+                ms(&b["p99_ms"]),
+            ]
+        })
+        .collect();
+    let mut out = format!(
+        "route {} over the last {} s\n\n",
+        text(&v["route"]),
+        text(&v["window_seconds"])
+    );
+    out.push_str(&table(
+        &[
+            "BACKEND",
+            "REQUESTS",
+            "ERRORS",
+            "ERROR RATE",
+            "P50 MS",
+            "P95 MS",
+            "P99 MS",
+        ],
+        &rows,
+    ));
+    out
+}
+
+fn events_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            vec![
+                text(&e["seq"]),
+                text(&e["time"]),
+                text(&e["actor"]),
+                text(&e["action"]),
+                text(&e["target"]),
+                format!("{} -> {}", compact(&e["before"]), compact(&e["after"])),
+            ]
+        })
+        .collect();
+    table(
+        &["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "CHANGE"],
+        &rows,
+    )
+}
+
+fn compact(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 60 {
+        format!("{}…", s.chars().take(59).collect::<String>())
+    } else {
+        s
+    }
+}
