@@ -27,6 +27,14 @@ use crate::config::Token;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
+/// The open (unauthenticated) endpoints and their methods; `docs/openapi.yaml`
+/// is tested against this and `api::ENDPOINTS`.
+pub const OPEN_ENDPOINTS: &[(&str, &str)] = &[
+    ("/health/live", "GET"),
+    ("/health/ready", "GET"),
+    ("/metrics", "GET"),
+];
+
 /// What the health probes report.
 #[derive(Debug, Default)]
 pub struct Health {

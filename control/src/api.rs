@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, ETAG, IF_MATCH};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
@@ -78,37 +78,68 @@ pub async fn serve(admin: &Admin, req: Request<Incoming>) -> Resp {
         Err(e) => return e.into_response(),
     };
     let path = req.uri().path().to_owned();
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let method = req.method().clone();
-    let result = match (segments.as_slice(), &method) {
-        (["v1", "state"], &Method::GET) => Ok(state(&admin.store.view())),
-        (["v1", "state"], _) => Err(not_allowed("GET")),
-        (["v1", "routes", route, "weights"], &Method::PUT) => {
-            put_weights(admin, &actor, route, req).await
-        }
-        (["v1", "routes", _, "weights"], _) => Err(not_allowed("PUT")),
-        (["v1", "routes", route, "stats"], &Method::GET) => {
-            Ok(crate::admin::route_stats(&admin.metrics, route))
-        }
-        (["v1", "routes", _, "stats"], _) => Err(not_allowed("GET")),
-        (["v1", "flags"], &Method::GET) => Ok(flags(&admin.store.view())),
-        (["v1", "flags"], _) => Err(not_allowed("GET")),
-        (["v1", "flags", name], &Method::GET) => get_flag(&admin.store.view(), name),
-        (["v1", "flags", name], &Method::PUT) => put_flag(admin, &actor, name, req).await,
-        (["v1", "flags", name], &Method::PATCH) => patch_flag(admin, &actor, name, req).await,
-        (["v1", "flags", name], &Method::DELETE) => {
-            delete_flag(admin, &actor, name, req.headers()).await
-        }
-        (["v1", "flags", _], _) => Err(not_allowed("GET, PUT, PATCH, DELETE")),
-        (["v1", "events"], &Method::GET) => events(admin, req.uri().query().unwrap_or("")),
-        (["v1", "events"], _) => Err(not_allowed("GET")),
-        _ => Err(ApiError::new(
+    let Some((template, allowed, params)) = find_endpoint(&path) else {
+        return ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no endpoint {path}"),
+        )
+        .into_response();
+    };
+    if !allowed.split(", ").any(|m| m == req.method().as_str()) {
+        return not_allowed(allowed).into_response();
+    }
+    let method = req.method().clone();
+    let param = params.first().copied().unwrap_or_default();
+    let result = match (template, method.as_str()) {
+        ("/v1/state", "GET") => Ok(state(&admin.store.view())),
+        ("/v1/routes/{route}/weights", "PUT") => put_weights(admin, &actor, param, req).await,
+        ("/v1/routes/{route}/stats", "GET") => Ok(crate::admin::route_stats(&admin.metrics, param)),
+        ("/v1/flags", "GET") => Ok(flags(&admin.store.view())),
+        ("/v1/flags/{name}", "GET") => get_flag(&admin.store.view(), param),
+        ("/v1/flags/{name}", "PUT") => put_flag(admin, &actor, param, req).await,
+        ("/v1/flags/{name}", "PATCH") => patch_flag(admin, &actor, param, req).await,
+        ("/v1/flags/{name}", "DELETE") => delete_flag(admin, &actor, param, req.headers()).await,
+        ("/v1/events", "GET") => events(admin, req.uri().query().unwrap_or("")),
+        _ => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{method} {template} is listed but not served"),
         )),
     };
     result.unwrap_or_else(ApiError::into_response)
+}
+
+/// Every `/v1/` endpoint: path template and allowed methods. The router
+/// answers 405 with `Allow` from this table, and `docs/openapi.yaml` is
+/// tested against it.
+pub const ENDPOINTS: &[(&str, &str)] = &[
+    ("/v1/state", "GET"),
+    ("/v1/routes/{route}/weights", "PUT"),
+    ("/v1/routes/{route}/stats", "GET"),
+    ("/v1/flags", "GET"),
+    ("/v1/flags/{name}", "GET, PUT, PATCH, DELETE"),
+    ("/v1/events", "GET"),
+];
+
+/// The endpoint `path` matches, its allowed methods and its `{…}` values.
+fn find_endpoint(path: &str) -> Option<(&'static str, &'static str, Vec<&str>)> {
+    let segments: Vec<&str> = path.split('/').collect();
+    ENDPOINTS.iter().find_map(|(template, allowed)| {
+        let parts: Vec<&str> = template.split('/').collect();
+        if parts.len() != segments.len() {
+            return None;
+        }
+        let mut params = Vec::new();
+        for (part, segment) in parts.iter().zip(&segments) {
+            if part.starts_with('{') && !segment.is_empty() {
+                params.push(*segment);
+            } else if part != segment {
+                return None;
+            }
+        }
+        Some((*template, *allowed, params))
+    })
 }
 
 // === authentication ===
@@ -430,6 +461,38 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Api
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `docs/openapi.yaml` documents exactly the routes the router serves.
+    #[test]
+    fn openapi_document_matches_the_router() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.yaml");
+        let text = std::fs::read_to_string(path).expect("docs/openapi.yaml");
+        let doc: Value = serde_saphyr::from_str(&text).expect("openapi.yaml parses");
+        assert_eq!(
+            doc["openapi"].as_str().map(|v| v.starts_with("3.")),
+            Some(true)
+        );
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in ["get", "put", "post", "patch", "delete", "head", "options"] {
+                if item.get(method).is_some() {
+                    documented.push((path.clone(), method.to_uppercase()));
+                }
+            }
+        }
+        let mut served: Vec<(String, String)> = crate::admin::OPEN_ENDPOINTS
+            .iter()
+            .chain(ENDPOINTS)
+            .flat_map(|(path, methods)| {
+                methods
+                    .split(", ")
+                    .map(move |m| (path.to_string(), m.to_owned()))
+            })
+            .collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(documented, served);
+    }
 
     #[test]
     fn constant_time_eq_is_equality() {

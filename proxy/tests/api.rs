@@ -667,3 +667,44 @@ async fn ctl_drives_every_endpoint() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
 }
+
+/// Every documented operation is served (neither 404 nor 405), and every
+/// other method on a documented path is a 405 that names the allowed ones.
+#[tokio::test]
+async fn the_openapi_document_describes_the_running_router() {
+    let s = Setup::new().await;
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.yaml"))
+            .unwrap();
+    let doc: Value = serde_saphyr::from_str(&text).unwrap();
+    let methods = ["GET", "PUT", "POST", "PATCH", "DELETE"];
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        let path = template
+            .replace("{route}", "api")
+            .replace("{name}", "new-checkout");
+        for method in methods {
+            let documented = item.get(method.to_lowercase().as_str()).is_some();
+            let body = if method == "PUT" && path.contains("weights") {
+                r#"{"blue": 100}"#
+            } else {
+                "{}"
+            };
+            let (status, headers, text) =
+                call(method, &s.url(&path), Some(CI_TOKEN), &[], body.to_owned()).await;
+            if documented {
+                assert!(
+                    status != 404 && status != 405,
+                    "{method} {path} is documented but answered {status}: {text}"
+                );
+            } else {
+                assert_eq!(
+                    status, 405,
+                    "{method} {path} is not documented but answered {status}: {text}"
+                );
+                if path.starts_with("/v1/") {
+                    assert!(headers.contains_key("allow"), "{method} {path}");
+                }
+            }
+        }
+    }
+}
