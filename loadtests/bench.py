@@ -2,6 +2,7 @@
 """Side-by-side load tests on loopback, written to loadtests/RESULTS.md.
 
     python3 loadtests/bench.py metrics     # Switchyard with metrics on vs off
+    python3 loadtests/bench.py weights     # 100 weight changes/s under load: no failed request
 
 Fairness: the proxy under test is pinned to core 0; the origin (nginx, one
 worker) and the load generator (wrk, one thread) share core 1. Variants
@@ -100,7 +101,7 @@ def nginx_bin():
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def switchyard_config(port, admin, origin, metrics_enabled):
+def switchyard_config(port, admin, origin, metrics_enabled, state_dir=None):
     backends = "\n".join(
         f'      - {{ name: {name}, endpoints: ["127.0.0.1:{origin}"], weight: {w} }}'
         for name, w in (("blue", 90), ("green", 5), ("canary", 5))
@@ -109,6 +110,7 @@ def switchyard_config(port, admin, origin, metrics_enabled):
 admin: {{ listen: 127.0.0.1:{admin} }}
 workers: 1
 metrics: {{ enabled: {str(metrics_enabled).lower()} }}
+{f"state_dir: {state_dir}" if state_dir else ""}
 user_key: {{ headers: [x-user-id], fallback: cookie }}
 routes:
   - name: api
@@ -117,10 +119,10 @@ routes:
 """
 
 
-def start_switchyard(workdir, origin, metrics_enabled, wrapper=()):
+def start_switchyard(workdir, origin, metrics_enabled, wrapper=(), state_dir=None, with_admin=False):
     port, admin = free_port(), free_port()
     conf = workdir / f"switchyard-{port}.yaml"
-    conf.write_text(switchyard_config(port, admin, origin, metrics_enabled))
+    conf.write_text(switchyard_config(port, admin, origin, metrics_enabled, state_dir))
     proc = subprocess.Popen(
         ["taskset", "-c", "0", *wrapper, str(BIN), "run", "--config", str(conf)],
         env={**os.environ, "RUST_LOG": "warn"},
@@ -137,6 +139,8 @@ def start_switchyard(workdir, origin, metrics_enabled, wrapper=()):
             proc.kill()
             raise RuntimeError("switchyard did not become ready")
         time.sleep(0.02)
+    if with_admin:
+        return proc, port, admin
     return proc, port
 
 
@@ -303,6 +307,84 @@ def instructions_line(instructions):
     )
 
 
+def suite_weights(args):
+    """wrk saturates the proxy while a second client changes the weights
+    `args.rate` times a second (persisted to a state_dir, audited); every
+    request must still succeed."""
+    import http.client
+    import threading
+
+    workdir = Path(tempfile.mkdtemp(prefix="switchyard-weights-"))
+    origin_proc, origin = start_origin(workdir)
+    proc, port, admin = start_switchyard(workdir, origin, True, state_dir=workdir / "state", with_admin=True)
+    os.sched_setaffinity(0, {1})
+    changes = {"ok": 0, "failed": 0, "statuses": {}}
+    stop = threading.Event()
+    splits = [
+        '{"blue": 90, "green": 5, "canary": 5}',
+        '{"blue": 50, "green": 25, "canary": 25}',
+        '{"blue": 0, "green": 0, "canary": 100}',
+        '{"blue": 99.99, "green": 0, "canary": 0.01}',
+    ]
+
+    def changer():
+        conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
+        start = time.monotonic()
+        n = 0
+        while not stop.is_set():
+            due = start + n / args.rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            conn.request("PUT", "/v1/routes/api/weights", body=splits[n % len(splits)],
+                         headers={"content-type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            key = "ok" if resp.status == 200 else "failed"
+            changes[key] += 1
+            changes["statuses"][resp.status] = changes["statuses"].get(resp.status, 0) + 1
+            n += 1
+
+    try:
+        thread = threading.Thread(target=changer, daemon=True)
+        thread.start()
+        started = time.monotonic()
+        r = run_wrk(port, workdir, args.duration, args.connections)
+        elapsed = time.monotonic() - started
+        stop.set()
+        thread.join(timeout=15)
+        events = sum(1 for _ in open(workdir / "state" / "events.jsonl"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=40)
+        origin_proc.terminate()
+        origin_proc.wait(timeout=10)
+    rate = changes["ok"] / elapsed
+    verdict = "PASS" if r["bad"] == 0 and not r["socket_errors"] and changes["failed"] == 0 else "FAIL"
+    section = f"""## Weight changes under load
+
+- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
+- Command: `{' '.join(['python3', 'loadtests/bench.py'] + sys.argv[1:])}`
+- Machine: {cpu_model()}, {os.cpu_count()} cores, {mem_gib():.0f} GiB, Linux {platform.release()}
+- Versions: {version(['wrk', '-v'])}; {version([nginx_bin(), '-v'])}; switchyard {git_rev()}
+- Setup: switchyard `workers: 1` pinned to core 0 with a `state_dir` (every change persisted with
+  fsync and audited); origin nginx, wrk (1 thread, {args.connections} connections, {args.duration} s, a new
+  `x-user-id` per request) and the weight changer on core 1. The changer PUTs
+  `/v1/routes/api/weights` {args.rate} times a second on one keep-alive connection, cycling through
+  four splits (90/5/5, 50/25/25, 0/0/100, 99.99/0/0.01).
+
+| requests | requests/s | non-2xx | socket errors | p99 ms | weight changes applied | changes/s | changes refused | audit events |
+|---|---|---|---|---|---|---|---|---|
+| {r['total']} | {r['rps']:.0f} | {r['bad']} | {r['socket_errors'] or 0} | {r['p99_ms']:.2f} | {changes['ok']} | {rate:.1f} | {changes['failed']} | {events} |
+
+Verdict: **{verdict}** — zero failed requests caused by the changes is the goal.
+"""
+    write_section("## Weight changes under load", section)
+    print(section)
+    if verdict != "PASS":
+        sys.exit(1)
+
+
 def cpu_model():
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -341,10 +423,11 @@ def write_section(heading, section):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["metrics"], help="which comparison to run")
+    parser.add_argument("suite", choices=["metrics", "weights"], help="which comparison to run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rate", type=int, default=100, help="weights suite: changes per second")
     parser.add_argument("--no-build", action="store_true", help="use the existing release binary")
     args = parser.parse_args()
     for tool in ("wrk", "taskset"):
@@ -354,7 +437,7 @@ def main():
         sys.exit("nginx is not installed (Debian: apt-get install nginx)")
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-p", "switchyard-proxy"], cwd=ROOT, check=True)
-    {"metrics": suite_metrics}[args.suite](args)
+    {"metrics": suite_metrics, "weights": suite_weights}[args.suite](args)
 
 
 if __name__ == "__main__":

@@ -173,9 +173,15 @@ impl Store {
                 .write
                 .try_lock()
                 .expect("no one else holds a new store");
-            store.persist(&inner.overrides, inner.version)?;
+            if let Some(dir) = &store.dir {
+                persist_blocking(dir, inner.overrides.clone(), inner.version)?;
+            }
             for change in startup_events {
-                store.record(&mut inner, "startup", change)?;
+                let event = next_event(&mut inner, "startup", change);
+                match &store.dir {
+                    Some(dir) => append_event_blocking(dir, &event)?,
+                    None => store.remember(event),
+                }
             }
         }
         Ok(store)
@@ -337,7 +343,7 @@ impl Store {
         let effective = overlay(&base, &kept);
         effective.validate().map_err(StoreError::Invalid)?;
         let version = inner.version + 1;
-        self.persist(&kept, version)?;
+        self.persist(&kept, version).await?;
         let before = summary(&self.view().config);
         inner.base = base;
         inner.overrides = kept;
@@ -353,9 +359,10 @@ impl Store {
                 before,
                 after,
             },
-        )?;
+        )
+        .await?;
         for change in dropped {
-            self.record(&mut inner, "config-reload", change)?;
+            self.record(&mut inner, "config-reload", change).await?;
         }
         Ok(self.view())
     }
@@ -417,11 +424,11 @@ impl Store {
         let effective = overlay(&inner.base, &next);
         effective.validate().map_err(StoreError::Invalid)?;
         let version = inner.version + 1;
-        self.persist(&next, version)?;
+        self.persist(&next, version).await?;
         inner.overrides = next;
         inner.version = version;
         self.swap(version, effective);
-        self.record(&mut inner, actor, described)?;
+        self.record(&mut inner, actor, described).await?;
         Ok(self.view())
     }
 
@@ -433,62 +440,93 @@ impl Store {
         }));
     }
 
-    fn persist(&self, overrides: &Overrides, version: u64) -> Result<(), StoreError> {
-        let Some(dir) = &self.dir else { return Ok(()) };
-        let state = StateFile {
-            format: STATE_FORMAT,
-            version,
-            overrides: overrides.clone(),
+    /// Writes the state file off the async runtime: an fsync must never
+    /// stall the data plane sharing the runtime (with `workers: 1`, the same
+    /// thread).
+    async fn persist(&self, overrides: &Overrides, version: u64) -> Result<(), StoreError> {
+        let Some(dir) = self.dir.clone() else {
+            return Ok(());
         };
-        let bytes = serde_json::to_vec_pretty(&state).expect("state serializes");
-        write_atomic(dir, STATE_FILE, &bytes).map_err(|e| {
-            StoreError::Io(format!(
-                "{}: cannot write: {e}",
-                dir.join(STATE_FILE).display()
-            ))
-        })
+        let overrides = overrides.clone();
+        tokio::task::spawn_blocking(move || persist_blocking(&dir, overrides, version))
+            .await
+            .map_err(|e| StoreError::Io(format!("state write task failed: {e}")))?
     }
 
-    fn record(&self, inner: &mut Inner, actor: &str, change: Change) -> Result<(), StoreError> {
-        let event = Event {
-            seq: inner.next_seq,
-            time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            actor: actor.to_owned(),
-            action: change.action.to_owned(),
-            target: change.target,
-            before: change.before,
-            after: change.after,
-            version: inner.version,
-        };
-        inner.next_seq += 1;
-        tracing::info!(seq = event.seq, actor = %event.actor, action = %event.action, target = %event.target, "change");
-        match &self.dir {
-            Some(dir) => {
-                let path = dir.join(EVENTS_FILE);
-                let mut line = serde_json::to_vec(&event).expect("event serializes");
-                line.push(b'\n');
-                let appended = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .and_then(|mut f| f.write_all(&line).and_then(|()| f.sync_data()));
-                appended.map_err(|e| {
-                    StoreError::Io(format!(
-                        "{}: change applied but audit append failed: {e}",
-                        path.display()
-                    ))
-                })
-            }
+    /// Appends the audit event for `change` (off the runtime, like `persist`).
+    async fn record(
+        &self,
+        inner: &mut Inner,
+        actor: &str,
+        change: Change,
+    ) -> Result<(), StoreError> {
+        let event = next_event(inner, actor, change);
+        match self.dir.clone() {
+            Some(dir) => tokio::task::spawn_blocking(move || append_event_blocking(&dir, &event))
+                .await
+                .map_err(|e| StoreError::Io(format!("audit append task failed: {e}")))?,
             None => {
-                let mut memory = self.memory_events.lock().expect("events lock");
-                if memory.len() == MEMORY_EVENTS {
-                    memory.pop_front();
-                }
-                memory.push_back(event);
+                self.remember(event);
                 Ok(())
             }
         }
     }
+
+    fn remember(&self, event: Event) {
+        let mut memory = self.memory_events.lock().expect("events lock");
+        if memory.len() == MEMORY_EVENTS {
+            memory.pop_front();
+        }
+        memory.push_back(event);
+    }
+}
+
+fn next_event(inner: &mut Inner, actor: &str, change: Change) -> Event {
+    let event = Event {
+        seq: inner.next_seq,
+        time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        actor: actor.to_owned(),
+        action: change.action.to_owned(),
+        target: change.target,
+        before: change.before,
+        after: change.after,
+        version: inner.version,
+    };
+    inner.next_seq += 1;
+    tracing::info!(seq = event.seq, actor = %event.actor, action = %event.action, target = %event.target, "change");
+    event
+}
+
+fn persist_blocking(dir: &Path, overrides: Overrides, version: u64) -> Result<(), StoreError> {
+    let state = StateFile {
+        format: STATE_FORMAT,
+        version,
+        overrides,
+    };
+    let bytes = serde_json::to_vec_pretty(&state).expect("state serializes");
+    write_atomic(dir, STATE_FILE, &bytes).map_err(|e| {
+        StoreError::Io(format!(
+            "{}: cannot write: {e}",
+            dir.join(STATE_FILE).display()
+        ))
+    })
+}
+
+fn append_event_blocking(dir: &Path, event: &Event) -> Result<(), StoreError> {
+    let path = dir.join(EVENTS_FILE);
+    let mut line = serde_json::to_vec(event).expect("event serializes");
+    line.push(b'\n');
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(&line).and_then(|()| f.sync_data()))
+        .map_err(|e| {
+            StoreError::Io(format!(
+                "{}: change applied but audit append failed: {e}",
+                path.display()
+            ))
+        })
 }
 
 fn invalid(field: &str, reason: String) -> StoreError {

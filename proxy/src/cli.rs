@@ -124,9 +124,12 @@ pub fn main() -> ExitCode {
                 }
             };
             block_on(workers, async move {
-                let listeners = Listeners::bind(&config).await?;
+                // Signal handlers first: nothing may be served before SIGTERM
+                // and SIGHUP mean drain and reload.
+                let shutdown = shutdown_signal();
                 let watcher = tokio::spawn(watch_config(proxy.handle(), config_file, CONFIG_POLL));
-                proxy.run(listeners, shutdown_signal()).await;
+                let listeners = Listeners::bind(&config).await?;
+                proxy.run(listeners, shutdown).await;
                 watcher.abort();
                 Ok(())
             })
@@ -149,12 +152,13 @@ pub fn main() -> ExitCode {
         } => {
             init_logging();
             block_on(1, async move {
+                let shutdown = shutdown_signal();
                 demo::run(
                     DemoAddrs {
                         listen,
                         admin: admin_listen,
                     },
-                    shutdown_signal(),
+                    shutdown,
                 )
                 .await?;
                 Ok(())
@@ -208,12 +212,18 @@ fn init_logging() {
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+///
+/// The handlers are installed when this is called, not when the future is
+/// first polled: a signal that arrives while start-up finishes is still a
+/// graceful stop, never the default action (termination).
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+        }
     }
 }

@@ -62,15 +62,30 @@ async fn bind(field: &str, addr: SocketAddr) -> io::Result<TcpListener> {
 /// contents change (checked every `poll`: a Kubernetes ConfigMap update swaps
 /// a symlink, which content comparison sees and inotify on the file may not).
 /// Runs until the process ends.
-pub async fn watch_config(handle: ProxyHandle, path: PathBuf, poll: Duration) {
+/// The SIGHUP handler is installed when this is called (before the proxy
+/// serves), so an early SIGHUP reloads instead of killing the process.
+pub fn watch_config(
+    handle: ProxyHandle,
+    path: PathBuf,
+    poll: Duration,
+) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
+    let hup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(error = %e, "no SIGHUP handler; reloading on file change only");
             None
         }
     };
+    watch_loop(handle, path, poll, hup)
+}
+
+async fn watch_loop(
+    handle: ProxyHandle,
+    path: PathBuf,
+    poll: Duration,
+    mut hup: Option<tokio::signal::unix::Signal>,
+) {
     let mut last = tokio::fs::read(&path).await.ok();
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
