@@ -12,9 +12,15 @@ use switchyard_control::config::Config;
 use switchyard_control::metrics::Metrics;
 use switchyard_proxy::headers::{rewrite_request, Forwarding};
 use switchyard_proxy::snapshot::Snapshot;
-use switchyard_proxy::{route, split};
+use switchyard_proxy::{flags, route, split};
 
 const CONFIG: &str = r#"
+flags:
+  - { name: new-checkout, rollout_percentage: 10 }
+  - { name: dark-mode, rollout_percentage: 50, target_groups: [beta] }
+  - { name: ai-v2, rollout_percentage: 5, overrides: { user-1: true } }
+  - { name: kill-me, enabled: false }
+  - { name: everyone, rollout_percentage: 100 }
 routes:
   - name: static
     match: { path_prefix: /static }
@@ -49,9 +55,16 @@ fn bench(c: &mut Criterion) {
         let parts = request();
         b.iter(|| {
             let route = route::find(&snapshot, &parts).unwrap();
-            split::choose(&snapshot, route, &parts, peer)
-                .unwrap()
-                .backend
+            let user = split::user_key(&snapshot, &parts, peer);
+            split::choose(&snapshot, route, &parts, &user.key, &[]).unwrap()
+        })
+    });
+    c.bench_function("flags: evaluate 5", |b| {
+        let parts = request();
+        b.iter(|| {
+            flags::evaluate(&snapshot, &parts, black_box(b"user-123456"))
+                .on
+                .len()
         })
     });
     c.bench_function("route+split+rewrite", |b| {
@@ -59,7 +72,10 @@ fn bench(c: &mut Criterion) {
             request,
             |parts| {
                 let route = route::find(&snapshot, parts).unwrap();
-                let choice = split::choose(&snapshot, route, parts, peer).unwrap();
+                let chosen = {
+                    let user = split::user_key(&snapshot, parts, peer);
+                    split::choose(&snapshot, route, parts, &user.key, &[]).unwrap()
+                };
                 rewrite_request(
                     &mut parts.headers,
                     &Forwarding {
@@ -69,7 +85,7 @@ fn bench(c: &mut Criterion) {
                         proxy_only: &[],
                     },
                 );
-                choice.backend
+                chosen
             },
             criterion::BatchSize::SmallInput,
         )

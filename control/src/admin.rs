@@ -7,6 +7,7 @@
 //! GET /health/ready    200 once listeners are bound; 503 draining (open)
 //! GET /metrics         Prometheus text format                   (open)
 //! /v1/...              the control API                          (bearer token)
+//! /ofrep/v1/...        OpenFeature remote evaluation            (bearer token)
 //! ```
 
 use std::convert::Infallible;
@@ -102,6 +103,9 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     if path == "/v1" || path.starts_with("/v1/") {
         return crate::api::serve(admin, req).await;
+    }
+    if path.starts_with("/ofrep/") {
+        return crate::ofrep::serve(admin, req).await;
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");

@@ -38,7 +38,7 @@ type Resp = Response<Full<Bytes>>;
 /// A request the API refuses: status, machine-readable code, message.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
+    pub(crate) status: StatusCode,
     code: &'static str,
     message: String,
     /// `Allow` for 405s.
@@ -55,7 +55,7 @@ impl ApiError {
         }
     }
 
-    fn into_response(self) -> Resp {
+    pub(crate) fn into_response(self) -> Resp {
         let mut resp = json_error(self.status, self.code, &self.message);
         if let Some(allow) = self.allow {
             resp.headers_mut()
@@ -146,7 +146,7 @@ fn find_endpoint(path: &str) -> Option<(&'static str, &'static str, Vec<&str>)> 
 
 /// The name of the token presented, or a 401. With no tokens configured
 /// (allowed only on a loopback admin address) everyone is `anonymous`.
-fn authorize(headers: &HeaderMap, tokens: &[Token]) -> Result<String, ApiError> {
+pub(crate) fn authorize(headers: &HeaderMap, tokens: &[Token]) -> Result<String, ApiError> {
     if tokens.is_empty() {
         return Ok("anonymous".to_owned());
     }
@@ -420,6 +420,21 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 
 /// Reads a JSON body of at most `MAX_BODY` bytes.
 async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let bytes = read_body(req).await?;
+    serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())
+        }
+        _ => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("body is not JSON: {e}"),
+        ),
+    })
+}
+
+/// Reads a request body of at most `MAX_BODY` bytes (413 past it).
+pub(crate) async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -446,16 +461,7 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Api
             ))
         }
     };
-    serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())
-        }
-        _ => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("body is not JSON: {e}"),
-        ),
-    })
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -483,6 +489,7 @@ mod tests {
         let mut served: Vec<(String, String)> = crate::admin::OPEN_ENDPOINTS
             .iter()
             .chain(ENDPOINTS)
+            .chain(crate::ofrep::ENDPOINTS)
             .flat_map(|(path, methods)| {
                 methods
                     .split(", ")

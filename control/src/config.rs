@@ -81,6 +81,14 @@ pub struct Config {
     /// changes them at run time).
     #[serde(default)]
     pub flags: Vec<FlagConfig>,
+    /// Header that carries the flags that are on for the user to the
+    /// upstream (`a,b`). Default `x-feature-flags`. A client's copy is always
+    /// removed first.
+    #[serde(default = "default_flag_header")]
+    pub flag_header: String,
+    /// Where a user's groups (for `target_groups`) come from.
+    #[serde(default)]
+    pub user_groups: UserGroupsConfig,
     /// Routes, tried in order; the first whose match fits takes the request.
     pub routes: Vec<RouteConfig>,
 }
@@ -108,6 +116,36 @@ pub struct FlagConfig {
     /// Per-user answers that win over groups and percentage. Default none.
     #[serde(default)]
     pub overrides: std::collections::BTreeMap<String, bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserGroupsConfig {
+    /// Comma-separated groups header (`beta, staff`). Default `x-user-groups`.
+    #[serde(default = "default_groups_header")]
+    pub header: String,
+    /// Honour the header. Default `false`: anyone could claim any group, so
+    /// the header is removed and ignored unless an authenticating gateway in
+    /// front sets it (then it is also passed upstream).
+    #[serde(default)]
+    pub trusted: bool,
+}
+
+impl Default for UserGroupsConfig {
+    fn default() -> Self {
+        Self {
+            header: default_groups_header(),
+            trusted: false,
+        }
+    }
+}
+
+/// Sends users with a flag on to a backend, ahead of the weighted split.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub when_flag: String,
+    pub backend: String,
 }
 
 /// Bounds a flag's per-user overrides (each is kept in every snapshot).
@@ -404,6 +442,10 @@ pub struct RouteConfig {
     /// Backends in bucket order: the one being rolled out goes last, so raising
     /// its weight only adds users to it.
     pub backends: Vec<BackendConfig>,
+    /// Flag rules, tried in order before the weighted split: the first whose
+    /// flag is on for the user picks the backend. Default none.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -587,6 +629,12 @@ fn default_idle() -> Dur {
 fn default_drain() -> Dur {
     Dur(Duration::from_secs(30))
 }
+fn default_flag_header() -> String {
+    "x-feature-flags".to_owned()
+}
+fn default_groups_header() -> String {
+    "x-user-groups".to_owned()
+}
 fn default_true() -> bool {
     true
 }
@@ -719,8 +767,27 @@ impl Config {
                 ));
             }
         }
+        check_header_name("flag_header", &self.flag_header)?;
+        check_header_name("user_groups.header", &self.user_groups.header)?;
         if self.routes.is_empty() {
             return Err(ConfigError::new("routes", "at least one route is needed"));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            for (j, rule) in route.rules.iter().enumerate() {
+                let field = format!("routes[{i}].rules[{j}]");
+                if !self.flags.iter().any(|f| f.name == rule.when_flag) {
+                    return Err(ConfigError::new(
+                        format!("{field}.when_flag"),
+                        format!("no flag named `{}`", rule.when_flag),
+                    ));
+                }
+                if !route.backends.iter().any(|b| b.name == rule.backend) {
+                    return Err(ConfigError::new(
+                        format!("{field}.backend"),
+                        format!("route `{}` has no backend `{}`", route.name, rule.backend),
+                    ));
+                }
+            }
         }
         let mut names = HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {
@@ -1239,6 +1306,47 @@ routes:
         assert!(e.reason.contains("routes"), "{e}");
         let e = err("routes: []\n");
         assert_eq!(e.field, "routes");
+    }
+
+    #[test]
+    fn flags_and_rules_are_checked() {
+        let flags = "flags:\n  - { name: ai-v2, rollout_percentage: 10, target_groups: [beta], overrides: { user-1: true } }\n";
+        let rules = "    rules: [{ when_flag: ai-v2, backend: canary }]\n";
+        let ok = format!("{flags}{GOOD}{rules}");
+        let c = Config::from_yaml(&ok).unwrap();
+        assert_eq!(c.routes[0].rules[0].backend, "canary");
+        assert_eq!(c.flag_header, "x-feature-flags");
+        assert!(!c.user_groups.trusted);
+
+        let e = err(&format!(
+            "{flags}{GOOD}    rules: [{{ when_flag: ai-v2, backend: purple }}]\n"
+        ));
+        assert_eq!(e.field, "routes[0].rules[0].backend");
+        assert!(e.reason.contains("no backend `purple`"), "{e}");
+        let e = err(&format!(
+            "{flags}{GOOD}    rules: [{{ when_flag: nope, backend: canary }}]\n"
+        ));
+        assert_eq!(e.field, "routes[0].rules[0].when_flag");
+        let e = err(&format!(
+            "flags:\n  - {{ name: a, rollout_percentage: 100.5 }}\n{GOOD}"
+        ));
+        assert_eq!(e.field, "flags[0].rollout_percentage");
+        let e = err(&format!(
+            "flags:\n  - {{ name: a }}\n  - {{ name: a }}\n{GOOD}"
+        ));
+        assert_eq!(e.field, "flags[1].name");
+        let e = err(&format!(
+            "flags:\n  - {{ name: a, target_groups: [\"x,y\"] }}\n{GOOD}"
+        ));
+        assert_eq!(e.field, "flags[0].target_groups[0]");
+        let e = err(&format!("flags:\n  - {{ name: a, colour: red }}\n{GOOD}"));
+        assert!(e.reason.contains("colour"), "{e}");
+        let e = err(&format!("flag_header: \"a b\"\n{GOOD}"));
+        assert_eq!(e.field, "flag_header");
+        let e = err(&format!(
+            "user_groups: {{ header: x-g, trusted: maybe }}\n{GOOD}"
+        ));
+        assert_eq!(e.field, "user_groups.trusted");
     }
 
     #[test]

@@ -7,6 +7,8 @@ pub mod api;
 pub mod bucket;
 pub mod config;
 pub mod ctl;
+pub mod flags;
 pub mod metrics;
+pub mod ofrep;
 pub mod store;
 pub mod window;

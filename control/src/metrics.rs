@@ -105,7 +105,25 @@ pub struct Metrics {
     connections: IntGauge,
     unrouted: Box<[IntCounter]>,
     reloads: IntCounterVec,
+    flags: IntCounterVec,
     backends: ArcSwap<Vec<Arc<BackendStats>>>,
+}
+
+/// `switchyard_flag_evaluations_total{flag, result="on"|"off"}` of one flag.
+#[derive(Debug, Clone)]
+pub struct FlagCounters {
+    on: IntCounter,
+    off: IntCounter,
+}
+
+impl FlagCounters {
+    pub fn count(&self, on: bool) {
+        if on {
+            self.on.inc()
+        } else {
+            self.off.inc()
+        }
+    }
 }
 
 /// Pre-resolved handles for one (route, backend).
@@ -199,6 +217,14 @@ impl Metrics {
         for result in ["success", "failure"] {
             reloads.with_label_values(&[result]);
         }
+        let flags = IntCounterVec::new(
+            Opts::new(
+                "switchyard_flag_evaluations_total",
+                "Feature-flag evaluations in the proxy, by flag and result.",
+            ),
+            &["flag", "result"],
+        )
+        .expect("valid metric");
         let unrouted = Unrouted::ALL
             .iter()
             .map(|r| unrouted_vec.with_label_values(&[r.label()]))
@@ -212,6 +238,7 @@ impl Metrics {
             Box::new(connections.clone()),
             Box::new(unrouted_vec),
             Box::new(reloads.clone()),
+            Box::new(flags.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -234,6 +261,7 @@ impl Metrics {
             connections: connections.with_label_values(&["data"]),
             unrouted,
             reloads,
+            flags,
             backends: ArcSwap::from_pointee(Vec::new()),
         }
     }
@@ -321,6 +349,14 @@ impl Metrics {
             .position(|r| *r == reason)
             .expect("listed");
         self.unrouted[index].inc();
+    }
+
+    /// The evaluation counters of flag `name` (`None` with metrics disabled).
+    pub fn flag(&self, name: &str) -> Option<FlagCounters> {
+        self.enabled.then(|| FlagCounters {
+            on: self.flags.with_label_values(&[name, "on"]),
+            off: self.flags.with_label_values(&[name, "off"]),
+        })
     }
 
     /// Counts a configuration reload.

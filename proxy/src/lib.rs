@@ -1,9 +1,10 @@
 //! Switchyard's data plane. The request path, stage by stage (see
 //! `docs/request-lifecycle.md` and `pipeline.rs`): `listen` → `route` →
-//! `split` → `headers` → `forward` → `respond`, with `record` measuring.
+//! `flags` → `split` → `headers` → `forward` → `respond`, with `record` measuring.
 
 pub mod cli;
 pub mod demo;
+pub mod flags;
 pub mod forward;
 pub mod headers;
 pub mod listen;

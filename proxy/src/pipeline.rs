@@ -4,7 +4,8 @@
 //! ```text
 //! admit      bounded in-flight requests: past the limit, 503 + Retry-After
 //! route      host, path prefix, header rules; first match wins      (route.rs)
-//! split      user key → bucket → backend, or the forced header      (split.rs)
+//! flags      every flag for the user's key and groups               (flags.rs)
+//! split      forced header, else flag rules, else key → bucket      (split.rs)
 //! rewrite    hop-by-hop out, forwarding headers in                  (headers.rs)
 //! forward    pooled HTTP/1.1 upstream, request timeout              (forward.rs)
 //! respond    response hygiene, anonymous cookie; errors → status    (respond.rs)
@@ -32,7 +33,7 @@ use crate::headers::{self, Forwarding};
 use crate::record::Recording;
 use crate::respond::{ProxyBody, ProxyError};
 use crate::snapshot::Snapshot;
-use crate::{route, split};
+use crate::{flags, route, split};
 use switchyard_control::metrics::Metrics;
 
 /// State every request shares.
@@ -136,8 +137,13 @@ fn decide(
         return Err(ProxyError::DownstreamMalformed("dot segment in path"));
     }
     let route = route::find(snapshot, parts).ok_or(ProxyError::NoRoute)?;
-    let choice = split::choose(snapshot, route, parts, conn.peer)?;
-    let backend = &route.backends[choice.backend];
+    let (chosen, set_cookie, flag_header) = {
+        let user = split::user_key(snapshot, parts, conn.peer);
+        let flags = flags::evaluate(snapshot, parts, &user.key);
+        let chosen = split::choose(snapshot, route, parts, &user.key, &flags.on)?;
+        (chosen, user.set_cookie, flags.header)
+    };
+    let backend = &route.backends[chosen];
     let recording = Recording::start(backend.stats.as_ref());
     let Some(endpoint) = backend.endpoint().cloned() else {
         recording.finish(
@@ -155,7 +161,11 @@ fn decide(
             proxy_only: &snapshot.proxy_only_headers,
         },
     );
-    Ok((endpoint, choice.set_cookie, recording))
+    // After the rewrite removed any client copy of the flag header.
+    if let Some(value) = flag_header {
+        parts.headers.insert(snapshot.flag_header.clone(), value);
+    }
+    Ok((endpoint, set_cookie, recording))
 }
 
 /// HTTP/2 requests carry the host in `:authority`; the HTTP/1.1 upstream

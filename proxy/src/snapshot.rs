@@ -11,7 +11,8 @@ use http::uri::Authority;
 use http::HeaderName;
 use switchyard_control::bucket::BUCKETS;
 use switchyard_control::config::{normalized_prefix, Config, Fallback, RouteConfig, Weight};
-use switchyard_control::metrics::{BackendStats, Metrics};
+use switchyard_control::flags::CompiledFlag;
+use switchyard_control::metrics::{BackendStats, FlagCounters, Metrics};
 
 /// The whole routing state at one moment.
 #[derive(Debug)]
@@ -22,6 +23,12 @@ pub struct Snapshot {
     pub forced_backend_header: Option<HeaderName>,
     /// Headers only the proxy sets; client copies are removed before forwarding.
     pub proxy_only_headers: Box<[HeaderName]>,
+    /// Feature flags in configured order, with their evaluation counters.
+    pub flags: Box<[Flag]>,
+    /// Carries the flags that are on to the upstream.
+    pub flag_header: HeaderName,
+    /// The groups header, when trusted (otherwise it is in `proxy_only_headers`).
+    pub groups_header: Option<HeaderName>,
     pub trust_forwarded_for: bool,
     /// Enforced by the proxy itself only below hyper's 8 KiB parse buffer.
     pub max_header_bytes: usize,
@@ -40,6 +47,20 @@ pub struct UserKeySources {
 }
 
 #[derive(Debug)]
+pub struct Flag {
+    pub flag: CompiledFlag,
+    pub counters: Option<FlagCounters>,
+}
+
+/// A route rule resolved to indices: flag in `Snapshot::flags`, backend in
+/// `Route::backends`.
+#[derive(Debug, Clone, Copy)]
+pub struct Rule {
+    pub flag: usize,
+    pub backend: usize,
+}
+
+#[derive(Debug)]
 pub struct Route {
     pub name: Arc<str>,
     pub host: HostMatch,
@@ -48,6 +69,8 @@ pub struct Route {
     pub headers: Box<[(HeaderName, HeaderValue)]>,
     pub salt: Box<str>,
     pub backends: Box<[Backend]>,
+    /// Flag rules, tried before the weighted split.
+    pub rules: Box<[Rule]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +150,7 @@ impl Snapshot {
             routes: config
                 .routes
                 .iter()
-                .map(|r| build_route(r, metrics))
+                .map(|r| build_route(r, config, metrics))
                 .collect(),
             user_key: UserKeySources {
                 headers: uk.headers.iter().map(|h| header_name(h)).collect(),
@@ -139,10 +162,24 @@ impl Snapshot {
             forced_backend_header: config.forced_backend_header.as_deref().map(header_name),
             proxy_only_headers: config
                 .forced_backend_header
-                .as_deref()
-                .map(header_name)
-                .into_iter()
+                .iter()
+                .chain([&config.flag_header])
+                .chain((!config.user_groups.trusted).then_some(&config.user_groups.header))
+                .map(|h| header_name(h))
                 .collect(),
+            flags: config
+                .flags
+                .iter()
+                .map(|f| Flag {
+                    flag: CompiledFlag::new(f),
+                    counters: metrics.flag(&f.name),
+                })
+                .collect(),
+            flag_header: header_name(&config.flag_header),
+            groups_header: config
+                .user_groups
+                .trusted
+                .then(|| header_name(&config.user_groups.header)),
             trust_forwarded_for: config.trust_forwarded_for,
             max_header_bytes: config.limits.max_header_bytes,
         }
@@ -153,7 +190,7 @@ impl Snapshot {
     }
 }
 
-fn build_route(rc: &RouteConfig, metrics: &Metrics) -> Route {
+fn build_route(rc: &RouteConfig, config: &Config, metrics: &Metrics) -> Route {
     let mut end = 0;
     let backends = rc
         .backends
@@ -198,6 +235,22 @@ fn build_route(rc: &RouteConfig, metrics: &Metrics) -> Route {
             .collect(),
         salt: rc.salt().into(),
         backends,
+        rules: rc
+            .rules
+            .iter()
+            .map(|rule| Rule {
+                flag: config
+                    .flags
+                    .iter()
+                    .position(|f| f.name == rule.when_flag)
+                    .expect("rule flag validated"),
+                backend: rc
+                    .backends
+                    .iter()
+                    .position(|b| b.name == rule.backend)
+                    .expect("rule backend validated"),
+            })
+            .collect(),
     }
 }
 

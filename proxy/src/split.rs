@@ -1,73 +1,92 @@
 //! Stage: find the user key, then pick the backend — the forced-backend header
 //! if allowed, else the sticky weighted split by the user's bucket.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use http::header::{HeaderValue, COOKIE};
 use http::request::Parts;
-use switchyard_control::bucket::{bucket, BUCKETS};
+use switchyard_control::bucket::bucket;
 use switchyard_control::config::Fallback;
 
 use crate::headers::first_forwarded_for;
 use crate::respond::ProxyError;
 use crate::snapshot::{Route, Snapshot};
 
-/// The outcome of the split for one request.
+/// Whom a request belongs to: the key that picks its bucket and its flags.
 #[derive(Debug)]
-pub struct Choice {
-    /// Index into `route.backends`.
-    pub backend: usize,
+pub struct UserKey<'r> {
+    pub key: Cow<'r, [u8]>,
     /// `Set-Cookie` for a newly made anonymous id (the `cookie` fallback).
     pub set_cookie: Option<HeaderValue>,
 }
 
-/// Picks the backend of `route` for this request.
+/// The request's user key: configured headers, then cookies, then the
+/// fallback (an anonymous id set as a cookie, the client address, or a
+/// random id for this request alone).
+pub fn user_key<'r>(snapshot: &Snapshot, parts: &'r Parts, peer: IpAddr) -> UserKey<'r> {
+    if let Some(key) = find_key(snapshot, parts) {
+        return UserKey {
+            key: Cow::Borrowed(key),
+            set_cookie: None,
+        };
+    }
+    match snapshot.user_key.fallback {
+        Fallback::Cookie => {
+            let id = random_id();
+            let cookie = format!(
+                "{}={}{}",
+                snapshot.user_key.anon_cookie_name,
+                id.as_str(),
+                snapshot.user_key.anon_cookie_attrs
+            );
+            UserKey {
+                key: Cow::Owned(id.as_bytes().to_vec()),
+                set_cookie: HeaderValue::try_from(cookie).ok(),
+            }
+        }
+        Fallback::ClientIp => {
+            let ip = match snapshot.trust_forwarded_for {
+                true => first_forwarded_for(&parts.headers).unwrap_or(peer),
+                false => peer,
+            };
+            UserKey {
+                key: Cow::Owned(ip.to_string().into_bytes()),
+                set_cookie: None,
+            }
+        }
+        Fallback::Random => UserKey {
+            key: Cow::Owned(random_id().as_bytes().to_vec()),
+            set_cookie: None,
+        },
+    }
+}
+
+/// Picks the backend (an index into `route.backends`): the forced-backend
+/// header if configured and sent; else the first rule whose flag is on
+/// (`flag_on` is indexed like `snapshot.flags`); else the user's bucket.
 pub fn choose(
     snapshot: &Snapshot,
     route: &Route,
     parts: &Parts,
-    peer: IpAddr,
-) -> Result<Choice, ProxyError> {
+    key: &[u8],
+    flag_on: &[bool],
+) -> Result<usize, ProxyError> {
     if let Some(name) = &snapshot.forced_backend_header {
         if let Some(forced) = parts.headers.get(name) {
-            let backend = route
+            return route
                 .backend_named(forced.as_bytes())
-                .ok_or(ProxyError::DownstreamUnknownBackend)?;
-            return Ok(Choice {
-                backend,
-                set_cookie: None,
-            });
+                .ok_or(ProxyError::DownstreamUnknownBackend);
         }
     }
-    let mut set_cookie = None;
-    let bucket = match find_key(snapshot, parts) {
-        Some(key) => bucket(&route.salt, key),
-        None => match snapshot.user_key.fallback {
-            Fallback::Cookie => {
-                let id = random_id();
-                let cookie = format!(
-                    "{}={}{}",
-                    snapshot.user_key.anon_cookie_name,
-                    id.as_str(),
-                    snapshot.user_key.anon_cookie_attrs
-                );
-                set_cookie = HeaderValue::try_from(cookie).ok();
-                bucket(&route.salt, id.as_bytes())
-            }
-            Fallback::ClientIp => {
-                let ip = match snapshot.trust_forwarded_for {
-                    true => first_forwarded_for(&parts.headers).unwrap_or(peer),
-                    false => peer,
-                };
-                bucket(&route.salt, ip.to_string().as_bytes())
-            }
-            Fallback::Random => fastrand::u32(..BUCKETS),
-        },
-    };
-    Ok(Choice {
-        backend: route.backend_for_bucket(bucket),
-        set_cookie,
-    })
+    if let Some(rule) = route
+        .rules
+        .iter()
+        .find(|r| flag_on.get(r.flag).copied().unwrap_or(false))
+    {
+        return Ok(rule.backend);
+    }
+    Ok(route.backend_for_bucket(bucket(&route.salt, key)))
 }
 
 /// The user key from the configured headers, then cookies (the anonymous
@@ -139,6 +158,7 @@ mod tests {
     use super::*;
     use crate::snapshot::Snapshot;
     use http::Request;
+    use switchyard_control::bucket::BUCKETS;
     use switchyard_control::config::Config;
     use switchyard_control::metrics::Metrics;
 
@@ -169,8 +189,27 @@ mod tests {
         req.body(()).unwrap().into_parts().0
     }
 
-    fn pick(s: &Snapshot, headers: &[(&str, &str)]) -> Choice {
-        choose(s, &s.routes[0], &parts(headers), PEER).unwrap()
+    struct Picked {
+        backend: usize,
+        set_cookie: Option<HeaderValue>,
+    }
+
+    fn pick(s: &Snapshot, headers: &[(&str, &str)]) -> Picked {
+        pick_from(s, headers, PEER).unwrap()
+    }
+
+    fn pick_from(
+        s: &Snapshot,
+        headers: &[(&str, &str)],
+        peer: IpAddr,
+    ) -> Result<Picked, ProxyError> {
+        let p = parts(headers);
+        let user = user_key(s, &p, peer);
+        let backend = choose(s, &s.routes[0], &p, &user.key, &[])?;
+        Ok(Picked {
+            backend,
+            set_cookie: user.set_cookie,
+        })
     }
 
     #[test]
@@ -232,11 +271,7 @@ mod tests {
     fn client_ip_fallback_is_sticky_per_address() {
         let s = snapshot("user_key: { fallback: client-ip }", &[50.0, 50.0]);
         let route = &s.routes[0];
-        let by_ip = |ip: [u8; 4]| {
-            choose(&s, route, &parts(&[]), IpAddr::from(ip))
-                .unwrap()
-                .backend
-        };
+        let by_ip = |ip: [u8; 4]| pick_from(&s, &[], IpAddr::from(ip)).unwrap().backend;
         let want = bucket("api", b"10.1.2.3");
         assert_eq!(by_ip([10, 1, 2, 3]), route.backend_for_bucket(want));
         assert!(pick(&s, &[]).set_cookie.is_none());
@@ -261,12 +296,7 @@ mod tests {
             pick(&on, &[("x-switchyard-backend", "b1"), ("x-user-id", "u")]).backend,
             1
         );
-        let err = choose(
-            &on,
-            &on.routes[0],
-            &parts(&[("x-switchyard-backend", "nope")]),
-            PEER,
-        );
+        let err = pick_from(&on, &[("x-switchyard-backend", "nope")], PEER);
         assert!(matches!(err, Err(ProxyError::DownstreamUnknownBackend)));
     }
 

@@ -681,7 +681,8 @@ async fn the_openapi_document_describes_the_running_router() {
     for (template, item) in doc["paths"].as_object().unwrap() {
         let path = template
             .replace("{route}", "api")
-            .replace("{name}", "new-checkout");
+            .replace("{name}", "new-checkout")
+            .replace("{key}", "new-checkout");
         for method in methods {
             let documented = item.get(method.to_lowercase().as_str()).is_some();
             let body = if method == "PUT" && path.contains("weights") {
