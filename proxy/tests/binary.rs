@@ -2,13 +2,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::Duration;
 
-use common::{client, get, Behaviour, Upstream};
+use common::{client, get, spawn_run_path, Behaviour, Upstream};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -143,44 +142,11 @@ fn spawn_run(config: &str) -> (Child, SocketAddr) {
     (child, data)
 }
 
-/// The value of `key=` in a log line.
-fn field(line: &str, key: &str) -> Option<SocketAddr> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key))
-        .and_then(|v| v.parse().ok())
-}
-
 /// Starts `switchyard run` with `config` and extra arguments; returns the
 /// child with its data and admin addresses once it serves.
 fn spawn_run_with(config: &str, args: &[&str]) -> (Child, SocketAddr, SocketAddr) {
     let path = temp_file(&format!("run-{}.yaml", fastrand::u32(..)), config);
     spawn_run_path(&path, args)
-}
-
-fn spawn_run_path(path: &std::path::Path, args: &[&str]) -> (Child, SocketAddr, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["run", "--config", path.to_str().unwrap()])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let (data, admin) = loop {
-        let line = lines
-            .next()
-            .expect("switchyard exited before serving")
-            .unwrap();
-        if let (Some(data), Some(admin)) = (field(&line, "data="), field(&line, "admin=")) {
-            break (data, admin);
-        }
-    };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, data, admin)
 }
 
 /// SIGTERM during a burst of slow requests: every one completes with 200,

@@ -316,3 +316,42 @@ pub fn temp_dir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// The value of `key=` in a log line.
+fn log_field(line: &str, key: &str) -> Option<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Starts the real binary as `switchyard run --config PATH ARGS...`; returns
+/// the child with its data and admin addresses once it logs that it serves.
+pub fn spawn_run_path(
+    path: &std::path::Path,
+    args: &[&str],
+) -> (std::process::Child, SocketAddr, SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let (data, admin) = loop {
+        let line = lines
+            .next()
+            .expect("switchyard exited before serving")
+            .unwrap();
+        if let (Some(data), Some(admin)) = (log_field(&line, "data="), log_field(&line, "admin=")) {
+            break (data, admin);
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, data, admin)
+}
