@@ -59,7 +59,12 @@ fn check_accepts_a_valid_config() {
 fn invalid_configs_exit_64_naming_the_problem() {
     let cases = [
         ("sum.yaml", VALID.replace("weight: 10", "weight: 5"), "routes[0].backends: weights sum to 95"),
-        ("unknown-backend.yaml", VALID.replace("canary, endpoints", "blue, endpoints"), "duplicate backend name `blue`"),
+        (
+            "unknown-backend.yaml",
+            format!("flags: [{{ name: ai-v2 }}]\n{VALID}    rules: [{{ when_flag: ai-v2, backend: purple }}]\n"),
+            "routes[0].rules[0].backend: route `api` has no backend `purple`",
+        ),
+        ("duplicate-backend.yaml", VALID.replace("canary, endpoints", "blue, endpoints"), "duplicate backend name `blue`"),
         (
             "duplicate-route.yaml",
             format!("{VALID}  - name: api\n    match: {{ path_prefix: /x }}\n    backends: [{{ name: b, endpoints: [\"127.0.0.1:1\"], weight: 100 }}]\n"),
