@@ -10,5 +10,6 @@ pub mod ctl;
 pub mod flags;
 pub mod metrics;
 pub mod ofrep;
+pub mod rollout;
 pub mod store;
 pub mod window;

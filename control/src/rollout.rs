@@ -1,0 +1,573 @@
+//! Progressive delivery: the rollout of a route's `target` backend, step by
+//! step, judged against its `stable` backend, rolled back by itself.
+//!
+//! This module is pure: the rollout document, its validation, the analysis of
+//! two rolling windows, and the decision each analysis leads to. The store
+//! persists and applies; the driver (`driver.rs`) calls it on a timer.
+//!
+//! A step's hold counts down only on analyses that *pass*: an inconclusive one
+//! (fewer than `min_requests` in the window) never moves a rollout forward,
+//! and after `inconclusive_deadline` of them in a row the rollout pauses.
+//! `failure_threshold` consecutive failures roll it back.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, ConfigError, Dur, Weight};
+use crate::window::WindowStats;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    #[default]
+    Canary,
+    BlueGreen,
+}
+
+/// A step: the target's weight, and how long it must hold with passing
+/// analyses before the next step. The last step needs no hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    pub weight: Weight,
+    #[serde(default)]
+    pub hold: Option<Dur>,
+}
+
+/// Thresholds and cadence of the analysis (defaults from the reference plan).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisSpec {
+    /// How often the windows are judged. Default `5s`.
+    #[serde(default = "d_interval")]
+    pub interval: Dur,
+    /// The span judged, at most the metrics window. Default `30s`.
+    #[serde(default = "d_window")]
+    pub window: Dur,
+    /// Fewer target requests in the window is inconclusive. Default 50.
+    #[serde(default = "d_min_requests")]
+    pub min_requests: u64,
+    /// Consecutive failed analyses that roll back. Default 2.
+    #[serde(default = "d_failure_threshold")]
+    pub failure_threshold: u32,
+    /// Absolute: target error rate above this percentage fails. Default 2.
+    #[serde(default = "d_max_error_rate")]
+    pub max_error_rate: f64,
+    /// Absolute: target p95 above this fails. Default `5s`.
+    #[serde(default = "d_max_p95")]
+    pub max_p95: Dur,
+    /// Relative: target error rate above this × stable's fails. Default 1.1.
+    #[serde(default = "d_error_ratio")]
+    pub max_error_rate_ratio: f64,
+    /// Relative: target p95 above this × stable's fails. Default 1.2.
+    #[serde(default = "d_p95_ratio")]
+    pub max_p95_ratio: f64,
+    /// Inconclusive this long in a row pauses the rollout. Default `10m`.
+    #[serde(default = "d_inconclusive_deadline")]
+    pub inconclusive_deadline: Dur,
+}
+
+fn d_interval() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn d_window() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn d_min_requests() -> u64 {
+    50
+}
+fn d_failure_threshold() -> u32 {
+    2
+}
+fn d_max_error_rate() -> f64 {
+    2.0
+}
+fn d_max_p95() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn d_error_ratio() -> f64 {
+    1.1
+}
+fn d_p95_ratio() -> f64 {
+    1.2
+}
+fn d_inconclusive_deadline() -> Dur {
+    Dur(Duration::from_secs(600))
+}
+
+impl Default for AnalysisSpec {
+    fn default() -> Self {
+        Self {
+            interval: d_interval(),
+            window: d_window(),
+            min_requests: d_min_requests(),
+            failure_threshold: d_failure_threshold(),
+            max_error_rate: d_max_error_rate(),
+            max_p95: d_max_p95(),
+            max_error_rate_ratio: d_error_ratio(),
+            max_p95_ratio: d_p95_ratio(),
+            inconclusive_deadline: d_inconclusive_deadline(),
+        }
+    }
+}
+
+/// The body of `POST /v1/routes/{route}/rollout`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSpec {
+    #[serde(default)]
+    pub strategy: Strategy,
+    pub stable: String,
+    pub target: String,
+    /// Default: 0.1 % 1h, 1 % 4h, 5 % 24h, 25 % 48h, 100 %.
+    #[serde(default)]
+    pub steps: Option<Vec<Step>>,
+    #[serde(default)]
+    pub analysis: AnalysisSpec,
+}
+
+/// The reference plan's canary steps.
+pub fn default_canary_steps() -> Vec<Step> {
+    let step = |pct: f64, hours: u64| Step {
+        weight: Weight::from_percent(pct).expect("valid default"),
+        hold: (hours > 0).then(|| Dur(Duration::from_secs(hours * 3600))),
+    };
+    vec![step(0.1, 1), step(1.0, 4), step(5.0, 24), step(25.0, 48), step(100.0, 0)]
+}
+
+impl RolloutSpec {
+    pub fn steps(&self) -> Vec<Step> {
+        self.steps.clone().unwrap_or_else(default_canary_steps)
+    }
+
+    /// Checks the rollout against the route it is for.
+    pub fn validate(&self, config: &Config, route: &str) -> Result<(), ConfigError> {
+        let err = |field: &str, reason: String| Err(ConfigError::new(field, reason));
+        if self.strategy == Strategy::BlueGreen {
+            return err("strategy", "blue-green is not supported yet; use canary".into());
+        }
+        let Some(rc) = config.routes.iter().find(|r| r.name == route) else {
+            return err("route", format!("no route named `{route}`"));
+        };
+        let names: Vec<&str> = rc.backends.iter().map(|b| b.name.as_str()).collect();
+        for (field, name) in [("stable", &self.stable), ("target", &self.target)] {
+            if !names.contains(&name.as_str()) {
+                return err(field, format!("route `{route}` has no backend `{name}`"));
+            }
+        }
+        if self.stable == self.target {
+            return err("target", "the target must differ from the stable backend".into());
+        }
+        if names.last() != Some(&self.target.as_str()) {
+            return err(
+                "target",
+                format!(
+                    "`{}` must be the route's last backend, so raising its weight only adds users to it (backends: {})",
+                    self.target,
+                    names.join(", ")
+                ),
+            );
+        }
+        let steps = self.steps();
+        if steps.is_empty() {
+            return err("steps", "at least one step is needed".into());
+        }
+        for (i, pair) in steps.windows(2).enumerate() {
+            if pair[1].weight <= pair[0].weight {
+                return err(&format!("steps[{}].weight", i + 1), "weights must increase step by step".into());
+            }
+        }
+        for (i, s) in steps.iter().enumerate() {
+            let last = i + 1 == steps.len();
+            if !last && s.hold.is_none() {
+                return err(&format!("steps[{i}].hold"), "every step but the last needs a hold".into());
+            }
+        }
+        let others: u32 = rc
+            .backends
+            .iter()
+            .filter(|b| b.name != self.stable && b.name != self.target)
+            .map(|b| b.weight.basis_points())
+            .sum();
+        let top = steps.last().expect("not empty").weight.basis_points();
+        if others + top > Weight::FULL.basis_points() {
+            return err(
+                "steps",
+                format!("the last step's {} % and the other backends' {} % exceed 100", f64::from(top) / 100.0, f64::from(others) / 100.0),
+            );
+        }
+        let a = &self.analysis;
+        if a.interval.0 < Duration::from_secs(1) {
+            return err("analysis.interval", "must be at least 1s".into());
+        }
+        if a.window.0 < a.interval.0 || a.window.0 > config.metrics.window.0 {
+            return err(
+                "analysis.window",
+                format!("must be between the interval and metrics.window ({})", humantime::format_duration(config.metrics.window.0)),
+            );
+        }
+        if !config.metrics.enabled {
+            return err("analysis", "needs metrics.enabled: true".into());
+        }
+        if a.failure_threshold == 0 {
+            return err("analysis.failure_threshold", "must be at least 1".into());
+        }
+        for (field, v) in [
+            ("analysis.max_error_rate", a.max_error_rate),
+            ("analysis.max_error_rate_ratio", a.max_error_rate_ratio),
+            ("analysis.max_p95_ratio", a.max_p95_ratio),
+        ] {
+            if !v.is_finite() || v <= 0.0 {
+                return err(field, format!("{v} must be a positive number"));
+            }
+        }
+        Ok(())
+    }
+}
+
+// === state ===
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Progressing,
+    Paused,
+    Promoted,
+    RolledBack,
+    Aborted,
+}
+
+impl Phase {
+    /// Still under way (a new rollout cannot start).
+    pub fn active(self) -> bool {
+        matches!(self, Phase::Progressing | Phase::Paused)
+    }
+}
+
+/// One check of an analysis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    pub check: String,
+    /// The observed value (`null` when there was nothing to compare).
+    pub value: Option<f64>,
+    pub threshold: f64,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    Pass,
+    Fail,
+    Inconclusive,
+}
+
+impl Verdict {
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+            Verdict::Inconclusive => "inconclusive",
+        }
+    }
+}
+
+/// The outcome of judging the windows once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Analysis {
+    pub verdict: Verdict,
+    pub target_requests: u64,
+    pub stable_requests: u64,
+    pub checks: Vec<Check>,
+}
+
+/// A rollout as persisted: its spec and where it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutState {
+    pub spec: RolloutSpec,
+    pub phase: Phase,
+    pub step: usize,
+    /// Hold accumulated in this step by passing analyses.
+    pub held: Dur,
+    pub consecutive_failures: u32,
+    /// Inconclusive time in a row.
+    pub inconclusive: Dur,
+    pub started: String,
+    pub step_entered: String,
+    pub last_analysis: Option<Analysis>,
+    /// Why it ended, or why it paused.
+    pub reason: Option<String>,
+}
+
+impl RolloutState {
+    pub fn new(spec: RolloutSpec, now: String) -> RolloutState {
+        RolloutState {
+            spec,
+            phase: Phase::Progressing,
+            step: 0,
+            held: Dur(Duration::ZERO),
+            consecutive_failures: 0,
+            inconclusive: Dur(Duration::ZERO),
+            started: now.clone(),
+            step_entered: now,
+            last_analysis: None,
+            reason: None,
+        }
+    }
+
+    /// The target's weight for the current phase and step.
+    pub fn target_weight(&self) -> Weight {
+        match self.phase {
+            Phase::RolledBack | Phase::Aborted => Weight::default(),
+            Phase::Promoted => self.spec.steps().last().expect("validated").weight,
+            Phase::Progressing | Phase::Paused => self.spec.steps()[self.step].weight,
+        }
+    }
+}
+
+/// What one analysis leads to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Keep going in this step (the state's counters changed).
+    Stay,
+    /// The hold is done: go to the next step (or promote, after the last).
+    Advance,
+    /// `failure_threshold` consecutive failures: roll back.
+    RollBack(String),
+    /// Inconclusive for too long: pause.
+    Pause(String),
+}
+
+/// Judges the target's window against the stable one.
+pub fn analyze(spec: &AnalysisSpec, stable: &WindowStats, target: &WindowStats) -> Analysis {
+    let mut checks = Vec::new();
+    let inconclusive = target.requests < spec.min_requests;
+    let verdict_of = |failed: bool| if failed { Verdict::Fail } else { Verdict::Pass };
+    let target_rate = target.error_rate_percent();
+    let stable_rate = stable.error_rate_percent();
+    let p95_ms = |s: &WindowStats| s.p95.map(|d| d.as_secs_f64() * 1000.0);
+
+    checks.push(Check {
+        check: "error_rate".into(),
+        value: Some(target_rate),
+        threshold: spec.max_error_rate,
+        verdict: verdict_of(target_rate > spec.max_error_rate),
+    });
+    let max_p95_ms = spec.max_p95.0.as_secs_f64() * 1000.0;
+    checks.push(Check {
+        check: "p95".into(),
+        value: p95_ms(target),
+        threshold: max_p95_ms,
+        verdict: verdict_of(p95_ms(target).is_some_and(|p| p > max_p95_ms)),
+    });
+    // Relative checks need a stable baseline with enough traffic.
+    let baseline = stable.requests >= spec.min_requests;
+    let ratio = |t: f64, s: f64| if s > 0.0 { Some(t / s) } else { None };
+    let error_ratio = ratio(target_rate, stable_rate);
+    // With a clean stable backend any target error is an infinite ratio; it
+    // takes at least two target errors to call that a regression.
+    let error_regressed = target_rate > spec.max_error_rate_ratio * stable_rate && target.errors >= 2;
+    checks.push(Check {
+        check: "error_rate_ratio".into(),
+        value: error_ratio,
+        threshold: spec.max_error_rate_ratio,
+        verdict: if baseline { verdict_of(error_regressed) } else { Verdict::Inconclusive },
+    });
+    let p95_ratio = match (p95_ms(target), p95_ms(stable)) {
+        (Some(t), Some(s)) => ratio(t, s),
+        _ => None,
+    };
+    checks.push(Check {
+        check: "p95_ratio".into(),
+        value: p95_ratio,
+        threshold: spec.max_p95_ratio,
+        verdict: match (baseline, p95_ratio) {
+            (true, Some(r)) => verdict_of(r > spec.max_p95_ratio),
+            _ => Verdict::Inconclusive,
+        },
+    });
+    if inconclusive {
+        for c in &mut checks {
+            c.verdict = Verdict::Inconclusive;
+        }
+    }
+    let verdict = if inconclusive {
+        Verdict::Inconclusive
+    } else if checks.iter().any(|c| c.verdict == Verdict::Fail) {
+        Verdict::Fail
+    } else {
+        Verdict::Pass
+    };
+    Analysis { verdict, target_requests: target.requests, stable_requests: stable.requests, checks }
+}
+
+/// Applies one analysis to a progressing rollout.
+pub fn decide(state: &mut RolloutState, analysis: Analysis) -> Decision {
+    let spec = &state.spec.analysis;
+    let interval = spec.interval.0;
+    let decision = match analysis.verdict {
+        Verdict::Fail => {
+            state.consecutive_failures += 1;
+            state.inconclusive = Dur(Duration::ZERO);
+            if state.consecutive_failures >= spec.failure_threshold {
+                let breaches: Vec<String> = analysis
+                    .checks
+                    .iter()
+                    .filter(|c| c.verdict == Verdict::Fail)
+                    .map(|c| match c.value {
+                        Some(v) => format!("{} {v:.3} > {}", c.check, c.threshold),
+                        None => c.check.clone(),
+                    })
+                    .collect();
+                Decision::RollBack(format!(
+                    "{} consecutive failed analyses: {}",
+                    state.consecutive_failures,
+                    breaches.join(", ")
+                ))
+            } else {
+                Decision::Stay
+            }
+        }
+        Verdict::Inconclusive => {
+            state.inconclusive = Dur(state.inconclusive.0 + interval);
+            if state.inconclusive.0 >= spec.inconclusive_deadline.0 {
+                Decision::Pause(format!(
+                    "inconclusive for {}: fewer than {} requests to the target in the window",
+                    humantime::format_duration(state.inconclusive.0),
+                    spec.min_requests
+                ))
+            } else {
+                Decision::Stay
+            }
+        }
+        Verdict::Pass => {
+            state.consecutive_failures = 0;
+            state.inconclusive = Dur(Duration::ZERO);
+            state.held = Dur(state.held.0 + interval);
+            let steps = state.spec.steps();
+            match steps[state.step].hold {
+                Some(hold) if state.held.0 < hold.0 => Decision::Stay,
+                _ => Decision::Advance,
+            }
+        }
+    };
+    state.last_analysis = Some(analysis);
+    decision
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(requests: u64, errors: u64, p95_ms: u64) -> WindowStats {
+        WindowStats {
+            span: Duration::from_secs(30),
+            requests,
+            errors,
+            p50: Some(Duration::from_millis(p95_ms / 2)),
+            p95: Some(Duration::from_millis(p95_ms)),
+            p99: Some(Duration::from_millis(p95_ms)),
+        }
+    }
+
+    fn spec() -> AnalysisSpec {
+        AnalysisSpec::default()
+    }
+
+    #[test]
+    fn absolute_breaches_fail() {
+        let a = analyze(&spec(), &stats(1000, 0, 10), &stats(100, 10, 10));
+        assert_eq!(a.verdict, Verdict::Fail);
+        assert_eq!(a.checks[0].verdict, Verdict::Fail);
+        let a = analyze(&spec(), &stats(1000, 0, 10), &stats(100, 0, 6000));
+        assert_eq!(a.checks[1].verdict, Verdict::Fail);
+    }
+
+    #[test]
+    fn regressions_against_stable_fail_below_the_absolute_limits() {
+        // p95 3× stable's, far below 5 s.
+        let a = analyze(&spec(), &stats(1000, 0, 100), &stats(100, 0, 300));
+        assert_eq!(a.verdict, Verdict::Fail);
+        assert_eq!(a.checks[3].verdict, Verdict::Fail);
+        assert_eq!(a.checks[1].verdict, Verdict::Pass);
+        // 1.5 % errors against stable's 0.5 %: under 2 %, but 3× stable.
+        let a = analyze(&spec(), &stats(1000, 5, 100), &stats(200, 3, 100));
+        assert_eq!(a.checks[2].verdict, Verdict::Fail);
+        // One error against a clean stable is not yet a regression.
+        let a = analyze(&spec(), &stats(1000, 0, 100), &stats(200, 1, 100));
+        assert_eq!(a.verdict, Verdict::Pass);
+    }
+
+    #[test]
+    fn too_little_traffic_is_inconclusive_never_a_pass() {
+        let a = analyze(&spec(), &stats(1000, 0, 10), &stats(49, 0, 10));
+        assert_eq!(a.verdict, Verdict::Inconclusive);
+        let a = analyze(&spec(), &stats(0, 0, 10), &stats(0, 0, 10));
+        assert_eq!(a.verdict, Verdict::Inconclusive);
+        // Even a breach on too few requests is inconclusive.
+        let a = analyze(&spec(), &stats(1000, 0, 10), &stats(10, 10, 10));
+        assert_eq!(a.verdict, Verdict::Inconclusive);
+    }
+
+    fn rollout(steps: &[(f64, u64)]) -> RolloutState {
+        let spec = RolloutSpec {
+            strategy: Strategy::Canary,
+            stable: "blue".into(),
+            target: "canary".into(),
+            steps: Some(
+                steps
+                    .iter()
+                    .map(|(w, h)| Step {
+                        weight: Weight::from_percent(*w).unwrap(),
+                        hold: (*h > 0).then(|| Dur(Duration::from_secs(*h))),
+                    })
+                    .collect(),
+            ),
+            analysis: AnalysisSpec { interval: Dur(Duration::from_secs(5)), ..spec() },
+        };
+        RolloutState::new(spec, "now".into())
+    }
+
+    fn verdict(v: Verdict) -> Analysis {
+        Analysis { verdict: v, target_requests: 100, stable_requests: 100, checks: Vec::new() }
+    }
+
+    #[test]
+    fn holds_count_only_passing_analyses() {
+        let mut r = rollout(&[(5.0, 10), (100.0, 0)]);
+        assert_eq!(decide(&mut r, verdict(Verdict::Inconclusive)), Decision::Stay);
+        assert_eq!(decide(&mut r, verdict(Verdict::Inconclusive)), Decision::Stay);
+        assert_eq!(r.held.0, Duration::ZERO);
+        assert_eq!(decide(&mut r, verdict(Verdict::Pass)), Decision::Stay);
+        assert_eq!(decide(&mut r, verdict(Verdict::Pass)), Decision::Advance);
+    }
+
+    #[test]
+    fn consecutive_failures_roll_back_and_a_pass_resets_them() {
+        let mut r = rollout(&[(5.0, 60), (100.0, 0)]);
+        assert_eq!(decide(&mut r, verdict(Verdict::Fail)), Decision::Stay);
+        assert_eq!(decide(&mut r, verdict(Verdict::Pass)), Decision::Stay);
+        assert_eq!(decide(&mut r, verdict(Verdict::Fail)), Decision::Stay);
+        assert!(matches!(decide(&mut r, verdict(Verdict::Fail)), Decision::RollBack(_)));
+    }
+
+    #[test]
+    fn long_inconclusiveness_pauses() {
+        let mut r = rollout(&[(5.0, 60), (100.0, 0)]);
+        r.spec.analysis.inconclusive_deadline = Dur(Duration::from_secs(15));
+        assert_eq!(decide(&mut r, verdict(Verdict::Inconclusive)), Decision::Stay);
+        assert_eq!(decide(&mut r, verdict(Verdict::Inconclusive)), Decision::Stay);
+        assert!(matches!(decide(&mut r, verdict(Verdict::Inconclusive)), Decision::Pause(_)));
+    }
+
+    #[test]
+    fn default_steps_are_the_reference_plans() {
+        let steps = default_canary_steps();
+        let weights: Vec<String> = steps.iter().map(|s| s.weight.to_string()).collect();
+        assert_eq!(weights, ["0.10", "1", "5", "25", "100"]);
+        assert_eq!(steps[3].hold.unwrap().0, Duration::from_secs(48 * 3600));
+        assert!(steps[4].hold.is_none());
+    }
+}
