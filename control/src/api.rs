@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 
 use crate::admin::{json_error, respond_json, Admin};
 use crate::config::{Config, FlagConfig, Token, Weight};
+use crate::rollout::RolloutSpec;
 use crate::store::{StoreError, View};
 
 /// Largest request body the API reads.
@@ -101,6 +102,15 @@ pub async fn serve(admin: &Admin, req: Request<Incoming>) -> Resp {
         ("/v1/flags/{name}", "PATCH") => patch_flag(admin, &actor, param, req).await,
         ("/v1/flags/{name}", "DELETE") => delete_flag(admin, &actor, param, req.headers()).await,
         ("/v1/events", "GET") => events(admin, req.uri().query().unwrap_or("")),
+        ("/v1/routes/{route}/rollout", "GET") => rollout_status(&admin.store.view(), param),
+        ("/v1/routes/{route}/rollout", "POST") => start_rollout(admin, &actor, param, req).await,
+        ("/v1/routes/{route}/rollout/{action}", "POST") => {
+            let action = params.get(1).copied().unwrap_or_default();
+            match admin.store.rollout_action(&actor, param, action).await {
+                Ok(view) => rollout_status(&view, param),
+                Err(e) => Err(store_error(e)),
+            }
+        }
         _ => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -119,6 +129,8 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("/v1/routes/{route}/stats", "GET"),
     ("/v1/flags", "GET"),
     ("/v1/flags/{name}", "GET, PUT, PATCH, DELETE"),
+    ("/v1/routes/{route}/rollout", "GET, POST"),
+    ("/v1/routes/{route}/rollout/{action}", "POST"),
     ("/v1/events", "GET"),
 ];
 
@@ -198,7 +210,7 @@ fn state(view: &View) -> Resp {
         "version": view.version,
         "routes": routes,
         "flags": config.flags,
-        "rollouts": {},
+        "rollouts": &*view.rollouts,
     });
     versioned(StatusCode::OK, &body, view.version)
 }
@@ -236,6 +248,74 @@ fn route_doc(config: &Config, route: &str) -> Value {
         })
         .unwrap_or_default();
     json!({ "route": route, "weights": weights })
+}
+
+async fn start_rollout(
+    admin: &Admin,
+    actor: &str,
+    route: &str,
+    req: Request<Incoming>,
+) -> Result<Resp, ApiError> {
+    let if_match = if_match(req.headers())?;
+    let spec: RolloutSpec = read_json(req).await?;
+    let view = admin
+        .store
+        .start_rollout(actor, if_match, route, spec)
+        .await
+        .map_err(store_error)?;
+    rollout_status(&view, route).map(|mut r| {
+        *r.status_mut() = StatusCode::CREATED;
+        r
+    })
+}
+
+/// `GET /v1/routes/{route}/rollout`: phase, step, time in step, last
+/// analysis with each check, reason.
+fn rollout_status(view: &View, route: &str) -> Result<Resp, ApiError> {
+    if !view.config.routes.iter().any(|r| r.name == route) {
+        return Err(store_error(StoreError::NotFound(format!(
+            "no route named `{route}`"
+        ))));
+    }
+    let Some(state) = view.rollouts.get(route) else {
+        return Err(store_error(StoreError::NotFound(format!(
+            "route `{route}` has no rollout"
+        ))));
+    };
+    let steps = state.spec.steps();
+    let weights: BTreeMap<&str, Weight> = view
+        .config
+        .routes
+        .iter()
+        .find(|r| r.name == route)
+        .map(|r| {
+            r.backends
+                .iter()
+                .map(|b| (b.name.as_str(), b.weight))
+                .collect()
+        })
+        .unwrap_or_default();
+    let body = json!({
+        "route": route,
+        "strategy": state.spec.strategy,
+        "stable": state.spec.stable,
+        "target": state.spec.target,
+        "phase": state.phase,
+        "step": state.step,
+        "steps": steps,
+        "target_weight": state.target_weight(),
+        "weights": weights,
+        "held": state.held,
+        "hold": steps.get(state.step).and_then(|s| s.hold),
+        "step_entered": state.step_entered,
+        "started": state.started,
+        "consecutive_failures": state.consecutive_failures,
+        "inconclusive_for": state.inconclusive,
+        "last_analysis": state.last_analysis,
+        "reason": state.reason,
+        "analysis": state.spec.analysis,
+    });
+    Ok(versioned(StatusCode::OK, &body, view.version))
 }
 
 fn flags(view: &View) -> Resp {
@@ -367,6 +447,7 @@ fn events(admin: &Admin, query: &str) -> Result<Resp, ApiError> {
 fn store_error(e: StoreError) -> ApiError {
     match e {
         StoreError::Stale { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+        StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
         StoreError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
         StoreError::Invalid(c) => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", c.to_string())

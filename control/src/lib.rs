@@ -7,6 +7,7 @@ pub mod api;
 pub mod bucket;
 pub mod config;
 pub mod ctl;
+pub mod driver;
 pub mod flags;
 pub mod metrics;
 pub mod ofrep;

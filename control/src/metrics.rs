@@ -106,6 +106,9 @@ pub struct Metrics {
     unrouted: Box<[IntCounter]>,
     reloads: IntCounterVec,
     flags: IntCounterVec,
+    rollout_step: IntGaugeVec,
+    rollbacks: IntCounterVec,
+    checks: IntCounterVec,
     backends: ArcSwap<Vec<Arc<BackendStats>>>,
 }
 
@@ -225,6 +228,30 @@ impl Metrics {
             &["flag", "result"],
         )
         .expect("valid metric");
+        let rollout_step = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_rollout_step",
+                "Current step of a route's rollout (0-based); -1 after a rollback or abort.",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
+        let rollbacks = IntCounterVec::new(
+            Opts::new(
+                "switchyard_rollbacks_total",
+                "Automatic rollbacks, by route.",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
+        let checks = IntCounterVec::new(
+            Opts::new(
+                "switchyard_analysis_checks_total",
+                "Rollout analysis checks, by route, check and verdict.",
+            ),
+            &["route", "check", "verdict"],
+        )
+        .expect("valid metric");
         let unrouted = Unrouted::ALL
             .iter()
             .map(|r| unrouted_vec.with_label_values(&[r.label()]))
@@ -239,6 +266,9 @@ impl Metrics {
             Box::new(unrouted_vec),
             Box::new(reloads.clone()),
             Box::new(flags.clone()),
+            Box::new(rollout_step.clone()),
+            Box::new(rollbacks.clone()),
+            Box::new(checks.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -262,6 +292,9 @@ impl Metrics {
             unrouted,
             reloads,
             flags,
+            rollout_step,
+            rollbacks,
+            checks,
             backends: ArcSwap::from_pointee(Vec::new()),
         }
     }
@@ -357,6 +390,35 @@ impl Metrics {
             on: self.flags.with_label_values(&[name, "on"]),
             off: self.flags.with_label_values(&[name, "off"]),
         })
+    }
+
+    /// The window of (route, backend) over the last `span`, read now.
+    pub fn backend_window(&self, route: &str, backend: &str, span: Duration) -> WindowStats {
+        match self.find(route, backend) {
+            Some(b) => b.window.stats_over(Instant::now(), span),
+            None => WindowStats {
+                span,
+                requests: 0,
+                errors: 0,
+                p50: None,
+                p95: None,
+                p99: None,
+            },
+        }
+    }
+
+    pub fn set_rollout_step(&self, route: &str, step: i64) {
+        self.rollout_step.with_label_values(&[route]).set(step);
+    }
+
+    pub fn rolled_back(&self, route: &str) {
+        self.rollbacks.with_label_values(&[route]).inc();
+    }
+
+    pub fn analysis_check(&self, route: &str, check: &str, verdict: &str) {
+        self.checks
+            .with_label_values(&[route, check, verdict])
+            .inc();
     }
 
     /// Counts a configuration reload.

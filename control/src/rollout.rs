@@ -133,7 +133,13 @@ pub fn default_canary_steps() -> Vec<Step> {
         weight: Weight::from_percent(pct).expect("valid default"),
         hold: (hours > 0).then(|| Dur(Duration::from_secs(hours * 3600))),
     };
-    vec![step(0.1, 1), step(1.0, 4), step(5.0, 24), step(25.0, 48), step(100.0, 0)]
+    vec![
+        step(0.1, 1),
+        step(1.0, 4),
+        step(5.0, 24),
+        step(25.0, 48),
+        step(100.0, 0),
+    ]
 }
 
 impl RolloutSpec {
@@ -145,7 +151,10 @@ impl RolloutSpec {
     pub fn validate(&self, config: &Config, route: &str) -> Result<(), ConfigError> {
         let err = |field: &str, reason: String| Err(ConfigError::new(field, reason));
         if self.strategy == Strategy::BlueGreen {
-            return err("strategy", "blue-green is not supported yet; use canary".into());
+            return err(
+                "strategy",
+                "blue-green is not supported yet; use canary".into(),
+            );
         }
         let Some(rc) = config.routes.iter().find(|r| r.name == route) else {
             return err("route", format!("no route named `{route}`"));
@@ -157,7 +166,10 @@ impl RolloutSpec {
             }
         }
         if self.stable == self.target {
-            return err("target", "the target must differ from the stable backend".into());
+            return err(
+                "target",
+                "the target must differ from the stable backend".into(),
+            );
         }
         if names.last() != Some(&self.target.as_str()) {
             return err(
@@ -175,13 +187,19 @@ impl RolloutSpec {
         }
         for (i, pair) in steps.windows(2).enumerate() {
             if pair[1].weight <= pair[0].weight {
-                return err(&format!("steps[{}].weight", i + 1), "weights must increase step by step".into());
+                return err(
+                    &format!("steps[{}].weight", i + 1),
+                    "weights must increase step by step".into(),
+                );
             }
         }
         for (i, s) in steps.iter().enumerate() {
             let last = i + 1 == steps.len();
             if !last && s.hold.is_none() {
-                return err(&format!("steps[{i}].hold"), "every step but the last needs a hold".into());
+                return err(
+                    &format!("steps[{i}].hold"),
+                    "every step but the last needs a hold".into(),
+                );
             }
         }
         let others: u32 = rc
@@ -194,7 +212,11 @@ impl RolloutSpec {
         if others + top > Weight::FULL.basis_points() {
             return err(
                 "steps",
-                format!("the last step's {} % and the other backends' {} % exceed 100", f64::from(top) / 100.0, f64::from(others) / 100.0),
+                format!(
+                    "the last step's {} % and the other backends' {} % exceed 100",
+                    f64::from(top) / 100.0,
+                    f64::from(others) / 100.0
+                ),
             );
         }
         let a = &self.analysis;
@@ -204,7 +226,10 @@ impl RolloutSpec {
         if a.window.0 < a.interval.0 || a.window.0 > config.metrics.window.0 {
             return err(
                 "analysis.window",
-                format!("must be between the interval and metrics.window ({})", humantime::format_duration(config.metrics.window.0)),
+                format!(
+                    "must be between the interval and metrics.window ({})",
+                    humantime::format_duration(config.metrics.window.0)
+                ),
             );
         }
         if !config.metrics.enabled {
@@ -368,12 +393,17 @@ pub fn analyze(spec: &AnalysisSpec, stable: &WindowStats, target: &WindowStats) 
     let error_ratio = ratio(target_rate, stable_rate);
     // With a clean stable backend any target error is an infinite ratio; it
     // takes at least two target errors to call that a regression.
-    let error_regressed = target_rate > spec.max_error_rate_ratio * stable_rate && target.errors >= 2;
+    let error_regressed =
+        target_rate > spec.max_error_rate_ratio * stable_rate && target.errors >= 2;
     checks.push(Check {
         check: "error_rate_ratio".into(),
         value: error_ratio,
         threshold: spec.max_error_rate_ratio,
-        verdict: if baseline { verdict_of(error_regressed) } else { Verdict::Inconclusive },
+        verdict: if baseline {
+            verdict_of(error_regressed)
+        } else {
+            Verdict::Inconclusive
+        },
     });
     let p95_ratio = match (p95_ms(target), p95_ms(stable)) {
         (Some(t), Some(s)) => ratio(t, s),
@@ -400,7 +430,12 @@ pub fn analyze(spec: &AnalysisSpec, stable: &WindowStats, target: &WindowStats) 
     } else {
         Verdict::Pass
     };
-    Analysis { verdict, target_requests: target.requests, stable_requests: stable.requests, checks }
+    Analysis {
+        verdict,
+        target_requests: target.requests,
+        stable_requests: stable.requests,
+        checks,
+    }
 }
 
 /// Applies one analysis to a progressing rollout.
@@ -525,20 +560,34 @@ mod tests {
                     })
                     .collect(),
             ),
-            analysis: AnalysisSpec { interval: Dur(Duration::from_secs(5)), ..spec() },
+            analysis: AnalysisSpec {
+                interval: Dur(Duration::from_secs(5)),
+                ..spec()
+            },
         };
         RolloutState::new(spec, "now".into())
     }
 
     fn verdict(v: Verdict) -> Analysis {
-        Analysis { verdict: v, target_requests: 100, stable_requests: 100, checks: Vec::new() }
+        Analysis {
+            verdict: v,
+            target_requests: 100,
+            stable_requests: 100,
+            checks: Vec::new(),
+        }
     }
 
     #[test]
     fn holds_count_only_passing_analyses() {
         let mut r = rollout(&[(5.0, 10), (100.0, 0)]);
-        assert_eq!(decide(&mut r, verdict(Verdict::Inconclusive)), Decision::Stay);
-        assert_eq!(decide(&mut r, verdict(Verdict::Inconclusive)), Decision::Stay);
+        assert_eq!(
+            decide(&mut r, verdict(Verdict::Inconclusive)),
+            Decision::Stay
+        );
+        assert_eq!(
+            decide(&mut r, verdict(Verdict::Inconclusive)),
+            Decision::Stay
+        );
         assert_eq!(r.held.0, Duration::ZERO);
         assert_eq!(decide(&mut r, verdict(Verdict::Pass)), Decision::Stay);
         assert_eq!(decide(&mut r, verdict(Verdict::Pass)), Decision::Advance);
@@ -550,16 +599,28 @@ mod tests {
         assert_eq!(decide(&mut r, verdict(Verdict::Fail)), Decision::Stay);
         assert_eq!(decide(&mut r, verdict(Verdict::Pass)), Decision::Stay);
         assert_eq!(decide(&mut r, verdict(Verdict::Fail)), Decision::Stay);
-        assert!(matches!(decide(&mut r, verdict(Verdict::Fail)), Decision::RollBack(_)));
+        assert!(matches!(
+            decide(&mut r, verdict(Verdict::Fail)),
+            Decision::RollBack(_)
+        ));
     }
 
     #[test]
     fn long_inconclusiveness_pauses() {
         let mut r = rollout(&[(5.0, 60), (100.0, 0)]);
         r.spec.analysis.inconclusive_deadline = Dur(Duration::from_secs(15));
-        assert_eq!(decide(&mut r, verdict(Verdict::Inconclusive)), Decision::Stay);
-        assert_eq!(decide(&mut r, verdict(Verdict::Inconclusive)), Decision::Stay);
-        assert!(matches!(decide(&mut r, verdict(Verdict::Inconclusive)), Decision::Pause(_)));
+        assert_eq!(
+            decide(&mut r, verdict(Verdict::Inconclusive)),
+            Decision::Stay
+        );
+        assert_eq!(
+            decide(&mut r, verdict(Verdict::Inconclusive)),
+            Decision::Stay
+        );
+        assert!(matches!(
+            decide(&mut r, verdict(Verdict::Inconclusive)),
+            Decision::Pause(_)
+        ));
     }
 
     #[test]

@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::bucket::BUCKETS;
-use crate::config::{Config, ConfigError, FlagConfig, Weight};
+use crate::config::{Config, ConfigError, Dur, FlagConfig, Weight};
+use crate::rollout::{decide, Analysis, Decision, Phase, RolloutSpec, RolloutState};
+use std::time::Duration;
 
 /// Builds and swaps in the data plane's routing snapshot for a configuration.
 pub type Applier = Box<dyn Fn(&Config) + Send + Sync>;
@@ -38,6 +40,10 @@ pub struct Overrides {
     /// flag → its definition, or `None` where the API deleted it.
     #[serde(default)]
     pub flags: BTreeMap<String, Option<FlagConfig>>,
+    /// route → its latest rollout (active or ended: a rolled-back rollout
+    /// stays rolled back until a new one starts).
+    #[serde(default)]
+    pub rollouts: BTreeMap<String, RolloutState>,
 }
 
 const STATE_FORMAT: u32 = 1;
@@ -80,6 +86,10 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0}")]
     Invalid(ConfigError),
+    /// The change conflicts with the state (a rollout already under way,
+    /// a transition its phase does not allow).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Io(String),
 }
@@ -89,6 +99,8 @@ pub enum StoreError {
 pub struct View {
     pub version: u64,
     pub config: Arc<Config>,
+    /// Every route's latest rollout, with its progress.
+    pub rollouts: Arc<BTreeMap<String, RolloutState>>,
 }
 
 struct Inner {
@@ -157,6 +169,7 @@ impl Store {
             view: ArcSwap::from_pointee(View {
                 version,
                 config: Arc::new(effective),
+                rollouts: Arc::new(overrides.rollouts.clone()),
             }),
             write: tokio::sync::Mutex::new(Inner {
                 base,
@@ -348,7 +361,7 @@ impl Store {
         inner.base = base;
         inner.overrides = kept;
         inner.version = version;
-        self.swap(version, effective);
+        self.swap(version, effective, &inner.overrides);
         let after = summary(&self.view().config);
         self.record(
             &mut inner,
@@ -427,17 +440,195 @@ impl Store {
         self.persist(&next, version).await?;
         inner.overrides = next;
         inner.version = version;
-        self.swap(version, effective);
+        self.swap(version, effective, &inner.overrides);
         self.record(&mut inner, actor, described).await?;
         Ok(self.view())
     }
 
-    fn swap(&self, version: u64, effective: Config) {
+    fn swap(&self, version: u64, effective: Config, overrides: &Overrides) {
         (self.apply)(&effective);
         self.view.store(Arc::new(View {
             version,
             config: Arc::new(effective),
+            rollouts: Arc::new(overrides.rollouts.clone()),
         }));
+    }
+
+    // === rollouts ===
+
+    /// Starts a rollout on `route` at its first step.
+    pub async fn start_rollout(
+        &self,
+        actor: &str,
+        if_match: Option<u64>,
+        route: &str,
+        spec: RolloutSpec,
+    ) -> Result<Arc<View>, StoreError> {
+        self.mutate(actor, if_match, |current, overrides| {
+            spec.validate(current, route).map_err(StoreError::Invalid)?;
+            if let Some(existing) = overrides.rollouts.get(route).filter(|r| r.phase.active()) {
+                return Err(StoreError::Conflict(format!(
+                    "route `{route}` already has a rollout of `{}` ({:?}); abort or promote it first",
+                    existing.spec.target, existing.phase
+                )));
+            }
+            let before = route_weights(current, route);
+            let state = RolloutState::new(spec.clone(), now_rfc3339());
+            let weights = rollout_weights(current, route, &state);
+            let after = json!({ "rollout": &state, "weights": &weights });
+            overrides.weights.insert(route.to_owned(), weights);
+            overrides.rollouts.insert(route.to_owned(), state);
+            Ok(Change { action: "rollout.start", target: format!("routes/{route}"), before, after })
+        })
+        .await
+    }
+
+    /// An operator's `promote`, `pause`, `resume` or `abort`.
+    pub async fn rollout_action(
+        &self,
+        actor: &str,
+        route: &str,
+        action: &str,
+    ) -> Result<Arc<View>, StoreError> {
+        let actor_name = actor.to_owned();
+        self.mutate(actor, None, |current, overrides| {
+            let state = overrides
+                .rollouts
+                .get_mut(route)
+                .ok_or_else(|| StoreError::NotFound(format!("route `{route}` has no rollout")))?;
+            let before = json!({ "phase": state.phase, "step": state.step });
+            let conflict = |what: &str| {
+                StoreError::Conflict(format!("cannot {what} a rollout that is {:?}", state.phase))
+            };
+            let (phase, name) = match (action, state.phase) {
+                ("pause", Phase::Progressing) => (Phase::Paused, "rollout.pause"),
+                ("resume", Phase::Paused) => (Phase::Progressing, "rollout.resume"),
+                ("promote", p) if p.active() => (Phase::Promoted, "rollout.promote"),
+                ("abort", p) if p.active() => (Phase::Aborted, "rollout.abort"),
+                ("pause" | "resume" | "promote" | "abort", _) => return Err(conflict(action)),
+                _ => {
+                    return Err(StoreError::NotFound(format!(
+                        "no rollout action `{action}`"
+                    )))
+                }
+            };
+            state.phase = phase;
+            state.inconclusive = Dur(Duration::ZERO);
+            state.consecutive_failures = 0;
+            state.reason = match phase {
+                Phase::Aborted => Some(format!("aborted by {actor_name}")),
+                Phase::Promoted => Some(format!("promoted by {actor_name}")),
+                _ => None,
+            };
+            let weights = rollout_weights(current, route, state);
+            let after = json!({ "phase": state.phase, "step": state.step, "weights": &weights });
+            overrides.weights.insert(route.to_owned(), weights);
+            Ok(Change {
+                action: name,
+                target: format!("routes/{route}"),
+                before,
+                after,
+            })
+        })
+        .await
+    }
+
+    /// Applies one analysis of `route`'s progressing rollout. Progress within
+    /// a step (held time, counters, the analysis) is persisted without a new
+    /// version or an audit record; step changes, promotion, rollback and
+    /// pause go through the audited write path.
+    pub async fn rollout_analyzed(
+        &self,
+        route: &str,
+        analysis: Analysis,
+    ) -> Result<RolloutOutcome, StoreError> {
+        let mut inner = self.write.lock().await;
+        let Some(mut state) = inner
+            .overrides
+            .rollouts
+            .get(route)
+            .filter(|r| r.phase == Phase::Progressing)
+            .cloned()
+        else {
+            return Ok(RolloutOutcome::NotRunning);
+        };
+        let decision = decide(&mut state, analysis);
+        if decision == Decision::Stay {
+            let version = inner.version;
+            inner.overrides.rollouts.insert(route.to_owned(), state);
+            self.persist(&inner.overrides, version).await?;
+            let view = self.view();
+            self.view.store(Arc::new(View {
+                version,
+                config: view.config.clone(),
+                rollouts: Arc::new(inner.overrides.rollouts.clone()),
+            }));
+            return Ok(RolloutOutcome::Stayed);
+        }
+        drop(inner);
+        let analyzed_step = state.step;
+        let last_step = state.spec.steps().len() - 1;
+        let (actor, action, outcome) = match &decision {
+            Decision::Advance if state.step < last_step => {
+                state.step += 1;
+                state.held = Dur(Duration::ZERO);
+                state.step_entered = now_rfc3339();
+                (
+                    "rollout",
+                    "rollout.step",
+                    RolloutOutcome::Advanced(state.step),
+                )
+            }
+            Decision::Advance => {
+                state.phase = Phase::Promoted;
+                state.reason = Some("every step held with passing analyses".into());
+                ("rollout", "rollout.promote", RolloutOutcome::Promoted)
+            }
+            Decision::RollBack(reason) => {
+                state.phase = Phase::RolledBack;
+                state.reason = Some(reason.clone());
+                (
+                    "auto-rollback",
+                    "rollout.rollback",
+                    RolloutOutcome::RolledBack(reason.clone()),
+                )
+            }
+            Decision::Pause(reason) => {
+                state.phase = Phase::Paused;
+                state.reason = Some(reason.clone());
+                ("rollout", "rollout.pause", RolloutOutcome::Paused)
+            }
+            Decision::Stay => unreachable!("handled above"),
+        };
+        self.mutate(actor, None, |current, overrides| {
+            // An operator may have paused, aborted or promoted meanwhile.
+            let still = overrides
+                .rollouts
+                .get(route)
+                .is_some_and(|r| r.phase == Phase::Progressing && r.step == analyzed_step);
+            if !still {
+                return Err(StoreError::Conflict(format!(
+                    "the rollout of `{route}` changed during its analysis"
+                )));
+            }
+            let before =
+                json!({ "phase": Phase::Progressing, "weights": route_weights(current, route) });
+            let weights = rollout_weights(current, route, &state);
+            let after = json!({
+                "phase": state.phase, "step": state.step, "weights": &weights,
+                "reason": &state.reason, "analysis": &state.last_analysis,
+            });
+            overrides.weights.insert(route.to_owned(), weights);
+            overrides.rollouts.insert(route.to_owned(), state);
+            Ok(Change {
+                action,
+                target: format!("routes/{route}"),
+                before,
+                after,
+            })
+        })
+        .await?;
+        Ok(outcome)
     }
 
     /// Writes the state file off the async runtime: an fsync must never
@@ -527,6 +718,54 @@ fn append_event_blocking(dir: &Path, event: &Event) -> Result<(), StoreError> {
                 path.display()
             ))
         })
+}
+
+/// What an analysis did to a rollout.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RolloutOutcome {
+    NotRunning,
+    Stayed,
+    Advanced(usize),
+    Promoted,
+    RolledBack(String),
+    Paused,
+}
+
+/// The route's weights with the rollout's target at its current weight: other
+/// backends keep theirs, the stable backend takes the rest.
+fn rollout_weights(config: &Config, route: &str, state: &RolloutState) -> BTreeMap<String, Weight> {
+    let rc = config
+        .routes
+        .iter()
+        .find(|r| r.name == route)
+        .expect("rollout routes exist");
+    let target = state.target_weight().basis_points();
+    let others: u32 = rc
+        .backends
+        .iter()
+        .filter(|b| b.name != state.spec.stable && b.name != state.spec.target)
+        .map(|b| b.weight.basis_points())
+        .sum();
+    rc.backends
+        .iter()
+        .map(|b| {
+            let w = if b.name == state.spec.target {
+                target
+            } else if b.name == state.spec.stable {
+                Weight::FULL.basis_points().saturating_sub(others + target)
+            } else {
+                b.weight.basis_points()
+            };
+            (
+                b.name.clone(),
+                Weight::from_basis_points(w).expect("at most 100 %"),
+            )
+        })
+        .collect()
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
 fn invalid(field: &str, reason: String) -> StoreError {

@@ -214,6 +214,14 @@ impl Proxy {
             store: self.store.clone(),
             tokens: self.tokens.clone(),
         };
+        let (driver_stop, mut driver_stopped) = watch::channel(false);
+        let driver = tokio::spawn(switchyard_control::driver::run(
+            self.store.clone(),
+            self.shared.metrics.clone(),
+            async move {
+                let _ = driver_stopped.wait_for(|stop| *stop).await;
+            },
+        ));
         let admin = tokio::spawn(admin::serve(listeners.admin, context, async move {
             let _ = admin_stopped.wait_for(|stop| *stop).await;
         }));
@@ -234,6 +242,8 @@ impl Proxy {
         )
         .await;
 
+        let _ = driver_stop.send(true);
+        let _ = driver.await;
         let _ = admin_stop.send(true);
         let _ = admin.await;
         tracing::info!(abandoned = drained.abandoned, "stopped");

@@ -682,7 +682,8 @@ async fn the_openapi_document_describes_the_running_router() {
         let path = template
             .replace("{route}", "api")
             .replace("{name}", "new-checkout")
-            .replace("{key}", "new-checkout");
+            .replace("{key}", "new-checkout")
+            .replace("{action}", "pause");
         for method in methods {
             let documented = item.get(method.to_lowercase().as_str()).is_some();
             let body = if method == "PUT" && path.contains("weights") {
@@ -693,8 +694,10 @@ async fn the_openapi_document_describes_the_running_router() {
             let (status, headers, text) =
                 call(method, &s.url(&path), Some(CI_TOKEN), &[], body.to_owned()).await;
             if documented {
+                // A 404 about a missing resource is fine; one about a missing endpoint is not.
+                let unrouted = status == 405 || (status == 404 && text.contains("no endpoint"));
                 assert!(
-                    status != 404 && status != 405,
+                    !unrouted,
                     "{method} {path} is documented but answered {status}: {text}"
                 );
             } else {

@@ -1,0 +1,79 @@
+//! Runs the rollouts: every `analysis.interval`, each progressing rollout's
+//! target window is judged against its stable window, and the store applies
+//! the decision (hold, next step, promotion, rollback, pause).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::metrics::Metrics;
+use crate::rollout::{analyze, Phase};
+use crate::store::{RolloutOutcome, Store, StoreError};
+
+/// How often the driver looks for analyses that are due; the bound on how
+/// late one can run.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Drives every route's rollout until `shutdown` resolves.
+pub async fn run(store: Arc<Store>, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When each route's rollout was last analyzed (or first seen running).
+    let mut last: HashMap<String, Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tick.tick() => {}
+        }
+        let view = store.view();
+        for (route, state) in view.rollouts.iter() {
+            let step = match state.phase {
+                Phase::RolledBack | Phase::Aborted => -1,
+                _ => state.step as i64,
+            };
+            metrics.set_rollout_step(route, step);
+            if state.phase != Phase::Progressing {
+                last.remove(route);
+                continue;
+            }
+            let spec = &state.spec.analysis;
+            let now = Instant::now();
+            let Some(previous) = last.get(route).copied() else {
+                // The first analysis comes one interval after the rollout is
+                // first seen running (start, resume, or process start).
+                last.insert(route.clone(), now);
+                continue;
+            };
+            if now.duration_since(previous) < spec.interval.0 {
+                continue;
+            }
+            last.insert(route.clone(), now);
+            let stable = metrics.backend_window(route, &state.spec.stable, spec.window.0);
+            let target = metrics.backend_window(route, &state.spec.target, spec.window.0);
+            let analysis = analyze(spec, &stable, &target);
+            for c in &analysis.checks {
+                metrics.analysis_check(route, &c.check, c.verdict.label());
+            }
+            match store.rollout_analyzed(route, analysis).await {
+                Ok(RolloutOutcome::RolledBack(reason)) => {
+                    metrics.rolled_back(route);
+                    tracing::warn!(route = %route, reason = %reason, "rolled back");
+                }
+                Ok(RolloutOutcome::Advanced(step)) => {
+                    tracing::info!(route = %route, step, "rollout step")
+                }
+                Ok(RolloutOutcome::Promoted) => tracing::info!(route = %route, "rollout promoted"),
+                Ok(RolloutOutcome::Paused) => {
+                    tracing::warn!(route = %route, "rollout paused: inconclusive too long")
+                }
+                Ok(RolloutOutcome::Stayed | RolloutOutcome::NotRunning) => {}
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => {
+                    tracing::error!(route = %route, error = %e, "rollout analysis could not be applied")
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! Rollouts with automatic rollback, end to end: real upstreams that
+//! misbehave on purpose, steady traffic, the driver judging live windows.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{call, client, get, Behaviour, Running, Upstream};
+use serde_json::{json, Value};
+
+/// Steady traffic from distinct users until stopped (at most 60 s and
+/// 100,000 requests, so a bug cannot run it forever).
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Traffic {
+    fn start(proxy: &Running) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let url = proxy.url("/");
+        let task = tokio::spawn(async move {
+            let c = client();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut sent = 0u64;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline && sent < 100_000 {
+                get(&c, &url, &[("x-user-id", &format!("user-{}", sent % 5000))]).await;
+                sent += 1;
+            }
+            sent
+        });
+        Traffic { stop, task }
+    }
+
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+async fn api(proxy: &Running, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let (status, _, text) = call(
+        method,
+        &format!("http://{}{path}", proxy.admin),
+        None,
+        &[],
+        body.to_owned(),
+    )
+    .await;
+    (
+        status.as_u16(),
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+    )
+}
+
+/// Polls the rollout status every 50 ms (at most 30 s) until `done` holds.
+async fn wait_status(proxy: &Running, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, status) = api(proxy, "GET", "/v1/routes/api/rollout", "").await;
+        if done(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rollout never reached the expected state: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn proxy_with(blue: &Upstream, canary: &Upstream) -> Running {
+    let yaml = common::config(
+        "metrics: { window: 60s }",
+        &[("blue", blue.addr, 100.0), ("canary", canary.addr, 0.0)],
+    );
+    Running::start(&yaml).await
+}
+
+fn fast_rollout(steps: Value, extra: Value) -> String {
+    let mut analysis =
+        json!({"interval": "1s", "window": "5s", "min_requests": 20, "failure_threshold": 2});
+    if let (Some(a), Some(e)) = (analysis.as_object_mut(), extra.as_object()) {
+        a.extend(e.clone());
+    }
+    json!({"strategy": "canary", "stable": "blue", "target": "canary", "steps": steps, "analysis": analysis}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_answering_ten_percent_500s_is_rolled_back_in_bounded_time() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start(
+        "canary",
+        Behaviour::Pattern {
+            fast: Duration::ZERO,
+            slow: Duration::ZERO,
+            slow_every: 1,
+            fail_every: 10,
+        },
+    )
+    .await;
+    let proxy = proxy_with(&blue, &canary).await;
+    let body = fast_rollout(
+        json!([{"weight": 50, "hold": "60s"}, {"weight": 100}]),
+        json!({}),
+    );
+    let (status, started) = api(&proxy, "POST", "/v1/routes/api/rollout", &body).await;
+    assert_eq!(status, 201, "{started}");
+    assert_eq!(started["weights"], json!({"blue": 50, "canary": 50}));
+
+    let traffic = Traffic::start(&proxy);
+    canary.wait_for_arrivals(10).await; // the 10th canary request is the first 500
+    let first_failure = Instant::now();
+    let status = wait_status(&proxy, |s| s["phase"] == "rolled-back").await;
+    let to_rollback = first_failure.elapsed();
+    // interval × failure_threshold + one interval, plus the status poll's 50 ms
+    // and scheduling slack.
+    let bound = Duration::from_secs(3) + Duration::from_millis(500);
+    println!("first failing request to weight 0: {to_rollback:?} (bound {bound:?})");
+    assert!(to_rollback <= bound, "rollback took {to_rollback:?}");
+    assert_eq!(status["weights"], json!({"blue": 100, "canary": 0}));
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.contains("error_rate"), "{reason}");
+    let checks = &status["last_analysis"]["checks"];
+    assert_eq!(checks[0]["check"], "error_rate");
+    assert_eq!(checks[0]["verdict"], "fail");
+
+    // After the swap the canary gets nothing; its users are back on blue.
+    let arrived = canary.arrived.load(Ordering::SeqCst);
+    let sent_more = {
+        let c = client();
+        for i in 0..300 {
+            let (s, _, b) = get(&c, &proxy.url("/"), &[("x-user-id", &format!("user-{i}"))]).await;
+            assert_eq!((s.as_u16(), b.as_str()), (200, "blue\n"));
+        }
+        300
+    };
+    assert_eq!(sent_more, 300);
+    traffic.stop().await;
+    // Requests in flight at the swap may still land; none after the check above.
+    let after = canary.arrived.load(Ordering::SeqCst);
+    assert!(
+        after - arrived <= 64,
+        "{} canary requests after the rollback",
+        after - arrived
+    );
+
+    let (_, events) = api(&proxy, "GET", "/v1/events", "").await;
+    let rollback = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "rollout.rollback")
+        .cloned();
+    let rollback = rollback.expect("a rollback event");
+    assert_eq!(rollback["actor"], "auto-rollback");
+    assert!(rollback["after"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("error_rate"));
+    let (_, _, metrics) = get(&client(), &format!("http://{}/metrics", proxy.admin), &[]).await;
+    assert!(
+        metrics.contains(r#"switchyard_rollbacks_total{route="api"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"switchyard_rollout_step{route="api"} -1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        r#"switchyard_analysis_checks_total{check="error_rate",route="api",verdict="fail"}"#
+    ));
+
+    // It stays rolled back: a new rollout must be started deliberately.
+    let (status, _) = api(&proxy, "POST", "/v1/routes/api/rollout/resume", "").await;
+    assert_eq!(status, 409);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_three_times_slower_than_stable_is_rolled_back_by_the_relative_check() {
+    let blue = Upstream::start("blue", Behaviour::Delay(Duration::from_millis(10))).await;
+    let canary = Upstream::start("canary", Behaviour::Delay(Duration::from_millis(30))).await;
+    let proxy = proxy_with(&blue, &canary).await;
+    let body = fast_rollout(
+        json!([{"weight": 50, "hold": "60s"}, {"weight": 100}]),
+        json!({}),
+    );
+    assert_eq!(
+        api(&proxy, "POST", "/v1/routes/api/rollout", &body).await.0,
+        201
+    );
+    let traffic = Traffic::start(&proxy);
+    let status = wait_status(&proxy, |s| s["phase"] != "progressing").await;
+    traffic.stop().await;
+    assert_eq!(status["phase"], "rolled-back", "{status}");
+    let reason = status["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("p95_ratio") && !reason.contains("error_rate"),
+        "{reason}"
+    );
+    let p95 = status["last_analysis"]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "p95")
+        .unwrap()
+        .clone();
+    assert_eq!(p95["verdict"], "pass", "under the absolute limit: {p95}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_traffic_and_too_little_traffic_never_advance() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::Name).await;
+    let proxy = proxy_with(&blue, &canary).await;
+    let body = fast_rollout(
+        json!([{"weight": 50, "hold": "1s"}, {"weight": 100}]),
+        json!({"min_requests": 1000}),
+    );
+    assert_eq!(
+        api(&proxy, "POST", "/v1/routes/api/rollout", &body).await.0,
+        201
+    );
+
+    // No traffic: three inconclusive analyses, still step 0, nothing held.
+    let status = wait_status(&proxy, |s| s["inconclusive_for"] == "3s").await;
+    assert_eq!(
+        (status["step"].clone(), status["held"].clone()),
+        (json!(0), json!("0s"))
+    );
+    assert_eq!(status["last_analysis"]["verdict"], "inconclusive");
+
+    // Some traffic, but under min_requests in the window: still nothing.
+    let c = client();
+    for i in 0..100 {
+        get(&c, &proxy.url("/"), &[("x-user-id", &format!("u{i}"))]).await;
+    }
+    let status = wait_status(&proxy, |s| s["inconclusive_for"] == "5s").await;
+    assert_eq!(status["step"], 0);
+    assert!(status["last_analysis"]["target_requests"].as_u64().unwrap() > 0);
+    assert_eq!(status["phase"], "progressing");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_canary_goes_through_every_step_to_promotion() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::Name).await;
+    let proxy = proxy_with(&blue, &canary).await;
+    let body = fast_rollout(
+        json!([{"weight": 10, "hold": "2s"}, {"weight": 50, "hold": "2s"}, {"weight": 100}]),
+        json!({"min_requests": 10}),
+    );
+    assert_eq!(
+        api(&proxy, "POST", "/v1/routes/api/rollout", &body).await.0,
+        201
+    );
+    let traffic = Traffic::start(&proxy);
+    let status = wait_status(&proxy, |s| s["phase"] != "progressing").await;
+    traffic.stop().await;
+    assert_eq!(status["phase"], "promoted", "{status}");
+    assert_eq!(status["weights"], json!({"blue": 0, "canary": 100}));
+    let (_, events) = api(&proxy, "GET", "/v1/events", "").await;
+    let actions: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "rollout.start",
+            "rollout.step",
+            "rollout.step",
+            "rollout.promote"
+        ]
+    );
+    assert_eq!(
+        common::backend_of(&client(), &proxy, "anyone").await,
+        "canary"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn rollout_api_validates_and_controls() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::Name).await;
+    let proxy = proxy_with(&blue, &canary).await;
+    assert_eq!(
+        api(&proxy, "GET", "/v1/routes/api/rollout", "").await.0,
+        404
+    );
+    let bad = [
+        (json!({"stable": "canary", "target": "blue"}).to_string(), "last backend"),
+        (json!({"stable": "blue", "target": "purple"}).to_string(), "no backend `purple`"),
+        (json!({"stable": "blue", "target": "canary", "strategy": "blue-green"}).to_string(), "not supported yet"),
+        (json!({"stable": "blue", "target": "canary", "steps": [{"weight": 50, "hold": "1s"}, {"weight": 10}]}).to_string(), "increase"),
+        (json!({"stable": "blue", "target": "canary", "steps": [{"weight": 50}, {"weight": 100}]}).to_string(), "needs a hold"),
+        (json!({"stable": "blue", "target": "canary", "analysis": {"window": "2h"}}).to_string(), "analysis.window"),
+        (json!({"stable": "blue", "target": "canary", "colour": "red"}).to_string(), "colour"),
+    ];
+    for (body, want) in bad {
+        let (status, v) = api(&proxy, "POST", "/v1/routes/api/rollout", &body).await;
+        assert_eq!(status, 422, "{body}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(want),
+            "{body}: {v}"
+        );
+    }
+    assert_eq!(
+        api(&proxy, "GET", "/v1/state", "").await.1["version"],
+        0,
+        "rejected starts changed nothing"
+    );
+
+    // Defaults: the reference plan's steps, starting at 0.1 %.
+    let (status, v) = api(
+        &proxy,
+        "POST",
+        "/v1/routes/api/rollout",
+        r#"{"stable": "blue", "target": "canary"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["steps"].as_array().unwrap().len(), 5);
+    assert_eq!(v["weights"], json!({"blue": 99.9, "canary": 0.1}));
+    assert_eq!(
+        api(
+            &proxy,
+            "POST",
+            "/v1/routes/api/rollout",
+            r#"{"stable": "blue", "target": "canary"}"#
+        )
+        .await
+        .0,
+        409
+    );
+
+    let (status, v) = api(&proxy, "POST", "/v1/routes/api/rollout/pause", "").await;
+    assert_eq!((status, v["phase"].clone()), (200, json!("paused")));
+    assert_eq!(
+        api(&proxy, "POST", "/v1/routes/api/rollout/pause", "")
+            .await
+            .0,
+        409
+    );
+    let (_, v) = api(&proxy, "POST", "/v1/routes/api/rollout/resume", "").await;
+    assert_eq!(v["phase"], "progressing");
+    let (_, v) = api(&proxy, "POST", "/v1/routes/api/rollout/promote", "").await;
+    assert_eq!(
+        (v["phase"].clone(), v["weights"].clone()),
+        (json!("promoted"), json!({"blue": 0, "canary": 100}))
+    );
+    assert_eq!(
+        api(&proxy, "POST", "/v1/routes/api/rollout/abort", "")
+            .await
+            .0,
+        409
+    );
+    assert_eq!(
+        api(&proxy, "POST", "/v1/routes/api/rollout/explode", "")
+            .await
+            .0,
+        404
+    );
+
+    // A new rollout after the old one ended; aborting puts the target at 0.
+    proxy
+        .handle
+        .set_weights("api", &[("blue", 100.0)])
+        .await
+        .unwrap();
+    assert_eq!(
+        api(
+            &proxy,
+            "POST",
+            "/v1/routes/api/rollout",
+            r#"{"stable": "blue", "target": "canary"}"#
+        )
+        .await
+        .0,
+        201
+    );
+    let (_, v) = api(&proxy, "POST", "/v1/routes/api/rollout/abort", "").await;
+    assert_eq!(
+        (v["phase"].clone(), v["weights"].clone()),
+        (json!("aborted"), json!({"blue": 100, "canary": 0}))
+    );
+    assert!(v["reason"]
+        .as_str()
+        .unwrap()
+        .contains("aborted by anonymous"));
+    proxy.stop().await;
+}
