@@ -421,3 +421,70 @@ async fn config_reload_applies_valid_files_and_keeps_running_on_invalid_ones() {
     kill(pid, Signal::SIGTERM).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// SIGKILL mid-rollout: the restarted proxy resumes at the same step, with
+/// the hold time already earned still counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_resumes_after_sigkill_at_its_step_with_its_held_time() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::Name).await;
+    let dir = common::temp_dir("rollout-restart");
+    let yaml = stateful_config(&dir, blue.addr, canary.addr);
+    let path = dir.join("switchyard.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let (mut child, data, admin) = spawn_run_path(&path, &[]);
+    let url = |admin: SocketAddr| format!("http://{admin}/v1/routes/api/rollout");
+    let spec = r#"{"stable": "blue", "target": "canary",
+        "steps": [{"weight": 10, "hold": "1s"}, {"weight": 50, "hold": "1h"}, {"weight": 100}],
+        "analysis": {"interval": "1s", "window": "5s", "min_requests": 5}}"#;
+    let (status, _, body) = common::call("POST", &url(admin), Some(TOKEN), &[], spec).await;
+    assert_eq!(status, 201, "{body}");
+
+    // Traffic until the rollout is in step 1 with at least 2 s held.
+    let status_of = |admin: SocketAddr| async move {
+        let (_, _, body) = common::call("GET", &url(admin), Some(TOKEN), &[], "").await;
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let c = client();
+    let mut i = 0;
+    let held_secs = |s: &serde_json::Value| {
+        switchyard_control::config::parse_duration(s["held"].as_str().unwrap())
+            .unwrap()
+            .as_secs()
+    };
+    let before = loop {
+        for _ in 0..20 {
+            get(
+                &c,
+                &format!("http://{data}/"),
+                &[("x-user-id", &format!("u{i}"))],
+            )
+            .await;
+            i += 1;
+        }
+        let s = status_of(admin).await;
+        if s["step"] == 1 && held_secs(&s) >= 2 {
+            break s;
+        }
+        assert!(i < 20_000, "rollout never reached step 1: {s}");
+    };
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+
+    let (mut child, _data, admin) = spawn_run_path(&path, &[]);
+    let after = status_of(admin).await;
+    assert_eq!(after["phase"], "progressing");
+    assert_eq!(after["step"], 1);
+    assert!(
+        held_secs(&after) >= held_secs(&before),
+        "held {} after, {} before",
+        after["held"],
+        before["held"]
+    );
+    assert_eq!(
+        after["weights"],
+        serde_json::json!({"blue": 50, "canary": 50})
+    );
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
