@@ -107,7 +107,13 @@ pub async fn serve(admin: &Admin, req: Request<Incoming>) -> Resp {
         ("/v1/routes/{route}/rollout/{action}", "POST") => {
             let action = params.get(1).copied().unwrap_or_default();
             match admin.store.rollout_action(&actor, param, action).await {
-                Ok(view) => rollout_status(&view, param),
+                Ok(view) => {
+                    if let Some(state) = view.rollouts.get(param) {
+                        let payload = crate::driver::event_payload(action, param, state);
+                        state.spec.webhooks.notify(payload);
+                    }
+                    rollout_status(&view, param)
+                }
                 Err(e) => Err(store_error(e)),
             }
         }

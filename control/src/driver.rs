@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::metrics::Metrics;
-use crate::rollout::{analyze, Phase};
+use crate::rollout::{analyze, decide, Decision, Phase, RolloutState};
 use crate::store::{RolloutOutcome, Store, StoreError};
 
 /// How often the driver looks for analyses that are due; the bound on how
@@ -56,24 +56,62 @@ pub async fn run(store: Arc<Store>, metrics: Arc<Metrics>, shutdown: impl Future
             for c in &analysis.checks {
                 metrics.analysis_check(route, &c.check, c.verdict.label());
             }
-            match store.rollout_analyzed(route, analysis).await {
+            // Ask the gate only when this analysis would move to the next step.
+            let mut preview = state.clone();
+            let gate = if decide(&mut preview, analysis.clone()) == Decision::Advance {
+                state
+                    .spec
+                    .webhooks
+                    .gate(&event_payload("gate", route, state))
+                    .await
+            } else {
+                Ok(())
+            };
+            let outcome = store.rollout_analyzed(route, analysis, gate).await;
+            let event = match &outcome {
                 Ok(RolloutOutcome::RolledBack(reason)) => {
                     metrics.rolled_back(route);
                     tracing::warn!(route = %route, reason = %reason, "rolled back");
+                    Some("rollback")
                 }
                 Ok(RolloutOutcome::Advanced(step)) => {
-                    tracing::info!(route = %route, step, "rollout step")
+                    tracing::info!(route = %route, step, "rollout step");
+                    Some("step")
                 }
-                Ok(RolloutOutcome::Promoted) => tracing::info!(route = %route, "rollout promoted"),
+                Ok(RolloutOutcome::Promoted) => {
+                    tracing::info!(route = %route, "rollout promoted");
+                    Some("promote")
+                }
                 Ok(RolloutOutcome::Paused) => {
-                    tracing::warn!(route = %route, "rollout paused: inconclusive too long")
+                    tracing::warn!(route = %route, "rollout paused: inconclusive too long");
+                    Some("pause")
                 }
-                Ok(RolloutOutcome::Stayed | RolloutOutcome::NotRunning) => {}
-                Err(StoreError::Conflict(_)) => {}
+                Ok(RolloutOutcome::Stayed | RolloutOutcome::NotRunning)
+                | Err(StoreError::Conflict(_)) => None,
                 Err(e) => {
-                    tracing::error!(route = %route, error = %e, "rollout analysis could not be applied")
+                    tracing::error!(route = %route, error = %e, "rollout analysis could not be applied");
+                    None
                 }
+            };
+            if let (Some(event), Some(now)) = (event, store.view().rollouts.get(route)) {
+                now.spec.webhooks.notify(event_payload(event, route, now));
             }
         }
     }
+}
+
+/// The JSON a webhook receives: which event, which route, where the rollout
+/// is, and why.
+pub fn event_payload(event: &str, route: &str, state: &RolloutState) -> serde_json::Value {
+    serde_json::json!({
+        "event": event,
+        "route": route,
+        "stable": state.spec.stable,
+        "target": state.spec.target,
+        "phase": state.phase,
+        "step": state.step,
+        "target_weight": state.target_weight(),
+        "reason": state.reason,
+        "analysis": state.last_analysis,
+    })
 }

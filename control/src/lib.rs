@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod ofrep;
 pub mod rollout;
 pub mod store;
+pub mod webhook;
 pub mod window;

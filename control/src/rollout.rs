@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ConfigError, Dur, Weight};
+use crate::webhook::Webhooks;
 use crate::window::WindowStats;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -63,6 +64,12 @@ pub struct AnalysisSpec {
     /// Relative: target p95 above this × stable's fails. Default 1.2.
     #[serde(default = "d_p95_ratio")]
     pub max_p95_ratio: f64,
+    /// Relative p95 check: the target must also be at least this much slower
+    /// than stable in absolute terms, so sub-millisecond noise (0.7 ms
+    /// against 0.5 ms is "1.4×") never rolls back a healthy canary.
+    /// Default `10ms`.
+    #[serde(default = "d_min_p95_difference")]
+    pub min_p95_difference: Dur,
     /// Inconclusive this long in a row pauses the rollout. Default `10m`.
     #[serde(default = "d_inconclusive_deadline")]
     pub inconclusive_deadline: Dur,
@@ -92,6 +99,9 @@ fn d_error_ratio() -> f64 {
 fn d_p95_ratio() -> f64 {
     1.2
 }
+fn d_min_p95_difference() -> Dur {
+    Dur(Duration::from_millis(10))
+}
 fn d_inconclusive_deadline() -> Dur {
     Dur(Duration::from_secs(600))
 }
@@ -107,6 +117,7 @@ impl Default for AnalysisSpec {
             max_p95: d_max_p95(),
             max_error_rate_ratio: d_error_ratio(),
             max_p95_ratio: d_p95_ratio(),
+            min_p95_difference: d_min_p95_difference(),
             inconclusive_deadline: d_inconclusive_deadline(),
         }
     }
@@ -125,6 +136,8 @@ pub struct RolloutSpec {
     pub steps: Option<Vec<Step>>,
     #[serde(default)]
     pub analysis: AnalysisSpec,
+    #[serde(default)]
+    pub webhooks: Webhooks,
 }
 
 /// The reference plan's canary steps.
@@ -232,6 +245,9 @@ impl RolloutSpec {
                 ),
             );
         }
+        self.webhooks
+            .validate()
+            .map_err(|e| ConfigError::new("webhooks", e))?;
         if !config.metrics.enabled {
             return err("analysis", "needs metrics.enabled: true".into());
         }
@@ -409,12 +425,17 @@ pub fn analyze(spec: &AnalysisSpec, stable: &WindowStats, target: &WindowStats) 
         (Some(t), Some(s)) => ratio(t, s),
         _ => None,
     };
+    let min_difference_ms = spec.min_p95_difference.0.as_secs_f64() * 1000.0;
+    let slower_enough = match (p95_ms(target), p95_ms(stable)) {
+        (Some(t), Some(s)) => t - s > min_difference_ms,
+        _ => false,
+    };
     checks.push(Check {
         check: "p95_ratio".into(),
         value: p95_ratio,
         threshold: spec.max_p95_ratio,
         verdict: match (baseline, p95_ratio) {
-            (true, Some(r)) => verdict_of(r > spec.max_p95_ratio),
+            (true, Some(r)) => verdict_of(r > spec.max_p95_ratio && slower_enough),
             _ => Verdict::Inconclusive,
         },
     });
@@ -530,6 +551,20 @@ mod tests {
         // 1.5 % errors against stable's 0.5 %: under 2 %, but 3× stable.
         let a = analyze(&spec(), &stats(1000, 5, 100), &stats(200, 3, 100));
         assert_eq!(a.checks[2].verdict, Verdict::Fail);
+        // 1.4× but only 0.2 ms slower: noise, not a regression.
+        let fast = |p95_us: u64| WindowStats {
+            p95: Some(Duration::from_micros(p95_us)),
+            ..stats(1000, 0, 1)
+        };
+        let a = analyze(
+            &spec(),
+            &fast(500),
+            &WindowStats {
+                requests: 100,
+                ..fast(700)
+            },
+        );
+        assert_eq!(a.verdict, Verdict::Pass, "{a:?}");
         // One error against a clean stable is not yet a regression.
         let a = analyze(&spec(), &stats(1000, 0, 100), &stats(200, 1, 100));
         assert_eq!(a.verdict, Verdict::Pass);
@@ -564,6 +599,7 @@ mod tests {
                 interval: Dur(Duration::from_secs(5)),
                 ..spec()
             },
+            webhooks: Webhooks::default(),
         };
         RolloutState::new(spec, "now".into())
     }

@@ -537,10 +537,14 @@ impl Store {
     /// a step (held time, counters, the analysis) is persisted without a new
     /// version or an audit record; step changes, promotion, rollback and
     /// pause go through the audited write path.
+    ///
+    /// `gate` is the gate webhook's answer (asked by the driver when this
+    /// analysis was expected to advance): an error holds the step.
     pub async fn rollout_analyzed(
         &self,
         route: &str,
         analysis: Analysis,
+        gate: Result<(), String>,
     ) -> Result<RolloutOutcome, StoreError> {
         let mut inner = self.write.lock().await;
         let Some(mut state) = inner
@@ -552,7 +556,16 @@ impl Store {
         else {
             return Ok(RolloutOutcome::NotRunning);
         };
-        let decision = decide(&mut state, analysis);
+        let mut decision = decide(&mut state, analysis);
+        if decision == Decision::Advance {
+            match gate {
+                Ok(()) => state.reason = None,
+                Err(why) => {
+                    state.reason = Some(format!("gate holds the step: {why}"));
+                    decision = Decision::Stay;
+                }
+            }
+        }
         if decision == Decision::Stay {
             let version = inner.version;
             inner.overrides.rollouts.insert(route.to_owned(), state);

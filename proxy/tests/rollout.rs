@@ -399,3 +399,216 @@ async fn rollout_api_validates_and_controls() {
         .contains("aborted by anonymous"));
     proxy.stop().await;
 }
+
+/// A webhook receiver: records every body, answers with a settable status.
+struct Receiver {
+    addr: std::net::SocketAddr,
+    bodies: Arc<std::sync::Mutex<Vec<Value>>>,
+    status: Arc<std::sync::atomic::AtomicU16>,
+    got: Arc<tokio::sync::Notify>,
+}
+
+impl Receiver {
+    async fn start(status: u16) -> Receiver {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(status));
+        let got = Arc::new(tokio::sync::Notify::new());
+        let (b, s, g) = (bodies.clone(), status.clone(), got.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (b, s, g) = (b.clone(), s.clone(), g.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (b, s, g) = (b.clone(), s.clone(), g.clone());
+                            async move {
+                                let bytes = req.into_body().collect().await.unwrap().to_bytes();
+                                b.lock()
+                                    .unwrap()
+                                    .push(serde_json::from_slice(&bytes).unwrap_or(Value::Null));
+                                g.notify_waiters();
+                                let mut resp = http::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::new(),
+                                ));
+                                *resp.status_mut() =
+                                    http::StatusCode::from_u16(s.load(Ordering::SeqCst)).unwrap();
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Receiver {
+            addr,
+            bodies,
+            status,
+            got,
+        }
+    }
+
+    fn events(&self) -> Vec<String> {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| b["event"].as_str().unwrap_or("").to_owned())
+            .collect()
+    }
+
+    /// Resolves once a body with `event` arrived (at most 30 s).
+    async fn wait_for(&self, event: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let notified = self.got.notified();
+            if let Some(b) = self
+                .bodies
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|b| b["event"] == event)
+            {
+                return b.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{event}` webhook; got {:?}",
+                self.events()
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_gate_holds_the_step_and_notifications_carry_the_reason() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::Name).await;
+    let gate = Receiver::start(503).await;
+    let notify = Receiver::start(200).await;
+    let proxy = proxy_with(&blue, &canary).await;
+    let mut body: Value = serde_json::from_str(&fast_rollout(
+        json!([{"weight": 10, "hold": "1s"}, {"weight": 50, "hold": "1h"}, {"weight": 100}]),
+        json!({"min_requests": 10}),
+    ))
+    .unwrap();
+    body["webhooks"] = json!({
+        "gate": format!("http://{}/gate", gate.addr),
+        "notify": [format!("http://{}/events", notify.addr)],
+        "timeout": "1s", "retries": 0,
+    });
+    assert_eq!(
+        api(&proxy, "POST", "/v1/routes/api/rollout", &body.to_string())
+            .await
+            .0,
+        201
+    );
+    let traffic = Traffic::start(&proxy);
+
+    // The gate says no: the hold is long done, yet the step stays.
+    let held = wait_status(&proxy, |s| {
+        s["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("gate holds"))
+    })
+    .await;
+    assert_eq!(held["step"], 0);
+    assert!(held["reason"].as_str().unwrap().contains("503"), "{held}");
+    let asked = gate.wait_for("gate").await;
+    assert_eq!(
+        (asked["route"].clone(), asked["step"].clone()),
+        (json!("api"), json!(0))
+    );
+
+    // The gate opens: the rollout moves on, and the receiver hears of it.
+    gate.status.store(200, Ordering::SeqCst);
+    wait_status(&proxy, |s| s["step"] == 1).await;
+    let step = notify.wait_for("step").await;
+    assert_eq!(
+        (step["step"].clone(), step["target_weight"].clone()),
+        (json!(1), json!(50))
+    );
+
+    // An operator's abort is announced too, saying who did it.
+    let (status, _) = api(&proxy, "POST", "/v1/routes/api/rollout/abort", "").await;
+    assert_eq!(status, 200);
+    let aborted = notify.wait_for("abort").await;
+    assert_eq!(aborted["phase"], "aborted");
+    assert!(
+        aborted["reason"].as_str().unwrap().contains("aborted by"),
+        "{aborted}"
+    );
+    traffic.stop().await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollback_webhook_names_the_breach() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start(
+        "canary",
+        Behaviour::Pattern {
+            fast: Duration::ZERO,
+            slow: Duration::ZERO,
+            slow_every: 1,
+            fail_every: 2,
+        },
+    )
+    .await;
+    let notify = Receiver::start(200).await;
+    let proxy = proxy_with(&blue, &canary).await;
+    let mut body: Value = serde_json::from_str(&fast_rollout(
+        json!([{"weight": 50, "hold": "1h"}, {"weight": 100}]),
+        json!({}),
+    ))
+    .unwrap();
+    body["webhooks"] = json!({"notify": [format!("http://{}/events", notify.addr)]});
+    assert_eq!(
+        api(&proxy, "POST", "/v1/routes/api/rollout", &body.to_string())
+            .await
+            .0,
+        201
+    );
+    let traffic = Traffic::start(&proxy);
+    let rollback = notify.wait_for("rollback").await;
+    traffic.stop().await;
+    assert_eq!(rollback["phase"], "rolled-back");
+    assert_eq!(rollback["target_weight"], 0);
+    let reason = rollback["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("error_rate") && reason.contains("> 2"),
+        "{reason}"
+    );
+    assert_eq!(rollback["analysis"]["verdict"], "fail");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn webhook_urls_are_validated() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::Name).await;
+    let proxy = proxy_with(&blue, &canary).await;
+    for hooks in [
+        json!({"gate": "https://x/gate"}),
+        json!({"notify": ["not a url"]}),
+        json!({"retries": 50}),
+    ] {
+        let body = json!({"stable": "blue", "target": "canary", "webhooks": hooks}).to_string();
+        let (status, v) = api(&proxy, "POST", "/v1/routes/api/rollout", &body).await;
+        assert_eq!(status, 422, "{hooks}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("webhooks"),
+            "{v}"
+        );
+    }
+    proxy.stop().await;
+}
