@@ -57,6 +57,11 @@ pub enum CtlCommand {
     },
     /// Rolling-window stats of a route's backends.
     Stats { route: String },
+    /// Progressive rollouts: start, status, promote, pause, resume, abort.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// The audit log.
     Events {
         /// Only events after this sequence number.
@@ -78,6 +83,49 @@ pub enum WeightsCommand {
         /// Only if the state is still at this version.
         #[arg(long)]
         if_match: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Phase, step, hold, last analysis with each check.
+    Status {
+        route: String,
+    },
+    /// Start a canary rollout of TARGET against STABLE.
+    Start {
+        route: String,
+        #[arg(long)]
+        stable: String,
+        #[arg(long)]
+        target: String,
+        /// WEIGHT:HOLD,... with the last step's hold left out, e.g.
+        /// `5:30s,50:30s,100`. Default: 0.1:1h,1:4h,5:24h,25:48h,100.
+        #[arg(long)]
+        steps: Option<String>,
+        /// Analysis interval (default 5s).
+        #[arg(long)]
+        interval: Option<String>,
+        /// Analysis window (default 30s).
+        #[arg(long)]
+        window: Option<String>,
+        /// Fewer target requests in the window is inconclusive (default 50).
+        #[arg(long)]
+        min_requests: Option<u64>,
+    },
+    /// Jump to the last step and finish.
+    Promote {
+        route: String,
+    },
+    Pause {
+        route: String,
+    },
+    Resume {
+        route: String,
+    },
+    /// Stop and send the target's users back to stable.
+    Abort {
+        route: String,
     },
 }
 
@@ -178,6 +226,7 @@ async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             (v, table)
         }
         CtlCommand::Flag { command } => flag(&api, command).await?,
+        CtlCommand::Rollout { command } => rollout(&api, command).await?,
         CtlCommand::Stats { route } => {
             let v = api
                 .call(
@@ -292,6 +341,136 @@ async fn flag(api: &Api, command: &FlagCommand) -> Result<(Value, String), CtlEr
             (json!({ "deleted": name }), format!("deleted flag {name}\n"))
         }
     })
+}
+
+async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String), CtlError> {
+    let path = |route: &str| format!("/v1/routes/{route}/rollout");
+    let v = match command {
+        RolloutCommand::Status { route } => api.call(Method::GET, &path(route), None, None).await?,
+        RolloutCommand::Start {
+            route,
+            stable,
+            target,
+            steps,
+            interval,
+            window,
+            min_requests,
+        } => {
+            let mut spec = json!({ "strategy": "canary", "stable": stable, "target": target });
+            if let Some(steps) = steps {
+                let mut list = Vec::new();
+                for item in steps.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let (weight, hold) = match item.split_once(':') {
+                        Some((w, h)) => (w, Some(h)),
+                        None => (item, None),
+                    };
+                    let weight: f64 = weight
+                        .parse()
+                        .map_err(|_| CtlError::Usage(format!("`{item}` is not WEIGHT[:HOLD]")))?;
+                    list.push(match hold {
+                        Some(h) => json!({ "weight": weight, "hold": h }),
+                        None => json!({ "weight": weight }),
+                    });
+                }
+                spec["steps"] = Value::Array(list);
+            }
+            let mut analysis = Map::new();
+            if let Some(i) = interval {
+                analysis.insert("interval".into(), json!(i));
+            }
+            if let Some(w) = window {
+                analysis.insert("window".into(), json!(w));
+            }
+            if let Some(m) = min_requests {
+                analysis.insert("min_requests".into(), json!(m));
+            }
+            spec["analysis"] = Value::Object(analysis);
+            api.call(Method::POST, &path(route), Some(spec), None)
+                .await?
+        }
+        RolloutCommand::Promote { route } => {
+            api.call(
+                Method::POST,
+                &format!("{}/promote", path(route)),
+                None,
+                None,
+            )
+            .await?
+        }
+        RolloutCommand::Pause { route } => {
+            api.call(Method::POST, &format!("{}/pause", path(route)), None, None)
+                .await?
+        }
+        RolloutCommand::Resume { route } => {
+            api.call(Method::POST, &format!("{}/resume", path(route)), None, None)
+                .await?
+        }
+        RolloutCommand::Abort { route } => {
+            api.call(Method::POST, &format!("{}/abort", path(route)), None, None)
+                .await?
+        }
+    };
+    let table = rollout_table(&v);
+    Ok((v, table))
+}
+
+fn rollout_table(v: &Value) -> String {
+    let steps = v["steps"].as_array().map_or(0, |s| s.len());
+    let weights: Vec<String> = v["weights"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(b, w)| format!("{b}={}%", text(w)))
+        .collect();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "route {}: {} -> {} ({})",
+        text(&v["route"]),
+        text(&v["stable"]),
+        text(&v["target"]),
+        text(&v["phase"])
+    );
+    let step = v["step"].as_u64().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "step {}/{steps} at {}%, held {} of {}",
+        step + 1,
+        text(&v["target_weight"]),
+        text(&v["held"]),
+        text(&v["hold"])
+    );
+    let _ = writeln!(out, "weights {}", weights.join(" "));
+    if !v["reason"].is_null() {
+        let _ = writeln!(out, "reason: {}", text(&v["reason"]));
+    }
+    if let Some(a) = v["last_analysis"].as_object() {
+        let _ = writeln!(
+            out,
+            "\nlast analysis: {} (target {} requests, stable {})",
+            text(&a["verdict"]),
+            text(&a["target_requests"]),
+            text(&a["stable_requests"])
+        );
+        let rows: Vec<Vec<String>> = a["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let value = c["value"]
+                    .as_f64()
+                    .map_or("-".into(), |x| format!("{x:.3}"));
+                vec![
+                    text(&c["check"]),
+                    value,
+                    text(&c["threshold"]),
+                    text(&c["verdict"]),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["CHECK", "VALUE", "THRESHOLD", "VERDICT"], &rows));
+    }
+    out
 }
 
 // === HTTP ===

@@ -1,6 +1,7 @@
 //! `switchyard demo`: everything in one process, no files needed — three demo
 //! upstreams (each answers with its name), the proxy and an open loopback
-//! admin listener, with the split of `demo.yaml`.
+//! admin listener, with the split of `demo.yaml` and a canary rollout of
+//! `canary` against `blue` under way (it advances as traffic passes analysis).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,11 +15,19 @@ use hyper_util::rt::TokioIo;
 use switchyard_control::config::Config;
 use tokio::net::TcpListener;
 
+use switchyard_control::rollout::RolloutSpec;
+
 use crate::listen::Drained;
 use crate::server::{metrics_for, Listeners, Proxy, StartOptions};
 
 /// The embedded demo configuration.
 pub const DEMO_CONFIG: &str = include_str!("demo.yaml");
+
+/// The rollout the demo starts: short holds, so a few hundred requests walk
+/// it through its steps.
+pub const DEMO_ROLLOUT: &str = r#"{"strategy": "canary", "stable": "blue", "target": "canary",
+  "steps": [{"weight": 10, "hold": "20s"}, {"weight": 25, "hold": "20s"}, {"weight": 50, "hold": "20s"}, {"weight": 100}],
+  "analysis": {"interval": "5s", "window": "30s", "min_requests": 20}}"#;
 
 /// Where the demo listens.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +57,13 @@ pub async fn run(addrs: DemoAddrs, shutdown: impl Future<Output = ()>) -> std::i
     let metrics = metrics_for(&config);
     let proxy =
         Proxy::new(config, metrics, StartOptions::default()).map_err(std::io::Error::other)?;
+    let spec: RolloutSpec =
+        serde_json::from_str(DEMO_ROLLOUT).expect("the embedded demo rollout is valid");
+    proxy
+        .store()
+        .start_rollout("demo", None, "demo", spec)
+        .await
+        .map_err(std::io::Error::other)?;
     Ok(proxy.run(listeners, shutdown).await)
 }
 
@@ -74,7 +90,10 @@ fn print_banner(config: &Config, listeners: &Listeners, upstreams: &[String]) {
     println!("  for u in $(seq 1 100); do curl -s -H \"x-user-id: user-$u\" http://{proxy}/; done | sort | uniq -c");
     println!("  curl -s -H 'x-switchyard-backend: canary' http://{proxy}/   # QA: force a backend");
     println!("  curl -si http://{proxy}/ | grep -i set-cookie          # anonymous users get a sticky id");
-    println!("  curl -s http://{admin}/health/ready");
+    println!("  curl -s -H 'x-user-id: alice' http://{admin}/ofrep/v1/evaluate/flags -d '{{\"context\":{{\"targetingKey\":\"alice\"}}}}'");
+    println!("  switchyard ctl --admin http://{admin} rollout status demo   # the running canary rollout");
+    println!("  switchyard ctl --admin http://{admin} status");
+    println!("  curl -s http://{admin}/metrics | grep switchyard_requests_total");
     println!("Ctrl-C stops it.");
 }
 
@@ -116,5 +135,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["blue", "green", "canary"]);
         assert_eq!(c.routes[0].name, "demo");
+        let spec: RolloutSpec = serde_json::from_str(DEMO_ROLLOUT).unwrap();
+        spec.validate(&c, "demo").unwrap();
     }
 }

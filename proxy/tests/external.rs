@@ -147,7 +147,18 @@ fn curl_against_the_running_demo() {
             &["-H", &format!("x-user-id: user-{i}"), &url],
         ));
     }
-    assert_eq!(seen.len(), 3, "200 users reached {seen:?}");
+    // The demo splits blue 90 / green 0 / canary 10 (a rollout of canary is under way).
+    let want: std::collections::HashSet<String> = ["blue\n", "canary\n"].map(String::from).into();
+    assert_eq!(seen, want, "200 users reached {seen:?}");
+    assert_eq!(
+        curl(&curl_bin, &["-H", "x-switchyard-backend: green", &url]),
+        "green\n"
+    );
+    let status = curl(
+        &curl_bin,
+        &[&format!("http://{}/v1/routes/demo/rollout", demo.admin)],
+    );
+    assert!(status.contains(r#""phase":"progressing""#), "{status}");
 
     assert_eq!(
         curl(&curl_bin, &[&format!("http://{}/health/ready", demo.admin)]),
