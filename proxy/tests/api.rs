@@ -658,6 +658,41 @@ async fn ctl_drives_every_endpoint() {
         1
     );
 
+    let (code, out, err) = ctl(&[
+        "rollout",
+        "start",
+        "api",
+        "--stable",
+        "blue",
+        "--target",
+        "canary",
+        "--steps",
+        "10:1m,100",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("step 1/2 at 10%") && out.contains("progressing"),
+        "{out}"
+    );
+    let (code, out, _) = ctl(&["rollout", "status", "api"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("blue -> canary"), "{out}");
+    let (code, _, err) = ctl(&[
+        "rollout", "start", "api", "--stable", "blue", "--target", "canary",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("409"), "{err}");
+    let (code, out, _) = ctl(&["rollout", "abort", "api"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("aborted") && out.contains("canary=0%"),
+        "{out}"
+    );
+    let (code, _, err) = ctl(&[
+        "rollout", "start", "api", "--stable", "blue", "--target", "canary", "--steps", "ten",
+    ]);
+    assert_eq!(code, Some(64), "{err}");
+
     // Without a token: refused, and says so.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["ctl", "--admin", &admin, "status"])
