@@ -3,6 +3,7 @@
 
     python3 loadtests/bench.py metrics     # Switchyard with metrics on vs off
     python3 loadtests/bench.py weights     # 100 weight changes/s under load: no failed request
+    python3 loadtests/bench.py rollout     # a canary fails under load: time to rollback, requests lost
 
 Fairness: the proxy under test is pinned to core 0; the origin (nginx, one
 worker) and the load generator (wrk, one thread) share core 1. Variants
@@ -392,6 +393,102 @@ Verdict: **{verdict}** — zero failed requests caused by the changes is the goa
         sys.exit(1)
 
 
+def suite_rollout(args):
+    """Steady load through a 50/50 canary rollout; the canary's origin is
+    killed mid-run. Reports the time from the fault to the automatic
+    rollback and how many user requests failed meanwhile."""
+    import http.client
+    import json
+    import threading
+
+    workdir = Path(tempfile.mkdtemp(prefix="switchyard-rollout-"))
+    for name in ("blue", "canary"):
+        (workdir / name).mkdir()
+    blue_proc, blue = start_origin(workdir / "blue")
+    canary_proc, canary = start_origin(workdir / "canary")
+    port, admin = free_port(), free_port()
+    conf = workdir / "switchyard.yaml"
+    conf.write_text(f"""listen: 127.0.0.1:{port}
+admin: {{ listen: 127.0.0.1:{admin} }}
+workers: 1
+user_key: {{ headers: [x-user-id] }}
+routes:
+  - name: api
+    backends:
+      - {{ name: blue, endpoints: ["127.0.0.1:{blue}"], weight: 100 }}
+      - {{ name: canary, endpoints: ["127.0.0.1:{canary}"], weight: 0 }}
+""")
+    proc = subprocess.Popen(["taskset", "-c", "0", str(BIN), "run", "--config", str(conf)],
+                            env={**os.environ, "RUST_LOG": "warn"})
+    os.sched_setaffinity(0, {1})
+
+    def admin_call(method, path, body=None):
+        c = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
+        c.request(method, path, body=body, headers={"content-type": "application/json"})
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        return r.status, json.loads(data or b"null")
+
+    try:
+        wait_port(admin)
+        spec = {"stable": "blue", "target": "canary",
+                "steps": [{"weight": 50, "hold": "1h"}, {"weight": 100}],
+                "analysis": {"interval": f"{args.interval}s", "window": "5s", "min_requests": 50, "failure_threshold": 2}}
+        status, body = admin_call("POST", "/v1/routes/api/rollout", json.dumps(spec))
+        if status != 201:
+            sys.exit(f"rollout did not start: {status} {body}")
+        result = {}
+        wrk = threading.Thread(target=lambda: result.update(run_wrk(port, workdir, args.duration, args.connections)))
+        wrk.start()
+        time.sleep(args.duration / 3)  # steady state before the fault
+        canary_proc.kill()
+        fault = time.monotonic()
+        rolled_back = None
+        while time.monotonic() - fault < args.duration:
+            _, st = admin_call("GET", "/v1/routes/api/rollout")
+            if st["phase"] == "rolled-back":
+                rolled_back = time.monotonic() - fault
+                reason = st["reason"]
+                break
+            time.sleep(0.02)
+        wrk.join()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=40)
+        for p in (blue_proc, canary_proc):
+            p.kill()
+            p.wait(timeout=10)
+    if rolled_back is None:
+        sys.exit("FAIL: the rollout was not rolled back")
+    bound = 2 * args.interval + args.interval
+    section = f"""## Rollout under load: canary fault to rollback
+
+- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
+- Command: `{' '.join(['python3', 'loadtests/bench.py'] + sys.argv[1:])}`
+- Machine: {cpu_model()}, {os.cpu_count()} cores, {mem_gib():.0f} GiB, Linux {platform.release()}
+- Versions: {version(['wrk', '-v'])}; {version([nginx_bin(), '-v'])}; switchyard {git_rev()}
+- Setup: switchyard `workers: 1` on core 0, route `api` with blue and canary each on its own
+  nginx origin; a canary rollout at 50 % (interval {args.interval} s, window 5 s,
+  min_requests 50, failure_threshold 2); wrk (1 thread, {args.connections} connections,
+  {args.duration} s, a new `x-user-id` per request) on core 1. A third of the way in, the canary's
+  nginx is killed (connections refused: the proxy answers 502 for canary users).
+
+| requests | requests/s | failed requests (non-2xx + socket errors) | fault → rollback | bound (interval × threshold + interval) |
+|---|---|---|---|---|
+| {result['total']} | {result['rps']:.0f} | {result['bad']} {('+ ' + result['socket_errors']) if result['socket_errors'] else ''} | {rolled_back:.2f} s | {bound:.0f} s |
+
+Rollback reason: `{reason}`. For scale: the canary's share × rate × time to rollback is
+0.5 × {result['rps']:.0f} × {rolled_back:.2f} s ≈ {0.5 * result['rps'] * rolled_back:.0f} requests; after the swap the canary's
+weight is 0, so no user is sent to it. (Connect failures are not yet retried on the stable
+backend; doing so would save most of these requests.)
+"""
+    write_section("## Rollout under load: canary fault to rollback", section)
+    print(section)
+    if rolled_back > bound + 0.5:
+        sys.exit("FAIL: rollback slower than its bound")
+
+
 def cpu_model():
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -430,11 +527,12 @@ def write_section(heading, section):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["metrics", "weights"], help="which comparison to run")
+    parser.add_argument("suite", choices=["metrics", "weights", "rollout"], help="which comparison to run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rate", type=int, default=100, help="weights suite: changes per second")
+    parser.add_argument("--interval", type=int, default=1, help="rollout suite: analysis interval, seconds")
     parser.add_argument("--no-build", action="store_true", help="use the existing release binary")
     args = parser.parse_args()
     for tool in ("wrk", "taskset"):
@@ -444,7 +542,7 @@ def main():
         sys.exit("nginx is not installed (Debian: apt-get install nginx)")
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-p", "switchyard-proxy"], cwd=ROOT, check=True)
-    {"metrics": suite_metrics, "weights": suite_weights}[args.suite](args)
+    {"metrics": suite_metrics, "weights": suite_weights, "rollout": suite_rollout}[args.suite](args)
 
 
 if __name__ == "__main__":
