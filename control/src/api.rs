@@ -242,18 +242,7 @@ async fn put_weights(
 }
 
 fn route_doc(config: &Config, route: &str) -> Value {
-    let weights: BTreeMap<&str, Weight> = config
-        .routes
-        .iter()
-        .find(|r| r.name == route)
-        .map(|r| {
-            r.backends
-                .iter()
-                .map(|b| (b.name.as_str(), b.weight))
-                .collect()
-        })
-        .unwrap_or_default();
-    json!({ "route": route, "weights": weights })
+    json!({ "route": route, "weights": config.route_weights(route).unwrap_or_default() })
 }
 
 async fn start_rollout(
@@ -289,18 +278,7 @@ fn rollout_status(view: &View, route: &str) -> Result<Resp, ApiError> {
         ))));
     };
     let steps = state.spec.steps();
-    let weights: BTreeMap<&str, Weight> = view
-        .config
-        .routes
-        .iter()
-        .find(|r| r.name == route)
-        .map(|r| {
-            r.backends
-                .iter()
-                .map(|b| (b.name.as_str(), b.weight))
-                .collect()
-        })
-        .unwrap_or_default();
+    let weights = view.config.route_weights(route).unwrap_or_default();
     let body = json!({
         "route": route,
         "strategy": state.spec.strategy,

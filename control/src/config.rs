@@ -701,6 +701,17 @@ impl Config {
         changed
     }
 
+    /// A route's weights by backend name, if the route exists.
+    pub fn route_weights(&self, route: &str) -> Option<std::collections::BTreeMap<&str, Weight>> {
+        let rc = self.routes.iter().find(|r| r.name == route)?;
+        Some(
+            rc.backends
+                .iter()
+                .map(|b| (b.name.as_str(), b.weight))
+                .collect(),
+        )
+    }
+
     /// The worker count to run with.
     pub fn worker_threads(&self) -> usize {
         self.workers.unwrap_or_else(|| {

@@ -787,17 +787,8 @@ fn invalid(field: &str, reason: String) -> StoreError {
 
 fn route_weights(config: &Config, route: &str) -> Value {
     config
-        .routes
-        .iter()
-        .find(|r| r.name == route)
-        .map_or(Value::Null, |r| {
-            let map: BTreeMap<&str, Weight> = r
-                .backends
-                .iter()
-                .map(|b| (b.name.as_str(), b.weight))
-                .collect();
-            json!(map)
-        })
+        .route_weights(route)
+        .map_or(Value::Null, |w| json!(w))
 }
 
 fn summary(config: &Config) -> Value {
