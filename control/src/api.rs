@@ -297,6 +297,7 @@ fn rollout_status(view: &View, route: &str) -> Result<Resp, ApiError> {
         "inconclusive_for": state.inconclusive,
         "last_analysis": state.last_analysis,
         "reason": state.reason,
+        "standby": state.standby,
         "analysis": state.spec.analysis,
     });
     Ok(versioned(StatusCode::OK, &body, view.version))

@@ -127,6 +127,10 @@ pub enum RolloutCommand {
     Abort {
         route: String,
     },
+    /// Back to stable; after a blue-green promotion, to the standby colour.
+    Rollback {
+        route: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -404,6 +408,15 @@ async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String),
         RolloutCommand::Resume { route } => {
             api.call(Method::POST, &format!("{}/resume", path(route)), None, None)
                 .await?
+        }
+        RolloutCommand::Rollback { route } => {
+            api.call(
+                Method::POST,
+                &format!("{}/rollback", path(route)),
+                None,
+                None,
+            )
+            .await?
         }
         RolloutCommand::Abort { route } => {
             api.call(Method::POST, &format!("{}/abort", path(route)), None, None)

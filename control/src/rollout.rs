@@ -138,6 +138,19 @@ pub struct RolloutSpec {
     pub analysis: AnalysisSpec,
     #[serde(default)]
     pub webhooks: Webhooks,
+    /// Blue-green: how long the target holds all traffic, still analysed,
+    /// before the roles swap. Default `10m`.
+    #[serde(default)]
+    pub validation: Option<Dur>,
+}
+
+/// The reference plan's blue-green shift: 10 % 5m, 30 % 5m, 50 % 10m, 100 %.
+pub fn default_blue_green_steps() -> Vec<Step> {
+    let step = |pct: f64, minutes: u64| Step {
+        weight: Weight::from_percent(pct).expect("valid default"),
+        hold: (minutes > 0).then(|| Dur(Duration::from_secs(minutes * 60))),
+    };
+    vec![step(10.0, 5), step(30.0, 5), step(50.0, 10), step(100.0, 0)]
 }
 
 /// The reference plan's canary steps.
@@ -156,19 +169,26 @@ pub fn default_canary_steps() -> Vec<Step> {
 }
 
 impl RolloutSpec {
+    /// The steps, defaulted by strategy. For blue-green the last (100 %)
+    /// step holds for the validation period before the roles swap.
     pub fn steps(&self) -> Vec<Step> {
-        self.steps.clone().unwrap_or_else(default_canary_steps)
+        match self.strategy {
+            Strategy::Canary => self.steps.clone().unwrap_or_else(default_canary_steps),
+            Strategy::BlueGreen => {
+                let mut steps = self.steps.clone().unwrap_or_else(default_blue_green_steps);
+                if let Some(last) = steps.last_mut() {
+                    last.hold = last.hold.or(Some(
+                        self.validation.unwrap_or(Dur(Duration::from_secs(600))),
+                    ));
+                }
+                steps
+            }
+        }
     }
 
     /// Checks the rollout against the route it is for.
     pub fn validate(&self, config: &Config, route: &str) -> Result<(), ConfigError> {
         let err = |field: &str, reason: String| Err(ConfigError::new(field, reason));
-        if self.strategy == Strategy::BlueGreen {
-            return err(
-                "strategy",
-                "blue-green is not supported yet; use canary".into(),
-            );
-        }
         let Some(rc) = config.routes.iter().find(|r| r.name == route) else {
             return err("route", format!("no route named `{route}`"));
         };
@@ -184,17 +204,53 @@ impl RolloutSpec {
                 "the target must differ from the stable backend".into(),
             );
         }
-        if names.last() != Some(&self.target.as_str()) {
+        // Backends own consecutive bucket ranges in configured order. With the
+        // target at either end and stable next to it, raising the target's
+        // weight only moves the boundary between the two: users already on
+        // the target stay, and no other backend's users move.
+        let t = names
+            .iter()
+            .position(|n| *n == self.target)
+            .expect("checked above");
+        let st = names
+            .iter()
+            .position(|n| *n == self.stable)
+            .expect("checked above");
+        let at_end = t == 0 || t + 1 == names.len();
+        if !at_end || t.abs_diff(st) != 1 {
             return err(
                 "target",
                 format!(
-                    "`{}` must be the route's last backend, so raising its weight only adds users to it (backends: {})",
+                    "`{}` must be the route's first or last backend with `{}` next to it, so raising its weight only adds users to it (backends: {})",
                     self.target,
+                    self.stable,
                     names.join(", ")
                 ),
             );
         }
+        if self.strategy == Strategy::Canary && self.validation.is_some() {
+            return err(
+                "validation",
+                "only blue-green rollouts have a validation period".into(),
+            );
+        }
         let steps = self.steps();
+        if self.strategy == Strategy::BlueGreen {
+            if steps.last().map(|s| s.weight) != Some(Weight::FULL) {
+                return err("steps", "a blue-green shift ends at 100".into());
+            }
+            if let Some(b) = rc.backends.iter().find(|b| {
+                b.name != self.stable && b.name != self.target && b.weight.basis_points() > 0
+            }) {
+                return err(
+                    "target",
+                    format!(
+                        "blue-green needs every user on the two colours, but `{}` has {} %",
+                        b.name, b.weight
+                    ),
+                );
+            }
+        }
         if steps.is_empty() {
             return err("steps", "at least one step is needed".into());
         }
@@ -340,6 +396,9 @@ pub struct RolloutState {
     pub last_analysis: Option<Analysis>,
     /// Why it ended, or why it paused.
     pub reason: Option<String>,
+    /// Blue-green, once promoted: the old colour, kept for instant rollback.
+    #[serde(default)]
+    pub standby: Option<String>,
 }
 
 impl RolloutState {
@@ -355,6 +414,7 @@ impl RolloutState {
             step_entered: now,
             last_analysis: None,
             reason: None,
+            standby: None,
         }
     }
 
@@ -600,6 +660,7 @@ mod tests {
                 ..spec()
             },
             webhooks: Webhooks::default(),
+            validation: None,
         };
         RolloutState::new(spec, "now".into())
     }

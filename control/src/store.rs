@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use crate::bucket::BUCKETS;
 use crate::config::{Config, ConfigError, Dur, FlagConfig, Weight};
-use crate::rollout::{decide, Analysis, Decision, Phase, RolloutSpec, RolloutState};
+use crate::rollout::{decide, Analysis, Decision, Phase, RolloutSpec, RolloutState, Strategy};
 use std::time::Duration;
 
 /// Builds and swaps in the data plane's routing snapshot for a configuration.
@@ -504,8 +504,15 @@ impl Store {
                 ("pause", Phase::Progressing) => (Phase::Paused, "rollout.pause"),
                 ("resume", Phase::Paused) => (Phase::Progressing, "rollout.resume"),
                 ("promote", p) if p.active() => (Phase::Promoted, "rollout.promote"),
+                // Blue-green keeps the old colour as standby: back in one swap.
+                ("rollback", Phase::Promoted) if state.standby.is_some() => {
+                    (Phase::RolledBack, "rollout.rollback")
+                }
+                ("rollback", p) if p.active() => (Phase::RolledBack, "rollout.rollback"),
                 ("abort", p) if p.active() => (Phase::Aborted, "rollout.abort"),
-                ("pause" | "resume" | "promote" | "abort", _) => return Err(conflict(action)),
+                ("pause" | "resume" | "promote" | "abort" | "rollback", _) => {
+                    return Err(conflict(action))
+                }
                 _ => {
                     return Err(StoreError::NotFound(format!(
                         "no rollout action `{action}`"
@@ -518,8 +525,13 @@ impl Store {
             state.reason = match phase {
                 Phase::Aborted => Some(format!("aborted by {actor_name}")),
                 Phase::Promoted => Some(format!("promoted by {actor_name}")),
+                Phase::RolledBack => Some(format!(
+                    "rolled back to {} by {actor_name}",
+                    state.spec.stable
+                )),
                 _ => None,
             };
+            state.standby = standby_after(state);
             let weights = rollout_weights(current, route, state);
             let after = json!({ "phase": state.phase, "step": state.step, "weights": &weights });
             overrides.weights.insert(route.to_owned(), weights);
@@ -595,6 +607,7 @@ impl Store {
             Decision::Advance => {
                 state.phase = Phase::Promoted;
                 state.reason = Some("every step held with passing analyses".into());
+                state.standby = standby_after(&state);
                 ("rollout", "rollout.promote", RolloutOutcome::Promoted)
             }
             Decision::RollBack(reason) => {
@@ -742,6 +755,12 @@ pub enum RolloutOutcome {
     Promoted,
     RolledBack(String),
     Paused,
+}
+
+/// Blue-green, once promoted: the old colour stays as standby.
+fn standby_after(state: &RolloutState) -> Option<String> {
+    (state.phase == Phase::Promoted && state.spec.strategy == Strategy::BlueGreen)
+        .then(|| state.spec.stable.clone())
 }
 
 /// The route's weights with the rollout's target at its current weight: other

@@ -302,9 +302,10 @@ async fn rollout_api_validates_and_controls() {
         404
     );
     let bad = [
-        (json!({"stable": "canary", "target": "blue"}).to_string(), "last backend"),
+        (json!({"stable": "blue", "target": "blue"}).to_string(), "must differ"),
         (json!({"stable": "blue", "target": "purple"}).to_string(), "no backend `purple`"),
-        (json!({"stable": "blue", "target": "canary", "strategy": "blue-green"}).to_string(), "not supported yet"),
+(json!({"stable": "blue", "target": "canary", "strategy": "blue-green", "steps": [{"weight": 50}]}).to_string(), "ends at 100"),
+        (json!({"stable": "blue", "target": "canary", "validation": "1m"}).to_string(), "only blue-green"),
         (json!({"stable": "blue", "target": "canary", "steps": [{"weight": 50, "hold": "1s"}, {"weight": 10}]}).to_string(), "increase"),
         (json!({"stable": "blue", "target": "canary", "steps": [{"weight": 50}, {"weight": 100}]}).to_string(), "needs a hold"),
         (json!({"stable": "blue", "target": "canary", "analysis": {"window": "2h"}}).to_string(), "analysis.window"),
@@ -614,5 +615,74 @@ async fn webhook_urls_are_validated() {
             "{v}"
         );
     }
+    proxy.stop().await;
+}
+
+/// Blue-green with the new colour listed first: shift, validate at 100 %,
+/// swap roles keeping the old colour as standby, then roll back to it in one
+/// swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_shifts_validates_swaps_and_rolls_back_instantly() {
+    let green = Upstream::start("green", Behaviour::Name).await;
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let yaml = common::config(
+        "",
+        &[("green", green.addr, 0.0), ("blue", blue.addr, 100.0)],
+    );
+    let proxy = Running::start(&yaml).await;
+    let body = json!({
+        "strategy": "blue-green", "stable": "blue", "target": "green",
+        "steps": [{"weight": 50, "hold": "1s"}, {"weight": 100}],
+        "validation": "2s",
+        "analysis": {"interval": "1s", "window": "5s", "min_requests": 10},
+    });
+    let (status, started) = api(&proxy, "POST", "/v1/routes/api/rollout", &body.to_string()).await;
+    assert_eq!(status, 201, "{started}");
+    assert_eq!(started["weights"], json!({"green": 50, "blue": 50}));
+    assert_eq!(
+        started["steps"][1]["hold"], "2s",
+        "the last step holds for the validation period"
+    );
+
+    // Users on green at 50 % stay on green: green owns the first buckets.
+    let c = client();
+    let mut on_green = Vec::new();
+    for i in 0..200 {
+        let user = format!("user-{i}");
+        if common::backend_of(&c, &proxy, &user).await == "green" {
+            on_green.push(user);
+        }
+    }
+    assert!(!on_green.is_empty());
+
+    let traffic = Traffic::start(&proxy);
+    let at_full = wait_status(&proxy, |s| s["step"] == 1).await;
+    assert_eq!(at_full["weights"], json!({"green": 100, "blue": 0}));
+    for user in &on_green {
+        assert_eq!(
+            common::backend_of(&c, &proxy, user).await,
+            "green",
+            "{user} moved off green"
+        );
+    }
+    let promoted = wait_status(&proxy, |s| s["phase"] != "progressing").await;
+    traffic.stop().await;
+    assert_eq!(promoted["phase"], "promoted", "{promoted}");
+    assert_eq!(promoted["standby"], "blue");
+
+    // Instant rollback to the standby colour.
+    let (status, back) = api(&proxy, "POST", "/v1/routes/api/rollout/rollback", "").await;
+    assert_eq!(status, 200, "{back}");
+    assert_eq!(back["phase"], "rolled-back");
+    assert_eq!(back["weights"], json!({"green": 0, "blue": 100}));
+    for user in &on_green {
+        assert_eq!(common::backend_of(&c, &proxy, user).await, "blue");
+    }
+    assert_eq!(
+        api(&proxy, "POST", "/v1/routes/api/rollout/rollback", "")
+            .await
+            .0,
+        409
+    );
     proxy.stop().await;
 }
