@@ -205,9 +205,9 @@ impl RolloutSpec {
             );
         }
         // Backends own consecutive bucket ranges in configured order. With the
-        // target at either end and stable next to it, raising the target's
-        // weight only moves the boundary between the two: users already on
-        // the target stay, and no other backend's users move.
+        // target at either end and only empty (0 %) backends between it and
+        // stable, raising the target's weight only moves the boundary between
+        // the two: users already on the target stay, no one else moves.
         let t = names
             .iter()
             .position(|n| *n == self.target)
@@ -217,11 +217,14 @@ impl RolloutSpec {
             .position(|n| *n == self.stable)
             .expect("checked above");
         let at_end = t == 0 || t + 1 == names.len();
-        if !at_end || t.abs_diff(st) != 1 {
+        let between_empty = rc.backends[t.min(st) + 1..t.max(st)]
+            .iter()
+            .all(|b| b.weight.basis_points() == 0);
+        if !at_end || !between_empty {
             return err(
                 "target",
                 format!(
-                    "`{}` must be the route's first or last backend with `{}` next to it, so raising its weight only adds users to it (backends: {})",
+                    "`{}` must be the route's first or last backend, with only 0 % backends between it and `{}`, so raising its weight only adds users to it (backends: {})",
                     self.target,
                     self.stable,
                     names.join(", ")
