@@ -724,11 +724,48 @@ mod tests {
     }
 
     #[test]
+    fn the_target_sits_at_an_end_with_only_empty_backends_before_stable() {
+        let config = |weights: [u32; 3]| {
+            let yaml = format!(
+                "routes:\n  - name: api\n    backends:\n      - {{ name: a, endpoints: [\"127.0.0.1:1\"], weight: {} }}\n      - {{ name: b, endpoints: [\"127.0.0.1:1\"], weight: {} }}\n      - {{ name: c, endpoints: [\"127.0.0.1:1\"], weight: {} }}\n",
+                weights[0], weights[1], weights[2]
+            );
+            Config::from_yaml(&yaml).unwrap()
+        };
+        let spec = |stable: &str, target: &str| RolloutSpec {
+            strategy: Strategy::Canary,
+            stable: stable.into(),
+            target: target.into(),
+            steps: None,
+            analysis: AnalysisSpec::default(),
+            webhooks: Webhooks::default(),
+            validation: None,
+        };
+        assert!(spec("b", "c").validate(&config([50, 50, 0]), "api").is_ok());
+        assert!(spec("b", "a").validate(&config([0, 50, 50]), "api").is_ok());
+        assert!(
+            spec("a", "c").validate(&config([100, 0, 0]), "api").is_ok(),
+            "empty b between"
+        );
+        let e = spec("a", "c")
+            .validate(&config([50, 50, 0]), "api")
+            .unwrap_err();
+        assert_eq!(e.field, "target");
+        let e = spec("a", "b")
+            .validate(&config([50, 0, 50]), "api")
+            .unwrap_err();
+        assert!(e.reason.contains("first or last"), "{e}");
+    }
+
+    #[test]
     fn default_steps_are_the_reference_plans() {
         let steps = default_canary_steps();
         let weights: Vec<String> = steps.iter().map(|s| s.weight.to_string()).collect();
         assert_eq!(weights, ["0.10", "1", "5", "25", "100"]);
         assert_eq!(steps[3].hold.unwrap().0, Duration::from_secs(48 * 3600));
         assert!(steps[4].hold.is_none());
+        let bg = default_blue_green_steps();
+        let weights: Vec<String> = bg.iter().map(|s| s.weight.to_string()).collect();
+        assert_eq!(weights, ["10", "30", "50", "100"]);
     }
 }
