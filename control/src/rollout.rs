@@ -736,7 +736,17 @@ mod tests {
             strategy: Strategy::Canary,
             stable: stable.into(),
             target: target.into(),
-            steps: None,
+            // Ends at 50 %, leaving room for a third backend's share.
+            steps: Some(vec![
+                Step {
+                    weight: Weight::from_percent(10.0).unwrap(),
+                    hold: Some(Dur(Duration::from_secs(60))),
+                },
+                Step {
+                    weight: Weight::from_percent(50.0).unwrap(),
+                    hold: None,
+                },
+            ]),
             analysis: AnalysisSpec::default(),
             webhooks: Webhooks::default(),
             validation: None,
