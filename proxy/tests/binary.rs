@@ -485,6 +485,35 @@ async fn a_rollout_resumes_after_sigkill_at_its_step_with_its_held_time() {
         after["weights"],
         serde_json::json!({"blue": 50, "canary": 50})
     );
+
+    // Rolled back, it stays rolled back across another SIGKILL.
+    let (status, _, body) = common::call(
+        "POST",
+        &format!("{}/rollback", url(admin)),
+        Some(TOKEN),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    let (mut child, data, admin) = spawn_run_path(&path, &[]);
+    let back = status_of(admin).await;
+    assert_eq!(back["phase"], "rolled-back");
+    assert_eq!(
+        back["weights"],
+        serde_json::json!({"blue": 100, "canary": 0})
+    );
+    for i in 0..50 {
+        let (_, _, body) = get(
+            &c,
+            &format!("http://{data}/"),
+            &[("x-user-id", &format!("u{i}"))],
+        )
+        .await;
+        assert_eq!(body, "blue\n");
+    }
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
