@@ -224,6 +224,14 @@ impl Store {
                 .iter()
                 .find(|r| r.name == route)
                 .ok_or_else(|| StoreError::NotFound(format!("no route named `{route}`")))?;
+            // The rollout owns the weights while it runs: a manual change would
+            // be silently undone at its next step.
+            if let Some(r) = overrides.rollouts.get(route).filter(|r| r.phase.active()) {
+                return Err(StoreError::Conflict(format!(
+                    "route `{route}` has a rollout of `{}` under way ({:?}); promote or abort it before setting weights",
+                    r.spec.target, r.phase
+                )));
+            }
             if let Some(unknown) = weights
                 .keys()
                 .find(|b| !rc.backends.iter().any(|rb| &rb.name == *b))

@@ -356,6 +356,15 @@ async fn rollout_api_validates_and_controls() {
             .0,
         409
     );
+    let (status, v) = api(&proxy, "PUT", "/v1/routes/api/weights", r#"{"blue": 100}"#).await;
+    assert_eq!(status, 409, "manual weights during a rollout: {v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("under way"),
+        "{v}"
+    );
     let (_, v) = api(&proxy, "POST", "/v1/routes/api/rollout/resume", "").await;
     assert_eq!(v["phase"], "progressing");
     let (_, v) = api(&proxy, "POST", "/v1/routes/api/rollout/promote", "").await;
