@@ -392,35 +392,20 @@ async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String),
             api.call(Method::POST, &path(route), Some(spec), None)
                 .await?
         }
-        RolloutCommand::Promote { route } => {
-            api.call(
-                Method::POST,
-                &format!("{}/promote", path(route)),
-                None,
-                None,
-            )
-            .await?
-        }
-        RolloutCommand::Pause { route } => {
-            api.call(Method::POST, &format!("{}/pause", path(route)), None, None)
-                .await?
-        }
-        RolloutCommand::Resume { route } => {
-            api.call(Method::POST, &format!("{}/resume", path(route)), None, None)
-                .await?
-        }
-        RolloutCommand::Rollback { route } => {
-            api.call(
-                Method::POST,
-                &format!("{}/rollback", path(route)),
-                None,
-                None,
-            )
-            .await?
-        }
-        RolloutCommand::Abort { route } => {
-            api.call(Method::POST, &format!("{}/abort", path(route)), None, None)
-                .await?
+        RolloutCommand::Promote { route }
+        | RolloutCommand::Pause { route }
+        | RolloutCommand::Resume { route }
+        | RolloutCommand::Rollback { route }
+        | RolloutCommand::Abort { route } => {
+            let action = match command {
+                RolloutCommand::Promote { .. } => "promote",
+                RolloutCommand::Pause { .. } => "pause",
+                RolloutCommand::Resume { .. } => "resume",
+                RolloutCommand::Rollback { .. } => "rollback",
+                _ => "abort",
+            };
+            let url = format!("{}/{action}", path(route));
+            api.call(Method::POST, &url, None, None).await?
         }
     };
     let table = rollout_table(&v);
