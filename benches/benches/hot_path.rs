@@ -40,6 +40,7 @@ fn bench(c: &mut Criterion) {
     let metrics = Metrics::new(true, std::time::Duration::from_secs(60));
     let snapshot = Snapshot::build(&Config::from_yaml(CONFIG).unwrap(), &metrics);
     let peer = IpAddr::from([127, 0, 0, 1]);
+    let peer_header = switchyard_proxy::headers::ip_header(peer);
     let request = || {
         Request::get("/api/v1/courses?page=2")
             .header("host", "app.example.com")
@@ -79,7 +80,7 @@ fn bench(c: &mut Criterion) {
                 rewrite_request(
                     &mut parts.headers,
                     &Forwarding {
-                        peer,
+                        peer: &peer_header,
                         proto: "http",
                         trust_forwarded_for: false,
                         proxy_only: &[],

@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use crate::admin::{json_error, respond_json, Admin};
 use crate::config::{Config, FlagConfig, Token, Weight};
 use crate::rollout::RolloutSpec;
-use crate::store::{StoreError, View};
+use crate::store::{find_flag, StoreError, View};
 
 /// Largest request body the API reads.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -312,12 +312,7 @@ fn flags(view: &View) -> Resp {
 }
 
 fn get_flag(view: &View, name: &str) -> Result<Resp, ApiError> {
-    let flag = view
-        .config
-        .flags
-        .iter()
-        .find(|f| f.name == name)
-        .ok_or_else(|| store_error(StoreError::NotFound(format!("no flag named `{name}`"))))?;
+    let flag = find_flag(&view.config, name).map_err(store_error)?;
     Ok(versioned(StatusCode::OK, &json!(flag), view.version))
 }
 

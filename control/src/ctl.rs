@@ -200,7 +200,7 @@ async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
     };
     let (value, table) = match &args.command {
         CtlCommand::Status => {
-            let state = api.call(Method::GET, "/v1/state", None, None).await?;
+            let state = api.get("/v1/state").await?;
             let table = status_table(&state);
             (state, table)
         }
@@ -232,25 +232,13 @@ async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
         CtlCommand::Flag { command } => flag(&api, command).await?,
         CtlCommand::Rollout { command } => rollout(&api, command).await?,
         CtlCommand::Stats { route } => {
-            let v = api
-                .call(
-                    Method::GET,
-                    &format!("/v1/routes/{route}/stats"),
-                    None,
-                    None,
-                )
-                .await?;
+            let v = api.get(&format!("/v1/routes/{route}/stats")).await?;
             let table = stats_table(&v);
             (v, table)
         }
         CtlCommand::Events { after, limit } => {
             let v = api
-                .call(
-                    Method::GET,
-                    &format!("/v1/events?after={after}&limit={limit}"),
-                    None,
-                    None,
-                )
+                .get(&format!("/v1/events?after={after}&limit={limit}"))
                 .await?;
             let table = events_table(&v);
             (v, table)
@@ -266,14 +254,12 @@ async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
 async fn flag(api: &Api, command: &FlagCommand) -> Result<(Value, String), CtlError> {
     Ok(match command {
         FlagCommand::List => {
-            let v = api.call(Method::GET, "/v1/flags", None, None).await?;
+            let v = api.get("/v1/flags").await?;
             let table = flags_table(v["flags"].as_array().map_or(&[][..], |a| a.as_slice()));
             (v, table)
         }
         FlagCommand::Get { name } => {
-            let v = api
-                .call(Method::GET, &format!("/v1/flags/{name}"), None, None)
-                .await?;
+            let v = api.get(&format!("/v1/flags/{name}")).await?;
             let table = flags_table(std::slice::from_ref(&v));
             (v, table)
         }
@@ -320,7 +306,7 @@ async fn flag(api: &Api, command: &FlagCommand) -> Result<(Value, String), CtlEr
                 patch.insert("overrides".into(), Value::Object(over));
             }
             let path = format!("/v1/flags/{name}");
-            let exists = match api.call(Method::GET, &path, None, None).await {
+            let exists = match api.get(&path).await {
                 Ok(_) => true,
                 Err(CtlError::Failed(m)) if m.starts_with("404") => false,
                 Err(e) => return Err(e),
@@ -350,7 +336,7 @@ async fn flag(api: &Api, command: &FlagCommand) -> Result<(Value, String), CtlEr
 async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String), CtlError> {
     let path = |route: &str| format!("/v1/routes/{route}/rollout");
     let v = match command {
-        RolloutCommand::Status { route } => api.call(Method::GET, &path(route), None, None).await?,
+        RolloutCommand::Status { route } => api.get(&path(route)).await?,
         RolloutCommand::Start {
             route,
             stable,
@@ -479,6 +465,10 @@ struct Api {
 }
 
 impl Api {
+    async fn get(&self, path: &str) -> Result<Value, CtlError> {
+        self.call(Method::GET, path, None, None).await
+    }
+
     async fn call(
         &self,
         method: Method,

@@ -302,11 +302,7 @@ impl Store {
         patch: Value,
     ) -> Result<Arc<View>, StoreError> {
         self.mutate(actor, if_match, |current, overrides| {
-            let old = current
-                .flags
-                .iter()
-                .find(|f| f.name == name)
-                .ok_or_else(|| StoreError::NotFound(format!("no flag named `{name}`")))?;
+            let old = find_flag(current, name)?;
             let mut merged = json!(old);
             merge_patch(&mut merged, &patch);
             let mut flag: FlagConfig =
@@ -338,11 +334,7 @@ impl Store {
         name: &str,
     ) -> Result<Arc<View>, StoreError> {
         self.mutate(actor, if_match, |current, overrides| {
-            let old = current
-                .flags
-                .iter()
-                .find(|f| f.name == name)
-                .ok_or_else(|| StoreError::NotFound(format!("no flag named `{name}`")))?;
+            let old = find_flag(current, name)?;
             let before = json!(old);
             overrides.flags.insert(name.to_owned(), None);
             Ok(Change {
@@ -806,6 +798,15 @@ fn rollout_weights(config: &Config, route: &str, state: &RolloutState) -> BTreeM
 
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// The flag `name` of `config`, or the API's 404.
+pub fn find_flag<'c>(config: &'c Config, name: &str) -> Result<&'c FlagConfig, StoreError> {
+    config
+        .flags
+        .iter()
+        .find(|f| f.name == name)
+        .ok_or_else(|| StoreError::NotFound(format!("no flag named `{name}`")))
 }
 
 fn invalid(field: &str, reason: String) -> StoreError {

@@ -23,9 +23,15 @@ static PROXY_AUTHORIZATION: HeaderName = HeaderName::from_static("proxy-authoriz
 /// A request id from a client is kept only if it is this short and printable.
 const MAX_REQUEST_ID: usize = 128;
 
+/// `ip` as a header value (`x-forwarded-for`).
+pub fn ip_header(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value")
+}
+
 /// What the request rewrite needs to know about the connection.
 pub struct Forwarding<'a> {
-    pub peer: IpAddr,
+    /// The client's address as a header value, made once per connection.
+    pub peer: &'a HeaderValue,
     /// `http` or `https`.
     pub proto: &'static str,
     pub trust_forwarded_for: bool,
@@ -45,8 +51,7 @@ pub fn rewrite_request(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
         headers.remove(name);
     }
 
-    let peer = HeaderValue::from_str(&fwd.peer.to_string())
-        .expect("an IP address is a valid header value");
+    let peer = fwd.peer.clone();
     if fwd.trust_forwarded_for {
         let joined = join_values(headers, &X_FORWARDED_FOR, &peer);
         headers.insert(X_FORWARDED_FOR.clone(), joined);
@@ -165,9 +170,11 @@ mod tests {
         h
     }
 
+    static PEER: HeaderValue = HeaderValue::from_static("10.0.0.9");
+
     fn fwd(trust: bool) -> Forwarding<'static> {
         Forwarding {
-            peer: IpAddr::from([10, 0, 0, 9]),
+            peer: &PEER,
             proto: "http",
             trust_forwarded_for: trust,
             proxy_only: &[],

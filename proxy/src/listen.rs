@@ -64,11 +64,12 @@ pub async fn serve(
         let open_gauge = shared.metrics.connection_opened();
         let conn = ConnInfo {
             peer: peer.ip(),
+            peer_header: crate::headers::ip_header(peer.ip()),
             proto: "http",
         };
         let shared = shared.clone();
         let service = service_fn(move |req| {
-            let shared = shared.clone();
+            let (shared, conn) = (shared.clone(), conn.clone());
             async move { Ok::<_, Infallible>(pipeline::handle(&shared, conn, req).await) }
         });
         let connection = builder

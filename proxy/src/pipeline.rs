@@ -46,9 +46,11 @@ pub struct Shared {
 }
 
 /// What the connection tells about a request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: IpAddr,
+    /// `peer` as a header value, formatted once per connection.
+    pub peer_header: HeaderValue,
     /// `http` or `https`, for `x-forwarded-proto`.
     pub proto: &'static str,
 }
@@ -155,7 +157,7 @@ fn decide(
     headers::rewrite_request(
         &mut parts.headers,
         &Forwarding {
-            peer: conn.peer,
+            peer: &conn.peer_header,
             proto: conn.proto,
             trust_forwarded_for: snapshot.trust_forwarded_for,
             proxy_only: &snapshot.proxy_only_headers,
