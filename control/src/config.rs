@@ -43,6 +43,9 @@ pub struct Config {
     /// Data-plane listener. Default `127.0.0.1:8080`.
     #[serde(default = "default_listen", deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
+    /// TLS on the data listener (edge gateway). Default: none, plain HTTP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Runtime worker threads. `1` runs a current-thread runtime (the cheapest
     /// for a sidecar); default: the number of available cores.
     #[serde(default)]
@@ -184,6 +187,92 @@ impl FlagConfig {
                 format!("{field}.overrides"),
                 format!("user key `{user}` must be 1-256 bytes"),
             ));
+        }
+        Ok(())
+    }
+}
+
+/// TLS termination on the data listener. The certificate files are watched:
+/// a rotated Secret is picked up without a restart (see `docs/tls.md`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chains and their keys, chosen by the SNI name against
+    /// each certificate's DNS names; the first is the default.
+    pub certificates: Vec<CertificateConfig>,
+    /// PEM bundle of the CAs that sign client certificates. When set, every
+    /// client must present a valid certificate (mutual TLS). Default none.
+    #[serde(default)]
+    pub client_ca: Option<std::path::PathBuf>,
+    /// What a client gets when its SNI name (or lack of one) matches no
+    /// certificate: `default` (the first certificate) or `reject` (the
+    /// handshake fails with `unrecognized_name`). Default `default`.
+    #[serde(default)]
+    pub unknown_server_name: UnknownServerName,
+    /// Oldest protocol version accepted: `"1.2"` or `"1.3"`. Default `"1.2"`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+/// One certificate chain (leaf first) and its private key, both PEM files.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownServerName {
+    #[default]
+    Default,
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// At most this many certificates on a listener.
+pub const MAX_CERTIFICATES: usize = 256;
+
+impl TlsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.certificates.is_empty() {
+            return Err(ConfigError::new(
+                "tls.certificates",
+                "at least one certificate is needed",
+            ));
+        }
+        if self.certificates.len() > MAX_CERTIFICATES {
+            return Err(ConfigError::new(
+                "tls.certificates",
+                format!(
+                    "{} certificates, at most {MAX_CERTIFICATES}",
+                    self.certificates.len()
+                ),
+            ));
+        }
+        let paths = self.certificates.iter().enumerate().flat_map(|(i, c)| {
+            [
+                (format!("tls.certificates[{i}].cert"), &c.cert),
+                (format!("tls.certificates[{i}].key"), &c.key),
+            ]
+        });
+        for (field, path) in paths.chain(
+            self.client_ca
+                .iter()
+                .map(|p| ("tls.client_ca".to_owned(), p)),
+        ) {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::new(field, "must not be empty"));
+            }
         }
         Ok(())
     }
@@ -379,10 +468,16 @@ pub struct Timeouts {
     /// Default `30s`. A streaming body after the headers is not cut short.
     #[serde(default = "default_request")]
     pub request: Dur,
-    /// Idle keep-alive connections (client side: time to send the next
-    /// request's headers; upstream side: pooled idle connections). Default `90s`.
+    /// Idle keep-alive connections (client side: time to start the next
+    /// request, HTTP/1.1 and HTTP/2; upstream side: pooled idle connections).
+    /// Default `90s`.
     #[serde(default = "default_idle")]
     pub idle: Dur,
+    /// Time a client has to send a whole request head once its first byte
+    /// arrived, and to finish a TLS handshake: slow clients (slowloris) are
+    /// cut off after it. Default `10s`.
+    #[serde(default = "default_request_header")]
+    pub request_header: Dur,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish
     /// before the process exits anyway. Default `30s`.
     #[serde(default = "default_drain")]
@@ -395,6 +490,7 @@ impl Default for Timeouts {
             connect: default_connect(),
             request: default_request(),
             idle: default_idle(),
+            request_header: default_request_header(),
             drain: default_drain(),
         }
     }
@@ -415,6 +511,15 @@ pub struct Limits {
     /// Default `32768`; allowed 1024 to 1048576.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+    /// Size of a request's body; a larger declared length gets 413 before
+    /// anything is sent upstream, a longer streamed body is cut off there.
+    /// Default `104857600` (100 MiB).
+    #[serde(default = "default_max_request_body_bytes")]
+    pub max_request_body_bytes: u64,
+    /// HTTP/2 streams a client may have open at once on one connection.
+    /// Default `100`; allowed 1 to 10000.
+    #[serde(default = "default_http2_max_streams")]
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Default for Limits {
@@ -423,6 +528,8 @@ impl Default for Limits {
             max_connections: default_max_connections(),
             max_requests_in_flight: default_max_in_flight(),
             max_header_bytes: default_max_header_bytes(),
+            max_request_body_bytes: default_max_request_body_bytes(),
+            http2_max_concurrent_streams: default_http2_max_streams(),
         }
     }
 }
@@ -632,6 +739,9 @@ fn default_request() -> Dur {
 fn default_idle() -> Dur {
     Dur(Duration::from_secs(90))
 }
+fn default_request_header() -> Dur {
+    Dur(Duration::from_secs(10))
+}
 fn default_drain() -> Dur {
     Dur(Duration::from_secs(30))
 }
@@ -655,6 +765,12 @@ fn default_max_in_flight() -> usize {
 }
 fn default_max_header_bytes() -> usize {
     32 * 1024
+}
+fn default_max_request_body_bytes() -> u64 {
+    100 * 1024 * 1024
+}
+fn default_http2_max_streams() -> u32 {
+    100
 }
 fn default_host() -> String {
     "*".to_owned()
@@ -692,6 +808,7 @@ impl Config {
             }
         };
         check("listen", self.listen == next.listen);
+        check("tls", self.tls == next.tls);
         check("workers", self.workers == next.workers);
         check("admin", self.admin == next.admin);
         check("timeouts", self.timeouts == next.timeouts);
@@ -738,6 +855,9 @@ impl Config {
                 "admin.listen",
                 format!("{} is also the data listener's address", self.listen),
             ));
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
         }
         self.user_key.validate()?;
         self.timeouts.validate()?;
@@ -900,6 +1020,7 @@ impl Timeouts {
             ("connect", self.connect),
             ("request", self.request),
             ("idle", self.idle),
+            ("request_header", self.request_header),
             ("drain", self.drain),
         ] {
             if d.0.is_zero() {
@@ -931,6 +1052,21 @@ impl Limits {
             return Err(ConfigError::new(
                 "limits.max_header_bytes",
                 format!("{} is not between 1024 and 1048576", self.max_header_bytes),
+            ));
+        }
+        if self.max_request_body_bytes == 0 {
+            return Err(ConfigError::new(
+                "limits.max_request_body_bytes",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=10_000).contains(&self.http2_max_concurrent_streams) {
+            return Err(ConfigError::new(
+                "limits.http2_max_concurrent_streams",
+                format!(
+                    "{} is not between 1 and 10000",
+                    self.http2_max_concurrent_streams
+                ),
             ));
         }
         Ok(())
@@ -1293,6 +1429,16 @@ routes:
             ("connect: 1s", "connect: soon", "timeouts.connect"),
             ("connect: 1s", "connect: 0s", "timeouts.connect"),
             (
+                "connect: 1s",
+                "connect: 1s, request_header: 0s",
+                "timeouts.request_header",
+            ),
+            (
+                "connect: 1s",
+                "connect: 1s, request_header: soon",
+                "timeouts.request_header",
+            ),
+            (
                 "path_prefix: /",
                 "path_prefix: api",
                 "routes[0].match.path_prefix",
@@ -1317,6 +1463,61 @@ routes:
         assert_eq!(e.field, "workers");
         let e = err(&format!("{GOOD}limits: {{ max_header_bytes: 10 }}\n"));
         assert_eq!(e.field, "limits.max_header_bytes");
+        for (extra, field) in [
+            (
+                "limits: { max_request_body_bytes: 0 }",
+                "limits.max_request_body_bytes",
+            ),
+            (
+                "limits: { max_request_body_bytes: -1 }",
+                "limits.max_request_body_bytes",
+            ),
+            (
+                "limits: { http2_max_concurrent_streams: 0 }",
+                "limits.http2_max_concurrent_streams",
+            ),
+            (
+                "limits: { http2_max_concurrent_streams: 20000 }",
+                "limits.http2_max_concurrent_streams",
+            ),
+            ("tls: { certificates: [] }", "tls.certificates"),
+            ("tls: {}", "tls"),
+            (
+                "tls: { certificates: [{ cert: a.pem }] }",
+                "tls.certificates[0]",
+            ),
+            (
+                "tls: { certificates: [{ cert: \"\", key: k.pem }] }",
+                "tls.certificates[0].cert",
+            ),
+            (
+                "tls: { certificates: [{ cert: a, key: k }], client_ca: \"\" }",
+                "tls.client_ca",
+            ),
+            (
+                "tls: { certificates: [{ cert: a, key: k }], unknown_server_name: drop }",
+                "tls.unknown_server_name",
+            ),
+            (
+                "tls: { certificates: [{ cert: a, key: k }], min_version: \"1.1\" }",
+                "tls.min_version",
+            ),
+            (
+                "tls: { certificates: [{ cert: a, key: k, pass: x }] }",
+                "tls.certificates[0].pass",
+            ),
+        ] {
+            let e = err(&format!("{GOOD}{extra}\n"));
+            assert!(e.field.starts_with(field), "{extra}: {e}");
+        }
+        let tls = Config::from_yaml(&format!(
+            "{GOOD}tls: {{ certificates: [{{ cert: a.pem, key: a.key }}], unknown_server_name: reject, min_version: \"1.3\" }}\n"
+        ))
+        .unwrap()
+        .tls
+        .unwrap();
+        assert_eq!(tls.unknown_server_name, UnknownServerName::Reject);
+        assert_eq!(tls.min_version, TlsVersion::V1_3);
         let e = err(&format!("{GOOD}forced_backend_header: \"a b\"\n"));
         assert_eq!(e.field, "forced_backend_header");
         let e = err("listen: 127.0.0.1:8080\n");

@@ -65,15 +65,17 @@ pub enum Unrouted {
     NoRoute,
     Malformed,
     HeadersTooLarge,
+    BodyTooLarge,
     Overloaded,
     UnknownForcedBackend,
 }
 
 impl Unrouted {
-    const ALL: [Unrouted; 5] = [
+    const ALL: [Unrouted; 6] = [
         Unrouted::NoRoute,
         Unrouted::Malformed,
         Unrouted::HeadersTooLarge,
+        Unrouted::BodyTooLarge,
         Unrouted::Overloaded,
         Unrouted::UnknownForcedBackend,
     ];
@@ -83,6 +85,7 @@ impl Unrouted {
             Unrouted::NoRoute => "no_route",
             Unrouted::Malformed => "malformed",
             Unrouted::HeadersTooLarge => "headers_too_large",
+            Unrouted::BodyTooLarge => "body_too_large",
             Unrouted::Overloaded => "overloaded",
             Unrouted::UnknownForcedBackend => "unknown_forced_backend",
         }
@@ -109,6 +112,9 @@ pub struct Metrics {
     rollout_step: IntGaugeVec,
     rollbacks: IntCounterVec,
     checks: IntCounterVec,
+    tls_reloads: IntCounterVec,
+    tls_handshake_failures: IntCounter,
+    tls_expiry: prometheus::GaugeVec,
     backends: ArcSwap<Vec<Arc<BackendStats>>>,
 }
 
@@ -252,6 +258,27 @@ impl Metrics {
             &["route", "check", "verdict"],
         )
         .expect("valid metric");
+        let tls_reloads = IntCounterVec::new(
+            Opts::new(
+                "switchyard_tls_reloads_total",
+                "Reloads of changed TLS certificate files, by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let tls_handshake_failures = IntCounter::new(
+            "switchyard_tls_handshake_failures_total",
+            "TLS handshakes on the data listener that failed or timed out.",
+        )
+        .expect("valid metric");
+        let tls_expiry = prometheus::GaugeVec::new(
+            Opts::new(
+                "switchyard_tls_certificate_expiry_timestamp_seconds",
+                "When each serving certificate expires (Unix time), by certificate file.",
+            ),
+            &["certificate"],
+        )
+        .expect("valid metric");
         let unrouted = Unrouted::ALL
             .iter()
             .map(|r| unrouted_vec.with_label_values(&[r.label()]))
@@ -269,6 +296,9 @@ impl Metrics {
             Box::new(rollout_step.clone()),
             Box::new(rollbacks.clone()),
             Box::new(checks.clone()),
+            Box::new(tls_reloads.clone()),
+            Box::new(tls_handshake_failures.clone()),
+            Box::new(tls_expiry.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -295,6 +325,9 @@ impl Metrics {
             rollout_step,
             rollbacks,
             checks,
+            tls_reloads,
+            tls_handshake_failures,
+            tls_expiry,
             backends: ArcSwap::from_pointee(Vec::new()),
         }
     }
@@ -426,6 +459,29 @@ impl Metrics {
         self.reloads
             .with_label_values(&[if ok { "success" } else { "failure" }])
             .inc();
+    }
+
+    /// Counts a reload of changed TLS certificate files.
+    pub fn tls_reloaded(&self, ok: bool) {
+        self.tls_reloads
+            .with_label_values(&[if ok { "success" } else { "failure" }])
+            .inc();
+    }
+
+    /// Counts a failed or timed-out TLS handshake.
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.inc();
+    }
+
+    /// Publishes the expiry (Unix seconds) of every serving certificate,
+    /// replacing what was there.
+    pub fn set_certificate_expiry<'a>(&self, certs: impl IntoIterator<Item = (&'a str, i64)>) {
+        self.tls_expiry.reset();
+        for (file, not_after) in certs {
+            self.tls_expiry
+                .with_label_values(&[file])
+                .set(not_after as f64);
+        }
     }
 
     /// Counts an open client connection until the guard drops.

@@ -90,20 +90,13 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Check { config } => {
-            match Config::load(&config).and_then(|c| c.admin.resolve_tokens().map(|_| c)) {
-                Ok(c) => {
-                    let backends: usize = c.routes.iter().map(|r| r.backends.len()).sum();
-                    println!(
-                        "{}: ok ({} route(s), {backends} backend(s))",
-                        config.display(),
-                        c.routes.len()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => usage_error(&e),
+        Command::Check { config } => match check(&config) {
+            Ok(summary) => {
+                println!("{}: ok ({summary})", config.display());
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => usage_error(&e),
+        },
         Command::Run {
             config: config_file,
             reset_state,
@@ -165,6 +158,33 @@ pub fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// Everything `run` would check before serving: the file, the token files
+/// and the TLS files (readable, key matching certificate, valid now).
+fn check(path: &std::path::Path) -> Result<String, switchyard_control::config::ConfigError> {
+    let c = Config::load(path)?;
+    c.admin.resolve_tokens()?;
+    let backends: usize = c.routes.iter().map(|r| r.backends.len()).sum();
+    let mut summary = format!("{} route(s), {backends} backend(s)", c.routes.len());
+    if let Some(tls) = &c.tls {
+        let loaded = crate::tls::load(tls, std::time::SystemTime::now())?;
+        for cert in &loaded.certificates {
+            let days = (cert.not_after - unix_now()) / 86_400;
+            summary.push_str(&format!(
+                "; {}: [{}] expires in {days} day(s)",
+                cert.file.display(),
+                cert.names.join(", ")
+            ));
+        }
+    }
+    Ok(summary)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 fn usage_error(e: &dyn std::fmt::Display) -> ExitCode {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
+use http_body_util::{LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -18,7 +19,7 @@ use crate::respond::ProxyError;
 /// The upstream connection pool, shared by every route and backend.
 #[derive(Clone)]
 pub struct Upstreams {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Limited<Incoming>>,
     request_timeout: Duration,
 }
 
@@ -45,7 +46,7 @@ impl Upstreams {
     pub async fn send(
         &self,
         endpoint: &Authority,
-        mut req: Request<Incoming>,
+        mut req: Request<Limited<Incoming>>,
     ) -> Result<Response<Incoming>, ProxyError> {
         *req.uri_mut() = upstream_uri(endpoint, req.uri())?;
         *req.version_mut() = Version::HTTP_11;
@@ -76,6 +77,10 @@ fn upstream_uri(endpoint: &Authority, uri: &Uri) -> Result<Uri, ProxyError> {
 }
 
 fn classify(err: &hyper_util::client::legacy::Error) -> ProxyError {
+    if caused_by::<LengthLimitError>(err) {
+        // The client's streamed body passed `limits.max_request_body_bytes`.
+        return ProxyError::DownstreamBodyTooLarge;
+    }
     let timed_out = io_kind(err) == Some(io::ErrorKind::TimedOut);
     if err.is_connect() {
         return if timed_out {
@@ -85,6 +90,17 @@ fn classify(err: &hyper_util::client::legacy::Error) -> ProxyError {
         };
     }
     ProxyError::UpstreamReset(source_text(err))
+}
+
+fn caused_by<E: StdError + 'static>(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.is::<E>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 fn io_kind(err: &(dyn StdError + 'static)) -> Option<io::ErrorKind> {

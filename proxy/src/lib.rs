@@ -15,3 +15,4 @@ pub mod route;
 pub mod server;
 pub mod snapshot;
 pub mod split;
+pub mod tls;

@@ -43,6 +43,8 @@ pub struct Shared {
     pub upstreams: Upstreams,
     pub admission: Admission,
     pub metrics: Arc<Metrics>,
+    /// `limits.max_request_body_bytes`.
+    pub max_body: u64,
 }
 
 /// What the connection tells about a request.
@@ -87,7 +89,13 @@ async fn proxy(
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let client_upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let declared = hyper::body::Body::size_hint(req.body()).lower();
+    if declared > shared.max_body {
+        return Ok(unrouted(shared, ProxyError::DownstreamBodyTooLarge));
+    }
     let (mut parts, body) = req.into_parts();
+    let body =
+        http_body_util::Limited::new(body, usize::try_from(shared.max_body).unwrap_or(usize::MAX));
 
     let decided = {
         let snapshot = shared.snapshot.load();

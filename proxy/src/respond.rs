@@ -22,6 +22,9 @@ pub enum ProxyError {
     /// The request head is larger than `limits.max_header_bytes`.
     #[error("request headers too large")]
     DownstreamHeadersTooLarge,
+    /// The request body is larger than `limits.max_request_body_bytes`.
+    #[error("request body too large")]
+    DownstreamBodyTooLarge,
     /// The forced-backend header names a backend the route does not have.
     #[error("forced backend is not a backend of this route")]
     DownstreamUnknownBackend,
@@ -57,6 +60,7 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST
             }
             Self::DownstreamHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::DownstreamBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::Overloaded | Self::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamConnect(_) | Self::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
@@ -70,6 +74,7 @@ impl ProxyError {
         match self {
             Self::DownstreamMalformed(_) => Some(Unrouted::Malformed),
             Self::DownstreamHeadersTooLarge => Some(Unrouted::HeadersTooLarge),
+            Self::DownstreamBodyTooLarge => Some(Unrouted::BodyTooLarge),
             Self::DownstreamUnknownBackend => Some(Unrouted::UnknownForcedBackend),
             Self::NoRoute => Some(Unrouted::NoRoute),
             Self::Overloaded => Some(Unrouted::Overloaded),
@@ -94,6 +99,7 @@ impl ProxyError {
         match self {
             Self::DownstreamMalformed(_) => "switchyard: malformed request\n",
             Self::DownstreamHeadersTooLarge => "switchyard: request headers too large\n",
+            Self::DownstreamBodyTooLarge => "switchyard: request body too large\n",
             Self::DownstreamUnknownBackend => {
                 "switchyard: unknown backend in forced-backend header\n"
             }
@@ -135,6 +141,7 @@ mod tests {
             (ProxyError::DownstreamMalformed("x"), 400),
             (ProxyError::DownstreamUnknownBackend, 400),
             (ProxyError::DownstreamHeadersTooLarge, 431),
+            (ProxyError::DownstreamBodyTooLarge, 413),
             (ProxyError::NoRoute, 404),
             (ProxyError::Overloaded, 503),
             (ProxyError::NoEndpoint, 503),

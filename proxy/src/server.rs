@@ -22,6 +22,10 @@ use crate::forward::Upstreams;
 use crate::listen::{self, Drained};
 use crate::pipeline::{Admission, Shared};
 use crate::snapshot::Snapshot;
+use crate::tls::{self, Terminator};
+
+/// How often the TLS certificate files are checked for changes.
+pub const TLS_POLL: Duration = Duration::from_secs(2);
 
 /// The listeners, bound before anything starts so a bad port fails start-up
 /// with nothing half-running.
@@ -142,6 +146,7 @@ pub struct StartOptions {
 /// A proxy built from a configuration, ready to run on listeners.
 pub struct Proxy {
     config: Config,
+    tls: Option<Arc<Terminator>>,
     shared: Arc<Shared>,
     store: Arc<Store>,
     tokens: Arc<[Token]>,
@@ -166,11 +171,23 @@ impl Proxy {
         options: StartOptions,
     ) -> Result<Proxy, StartError> {
         let tokens: Arc<[Token]> = config.admin.resolve_tokens()?.into();
+        let tls = match &config.tls {
+            None => None,
+            Some(tls_config) => {
+                let loaded = tls::load(tls_config, std::time::SystemTime::now())?;
+                tls::publish_expiry(&metrics, &loaded.certificates);
+                Some(Arc::new(Terminator::new(
+                    &loaded,
+                    config.timeouts.request_header.0,
+                )))
+            }
+        };
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::build(&config, &metrics)),
             upstreams: Upstreams::new(&config.timeouts),
             admission: Admission::new(config.limits.max_requests_in_flight),
             metrics,
+            max_body: config.limits.max_request_body_bytes,
         });
         let target = shared.clone();
         let apply = Box::new(move |effective: &Config| {
@@ -180,6 +197,7 @@ impl Proxy {
         let store = Arc::new(Store::open(config.clone(), options.reset_state, apply)?);
         Ok(Proxy {
             config,
+            tls,
             shared,
             store,
             tokens,
@@ -228,11 +246,21 @@ impl Proxy {
         self.health.set_ready(true);
         tracing::info!(data = %data_addr, admin = %admin_addr, "serving");
 
+        let certificate_watch = match (&self.config.tls, &self.tls) {
+            (Some(tls_config), Some(terminator)) => Some(tokio::spawn(tls::watch(
+                tls_config.clone(),
+                terminator.clone(),
+                self.shared.metrics.clone(),
+                TLS_POLL,
+            ))),
+            _ => None,
+        };
         let health = self.health.clone();
         let config = self.config;
         let drained = listen::serve(
             listeners.data,
             self.shared,
+            self.tls,
             &config.limits,
             &config.timeouts,
             async move {
@@ -242,6 +270,9 @@ impl Proxy {
         )
         .await;
 
+        if let Some(watch) = certificate_watch {
+            watch.abort();
+        }
         let _ = driver_stop.send(true);
         let _ = driver.await;
         let _ = admin_stop.send(true);

@@ -1,5 +1,6 @@
-//! Against real third-party parts: curl as the client of the running demo,
-//! nginx as an origin behind the proxy, Prometheus scraping `/metrics`. Each test skips with a printed reason
+//! Against real third-party parts: curl as the client of the running demo
+//! and of the TLS listener, h2load over TLS, nginx as an origin behind the
+//! proxy, Prometheus scraping `/metrics`. Each test skips with a printed reason
 //! when its tool is missing, unless SWITCHYARD_REQUIRE_EXTERNAL=1 (set by
 //! `.ci/run`, which installs them), where a missing tool fails the test.
 
@@ -446,5 +447,80 @@ async fn prometheus_scrapes_the_golden_signals() {
     let (b, c) = (p95["blue"], p95["canary"]);
     assert!(b > 0.010 && b <= 0.025, "blue p95 {b}");
     assert!(c > 0.100 && c <= 0.250, "canary p95 {c}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_and_h2load_over_tls_with_alpn() {
+    let (Some(curl_bin), Some(h2load)) = (require("curl"), require("h2load")) else {
+        return;
+    };
+    let ca = common::certs::Ca::new("external test CA");
+    let dir = common::temp_dir("external-tls");
+    let files = ca.leaf(&["a.test"], 30).write(&dir, "a");
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let blue = common::Upstream::start("blue", common::Behaviour::Name).await;
+    let proxy = Running::start(&config(
+        &common::certs::tls_yaml(&[files], ""),
+        &[("blue", blue.addr, 100.0)],
+    ))
+    .await;
+    let port = proxy.addr.port();
+    let url = format!("https://a.test:{port}/");
+    let resolve = format!("a.test:{port}:127.0.0.1");
+    let (curl_bin, ca_path) = (curl_bin.clone(), ca_file.to_str().unwrap().to_owned());
+    let outputs = tokio::task::spawn_blocking(move || {
+        ["--http1.1", "--http2"].map(|version| {
+            curl(
+                &curl_bin,
+                &[
+                    version,
+                    "--cacert",
+                    &ca_path,
+                    "--resolve",
+                    &resolve,
+                    "-H",
+                    "x-user-id: u1",
+                    "-w",
+                    "%{http_code} %{http_version}",
+                    &url,
+                ],
+            )
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(outputs[0], "blue\n200 1.1");
+    assert_eq!(outputs[1], "blue\n200 2");
+
+    // h2load negotiates h2 by ALPN and every request succeeds.
+    let target = format!("https://127.0.0.1:{port}/");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(h2load)
+            .args([
+                "-n",
+                "2000",
+                "-c",
+                "4",
+                "-m",
+                "10",
+                "-H",
+                "x-user-id: u1",
+                &target,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("Application protocol: h2"), "{text}");
+    assert!(
+        text.contains("2000 succeeded, 0 failed, 0 errored"),
+        "{text}"
+    );
+    assert!(text.contains("status codes: 2000 2xx"), "{text}");
     proxy.stop().await;
 }

@@ -3,6 +3,8 @@
 //! proxy's own `run()` on ephemeral ports, and hyper clients.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
