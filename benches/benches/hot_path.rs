@@ -38,7 +38,8 @@ fn bench(c: &mut Criterion) {
     });
 
     let metrics = Metrics::new(true, std::time::Duration::from_secs(60));
-    let snapshot = Snapshot::build(&Config::from_yaml(CONFIG).unwrap(), &metrics);
+    let upstreams = switchyard_proxy::forward::Upstreams::new(&Default::default());
+    let snapshot = Snapshot::build(&Config::from_yaml(CONFIG).unwrap(), &metrics, &upstreams);
     let peer = IpAddr::from([127, 0, 0, 1]);
     let peer_header = switchyard_proxy::headers::ip_header(peer);
     let request = || {

@@ -593,11 +593,39 @@ pub struct HeaderMatch {
 pub struct BackendConfig {
     /// Backend name, unique within the route (`blue`, `green`, `canary`).
     pub name: String,
-    /// `host:port` of each instance; requests are balanced across them.
+    /// `host:port` of each instance (`https://host:port` for TLS to it);
+    /// requests are balanced across them.
     pub endpoints: Vec<String>,
     /// Share of users, in percent with up to two decimals. All weights of a
     /// route sum to exactly 100.
     pub weight: Weight,
+    /// How this backend's `https://` endpoints are verified. Default: the
+    /// system's CA certificates, and the endpoint's host as the name.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+/// Verification of a backend's `https://` endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM bundle of the CAs to trust instead of the system's.
+    #[serde(default)]
+    pub ca: Option<std::path::PathBuf>,
+    /// Name to send as SNI and to verify the certificate against, instead of
+    /// the endpoint's host (needed for IP endpoints of a named service).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// An endpoint split into its scheme and `host:port`: `(true, "a:443")` for
+/// `https://a:443`. Plain `host:port` and `http://host:port` are not TLS.
+pub fn split_endpoint(endpoint: &str) -> (bool, &str) {
+    if let Some(rest) = endpoint.strip_prefix("https://") {
+        (true, rest)
+    } else {
+        (false, endpoint.strip_prefix("http://").unwrap_or(endpoint))
+    }
 }
 
 // === value types ===
@@ -1108,8 +1136,30 @@ impl RouteConfig {
                     "at least one endpoint is needed",
                 ));
             }
+            if let Some(tls) = &b.tls {
+                if !b.endpoints.iter().any(|e| split_endpoint(e).0) {
+                    return Err(ConfigError::new(
+                        format!("{bfield}.tls"),
+                        "set, but no endpoint is https://",
+                    ));
+                }
+                if let Some(name) = &tls.server_name {
+                    if !is_hostname(name) {
+                        return Err(ConfigError::new(
+                            format!("{bfield}.tls.server_name"),
+                            format!("`{name}` is not a host name"),
+                        ));
+                    }
+                }
+                if tls.ca.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                    return Err(ConfigError::new(
+                        format!("{bfield}.tls.ca"),
+                        "must not be empty",
+                    ));
+                }
+            }
             for (j, e) in b.endpoints.iter().enumerate() {
-                check_endpoint(&format!("{bfield}.endpoints[{j}]"), e)?;
+                check_endpoint(&format!("{bfield}.endpoints[{j}]"), split_endpoint(e).1)?;
             }
             total += b.weight.basis_points();
         }

@@ -165,6 +165,7 @@ pub fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> Result<String, switchyard_control::config::ConfigError> {
     let c = Config::load(path)?;
     c.admin.resolve_tokens()?;
+    crate::tls::check_upstreams(&c)?;
     let backends: usize = c.routes.iter().map(|r| r.backends.len()).sum();
     let mut summary = format!("{} route(s), {backends} backend(s)", c.routes.len());
     if let Some(tls) = &c.tls {

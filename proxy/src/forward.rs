@@ -1,9 +1,17 @@
 //! Stage: send the request to one endpoint of the chosen backend over a pooled
-//! keep-alive HTTP/1.1 connection, and classify what went wrong if it did.
+//! keep-alive HTTP/1.1 connection (TLS for `https://` endpoints), and classify
+//! what went wrong if it did.
 
+use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_rustls::HttpsConnector;
+use rustls::pki_types::ServerName;
+use switchyard_control::config::UpstreamTlsConfig;
 
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
@@ -16,41 +24,130 @@ use switchyard_control::config::Timeouts;
 
 use crate::respond::ProxyError;
 
-/// The upstream connection pool, shared by every route and backend.
+/// A request body on its way upstream, bounded by `limits.max_request_body_bytes`.
+pub type UpstreamBody = Limited<Incoming>;
+type TlsClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
+/// One upstream instance and how to reach it.
 #[derive(Clone)]
+pub struct Endpoint {
+    pub authority: Authority,
+    pub transport: Transport,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.transport {
+            Transport::Plain => "http",
+            Transport::Tls(_) => "https",
+            Transport::Unusable(_) => "https (unusable)",
+        };
+        write!(f, "{kind}://{}", self.authority)
+    }
+}
+
+#[derive(Clone)]
+pub enum Transport {
+    Plain,
+    /// The pooled TLS client of the backend's verification settings.
+    Tls(Arc<TlsClient>),
+    /// TLS that could not be set up (the CA file became unreadable after
+    /// the configuration was checked): every request fails with the reason.
+    Unusable(Arc<str>),
+}
+
+/// The upstream connection pools, shared by every route and backend: one for
+/// plain HTTP, one per distinct TLS verification setting.
 pub struct Upstreams {
-    client: Client<HttpConnector, Limited<Incoming>>,
-    request_timeout: Duration,
+    client: Client<HttpConnector, UpstreamBody>,
+    tls: ArcSwap<HashMap<Option<UpstreamTlsConfig>, Arc<TlsClient>>>,
+    timeouts: Timeouts,
 }
 
 impl Upstreams {
     pub fn new(timeouts: &Timeouts) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeouts.connect.0));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(timeouts.idle.0)
-            // The Host header is the client's; the URI only picks the connection.
-            .set_host(false)
-            .build(connector);
         Self {
-            client,
-            request_timeout: timeouts.request.0,
+            client: pool(timeouts).build(connector(timeouts)),
+            tls: ArcSwap::from_pointee(HashMap::new()),
+            timeouts: timeouts.clone(),
         }
+    }
+
+    /// The endpoint `spec` (`host:port` or `https://host:port`) of a backend
+    /// with TLS settings `tls`. TLS clients are kept across snapshots, so a
+    /// weight change does not drop pooled connections.
+    pub fn endpoint(&self, spec: &str, tls: Option<&UpstreamTlsConfig>) -> Endpoint {
+        let (secure, authority) = switchyard_control::config::split_endpoint(spec);
+        let authority = Authority::try_from(authority).expect("endpoint validated as host:port");
+        let transport = if secure {
+            self.tls_client(tls)
+        } else {
+            Transport::Plain
+        };
+        Endpoint {
+            authority,
+            transport,
+        }
+    }
+
+    fn tls_client(&self, tls: Option<&UpstreamTlsConfig>) -> Transport {
+        let key = tls.cloned();
+        if let Some(client) = self.tls.load().get(&key) {
+            return Transport::Tls(client.clone());
+        }
+        let config = match crate::tls::client_config(tls) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "upstream TLS unusable");
+                return Transport::Unusable(e.into());
+            }
+        };
+        let builder = HttpsConnector::<HttpConnector>::builder()
+            .with_tls_config(config)
+            .https_only();
+        let builder = match tls.and_then(|t| t.server_name.clone()) {
+            Some(name) => {
+                builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(
+                    ServerName::try_from(name).expect("server_name validated as a host name"),
+                ))
+            }
+            None => builder,
+        };
+        let connector = builder
+            .enable_http1()
+            .wrap_connector(connector(&self.timeouts));
+        let client = Arc::new(pool(&self.timeouts).build(connector));
+        self.tls.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.entry(key.clone()).or_insert_with(|| client.clone());
+            map
+        });
+        Transport::Tls(client)
     }
 
     /// Sends `req` (whose URI is origin-form) to `endpoint` and waits for the
     /// response headers, at most `timeouts.request`.
     pub async fn send(
         &self,
-        endpoint: &Authority,
-        mut req: Request<Limited<Incoming>>,
+        endpoint: &Endpoint,
+        mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        *req.uri_mut() = upstream_uri(endpoint, req.uri())?;
+        let scheme = match endpoint.transport {
+            Transport::Plain => Scheme::HTTP,
+            Transport::Tls(_) => Scheme::HTTPS,
+            Transport::Unusable(ref why) => {
+                return Err(ProxyError::UpstreamConnect(why.to_string()))
+            }
+        };
+        *req.uri_mut() = upstream_uri(scheme, &endpoint.authority, req.uri())?;
         *req.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+        let sent = match &endpoint.transport {
+            Transport::Tls(client) => {
+                tokio::time::timeout(self.timeouts.request.0, client.request(req)).await
+            }
+            _ => tokio::time::timeout(self.timeouts.request.0, self.client.request(req)).await,
+        };
+        match sent {
             Err(_elapsed) => Err(ProxyError::UpstreamTimeout),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(classify(&e)),
@@ -58,7 +155,27 @@ impl Upstreams {
     }
 }
 
-fn upstream_uri(endpoint: &Authority, uri: &Uri) -> Result<Uri, ProxyError> {
+fn connector(timeouts: &Timeouts) -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(timeouts.connect.0));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    // The TLS connector wraps this one and asks for `https` URIs.
+    connector.enforce_http(false);
+    connector
+}
+
+fn pool(timeouts: &Timeouts) -> hyper_util::client::legacy::Builder {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(timeouts.idle.0)
+        // The Host header is the client's; the URI only picks the connection.
+        .set_host(false);
+    builder
+}
+
+fn upstream_uri(scheme: Scheme, endpoint: &Authority, uri: &Uri) -> Result<Uri, ProxyError> {
     let path = uri
         .path_and_query()
         .cloned()
@@ -70,7 +187,7 @@ fn upstream_uri(endpoint: &Authority, uri: &Uri) -> Result<Uri, ProxyError> {
         ));
     }
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
+    parts.scheme = Some(scheme);
     parts.authority = Some(endpoint.clone());
     parts.path_and_query = Some(path);
     Uri::from_parts(parts).map_err(|_| ProxyError::DownstreamMalformed("bad request target"))

@@ -21,14 +21,14 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::header::{HeaderValue, HOST, SET_COOKIE};
 use http::request::Parts;
-use http::uri::Authority;
+
 use http::{Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use crate::forward::Upstreams;
+use crate::forward::{Endpoint, Upstreams};
 use crate::headers::{self, Forwarding};
 use crate::record::Recording;
 use crate::respond::{ProxyBody, ProxyError};
@@ -141,7 +141,7 @@ fn decide(
     snapshot: &Snapshot,
     parts: &mut Parts,
     conn: ConnInfo,
-) -> Result<(Authority, Option<HeaderValue>, Recording), ProxyError> {
+) -> Result<(Endpoint, Option<HeaderValue>, Recording), ProxyError> {
     check_head_size(snapshot, parts)?;
     if route::has_dot_segment(parts.uri.path()) {
         return Err(ProxyError::DownstreamMalformed("dot segment in path"));

@@ -120,7 +120,11 @@ routes:
     match: { path_prefix: /api }
     backends: [{ name: a, endpoints: ["127.0.0.1:1"], weight: 100 }]
 "#;
-        Snapshot::build(&Config::from_yaml(yaml).unwrap(), &test_metrics())
+        Snapshot::build(
+            &Config::from_yaml(yaml).unwrap(),
+            &test_metrics(),
+            &crate::forward::Upstreams::new(&Default::default()),
+        )
     }
 
     fn route_of(s: &Snapshot, req: Request<()>) -> Option<String> {

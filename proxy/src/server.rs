@@ -182,16 +182,18 @@ impl Proxy {
                 )))
             }
         };
+        tls::check_upstreams(&config)?;
+        let upstreams = Upstreams::new(&config.timeouts);
         let shared = Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(&config, &metrics)),
-            upstreams: Upstreams::new(&config.timeouts),
+            snapshot: ArcSwap::from_pointee(Snapshot::build(&config, &metrics, &upstreams)),
+            upstreams,
             admission: Admission::new(config.limits.max_requests_in_flight),
             metrics,
             max_body: config.limits.max_request_body_bytes,
         });
         let target = shared.clone();
         let apply = Box::new(move |effective: &Config| {
-            let snapshot = Snapshot::build(effective, &target.metrics);
+            let snapshot = Snapshot::build(effective, &target.metrics, &target.upstreams);
             target.snapshot.store(Arc::new(snapshot));
         });
         let store = Arc::new(Store::open(config.clone(), options.reset_state, apply)?);
@@ -308,7 +310,7 @@ impl ProxyHandle {
     /// stays, the reason is logged, and `switchyard_config_reloads_total
     /// {result="failure"}` goes up.
     pub async fn reload(&self, path: &Path) -> Result<(), String> {
-        let result = match Config::load(path) {
+        let result = match Config::load(path).and_then(|c| tls::check_upstreams(&c).map(|()| c)) {
             Err(e) => Err(e.to_string()),
             Ok(next) => {
                 let running = self.store.view().config.clone();

@@ -6,8 +6,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::forward::{Endpoint, Upstreams};
 use http::header::HeaderValue;
-use http::uri::Authority;
 use http::HeaderName;
 use switchyard_control::bucket::BUCKETS;
 use switchyard_control::config::{normalized_prefix, Config, Fallback, RouteConfig, Weight};
@@ -89,7 +89,7 @@ pub struct Backend {
     /// Exclusive upper bound of this backend's bucket range; the range starts
     /// where the previous backend's ends.
     pub bucket_end: u32,
-    pub endpoints: Box<[Authority]>,
+    pub endpoints: Box<[Endpoint]>,
     /// Metric handles and rolling window; `None` with metrics disabled.
     pub stats: Option<Arc<BackendStats>>,
     /// Round-robin cursor over `endpoints`.
@@ -98,7 +98,7 @@ pub struct Backend {
 
 impl Backend {
     /// The next endpoint, round robin.
-    pub fn endpoint(&self) -> Option<&Authority> {
+    pub fn endpoint(&self) -> Option<&Endpoint> {
         match self.endpoints.len() {
             0 => None,
             1 => self.endpoints.first(),
@@ -131,7 +131,7 @@ impl Route {
 impl Snapshot {
     /// Builds a snapshot from a validated configuration, resolving every
     /// backend's metric handles in `metrics`.
-    pub fn build(config: &Config, metrics: &Metrics) -> Snapshot {
+    pub fn build(config: &Config, metrics: &Metrics, upstreams: &Upstreams) -> Snapshot {
         let uk = &config.user_key;
         let mut cookies: Vec<Box<str>> = uk.cookies.iter().map(|c| c.as_str().into()).collect();
         if !uk.cookies.contains(&uk.anonymous_cookie.name) {
@@ -150,7 +150,7 @@ impl Snapshot {
             routes: config
                 .routes
                 .iter()
-                .map(|r| build_route(r, config, metrics))
+                .map(|r| build_route(r, config, metrics, upstreams))
                 .collect(),
             user_key: UserKeySources {
                 headers: uk.headers.iter().map(|h| header_name(h)).collect(),
@@ -190,7 +190,12 @@ impl Snapshot {
     }
 }
 
-fn build_route(rc: &RouteConfig, config: &Config, metrics: &Metrics) -> Route {
+fn build_route(
+    rc: &RouteConfig,
+    config: &Config,
+    metrics: &Metrics,
+    upstreams: &Upstreams,
+) -> Route {
     let mut end = 0;
     let backends = rc
         .backends
@@ -204,9 +209,7 @@ fn build_route(rc: &RouteConfig, config: &Config, metrics: &Metrics) -> Route {
                 endpoints: b
                     .endpoints
                     .iter()
-                    .map(|e| {
-                        Authority::try_from(e.as_str()).expect("endpoint validated as host:port")
-                    })
+                    .map(|e| upstreams.endpoint(e, b.tls.as_ref()))
                     .collect(),
                 stats: metrics.backend(&rc.name, &b.name, b.weight.percent()),
                 next: AtomicUsize::new(0),

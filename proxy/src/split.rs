@@ -178,7 +178,11 @@ mod tests {
             "{extra}\nroutes:\n  - name: api\n    backends: [{}]\n",
             backends.join(", ")
         );
-        Snapshot::build(&Config::from_yaml(&yaml).unwrap(), &test_metrics())
+        Snapshot::build(
+            &Config::from_yaml(&yaml).unwrap(),
+            &test_metrics(),
+            &crate::forward::Upstreams::new(&Default::default()),
+        )
     }
 
     fn parts(headers: &[(&str, &str)]) -> Parts {

@@ -20,7 +20,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
-use switchyard_control::config::{ConfigError, TlsConfig, TlsVersion, UnknownServerName};
+use switchyard_control::config::{
+    split_endpoint, Config, ConfigError, TlsConfig, TlsVersion, UnknownServerName,
+    UpstreamTlsConfig,
+};
 use switchyard_control::metrics::Metrics;
 
 /// One serving certificate as loaded: what `check` prints and the expiry
@@ -211,6 +214,53 @@ fn bad_file(field: &str, path: &Path, reason: &str) -> ConfigError {
 fn utc(unix: i64) -> String {
     x509_parser::time::ASN1Time::from_timestamp(unix)
         .map_or_else(|_| format!("{unix} (Unix time)"), |t| t.to_string())
+}
+
+// === upstream TLS ===
+
+/// The client configuration for a backend's `https://` endpoints: its CA
+/// bundle or the system's certificates (the connector adds ALPN `http/1.1`).
+pub fn client_config(tls: Option<&UpstreamTlsConfig>) -> Result<rustls::ClientConfig, String> {
+    let roots = match tls.and_then(|t| t.ca.as_deref()) {
+        Some(path) => load_roots("tls.ca", path).map_err(|e| e.reason)?,
+        None => system_roots()?,
+    };
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+fn system_roots() -> Result<RootCertStore, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map_or_else(|| "none installed".to_owned(), ToString::to_string);
+        return Err(format!(
+            "no system CA certificates ({why}); install them (ca-certificates) or set `tls.ca`"
+        ));
+    }
+    Ok(roots)
+}
+
+/// Checks that every backend with `https://` endpoints can build its TLS
+/// client (its CA file is readable and holds certificates).
+pub fn check_upstreams(config: &Config) -> Result<(), ConfigError> {
+    for (i, route) in config.routes.iter().enumerate() {
+        for (j, b) in route.backends.iter().enumerate() {
+            if b.endpoints.iter().any(|e| split_endpoint(e).0) {
+                client_config(b.tls.as_ref())
+                    .map_err(|e| ConfigError::new(format!("routes[{i}].backends[{j}].tls"), e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Picks the certificate for a ClientHello's SNI name.

@@ -428,3 +428,100 @@ fn check_and_run_refuse_a_mismatched_key_with_exit_64() {
         "{text}"
     );
 }
+
+/// An HTTPS upstream on loopback with `leaf`, answering `name`.
+async fn tls_upstream(leaf: &Leaf, name: &'static str) -> std::net::SocketAddr {
+    let chain = vec![CertificateDer::from(leaf.der.clone())];
+    let key = PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |_req| async move {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from(format!("{name}\n"))),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn https_endpoints_are_verified_against_the_configured_ca_and_name() {
+    let ca = Ca::new("upstream CA");
+    let stranger = Ca::new("another CA");
+    let dir = temp_dir("tls-upstream");
+    let ca_file = dir.join("upstream-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let good = tls_upstream(&ca.leaf(&["backend.test"], 30), "secure").await;
+    let untrusted = tls_upstream(&stranger.leaf(&["backend.test"], 30), "untrusted").await;
+    let yaml = format!(
+        "routes:\n  - name: api\n    backends:\n      - {{ name: blue, endpoints: [\"https://{good}\"], weight: 50, tls: {{ ca: \"{ca}\", server_name: backend.test }} }}\n      - {{ name: green, endpoints: [\"https://{untrusted}\"], weight: 50, tls: {{ ca: \"{ca}\", server_name: backend.test }} }}\n",
+        ca = ca_file.display()
+    );
+    let proxy = Running::start(&yaml).await;
+    let c = common::client();
+    // Users land on both backends; the verified one answers, the other is a
+    // 502 (certificate from an unknown CA), never served unverified.
+    let (mut ok, mut refused) = (0, 0);
+    for i in 0..40 {
+        let user = format!("user-{i}");
+        let (status, _, body) =
+            common::get(&c, &proxy.url("/"), &[("x-user-id", user.as_str())]).await;
+        match status.as_u16() {
+            200 => {
+                assert_eq!(body, "secure\n");
+                ok += 1;
+            }
+            502 => refused += 1,
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
+    proxy.stop().await;
+
+    // The wrong name is refused too.
+    let wrong_name = yaml.replacen("server_name: backend.test", "server_name: other.test", 1);
+    let proxy = Running::start(&wrong_name).await;
+    for i in 0..20 {
+        let user = format!("user-{i}");
+        let (status, _, body) =
+            common::get(&c, &proxy.url("/"), &[("x-user-id", user.as_str())]).await;
+        assert_eq!(status.as_u16(), 502, "{body}");
+    }
+    proxy.stop().await;
+}
+
+#[test]
+fn an_unreadable_upstream_ca_is_a_config_error() {
+    let yaml = "routes:\n  - name: api\n    backends:\n      - { name: blue, endpoints: [\"https://127.0.0.1:1\"], weight: 100, tls: { ca: /nonexistent/ca.pem } }\n";
+    let c = Config::from_yaml(yaml).unwrap();
+    let e = switchyard_proxy::tls::check_upstreams(&c).unwrap_err();
+    assert_eq!(e.field, "routes[0].backends[0].tls");
+    assert!(e.reason.contains("cannot read"), "{e}");
+    // `tls` without an https endpoint is refused by validation.
+    let e = Config::from_yaml(&yaml.replace("https://", "")).unwrap_err();
+    assert_eq!(e.field, "routes[0].backends[0].tls");
+}
