@@ -1,0 +1,1119 @@
+//! The Kubernetes manifests (`manifests/`) against the proxy they deploy:
+//! every shipped config passes `switchyard check`; every metric, label and
+//! label value the alerts and the dashboard use is one a running proxy
+//! exports; and the rendered Deployments' ports, probes, token variables,
+//! `state_dir` volume and stop timing match their config and the admin
+//! listener's real endpoints.
+//!
+//! Rendering needs `kubectl` (its built-in kustomize): `SWITCHYARD_KUBECTL`
+//! or `kubectl` on the PATH. Without it that test prints `SKIPPED: ...` and
+//! passes, unless `SWITCHYARD_REQUIRE_KUBECTL=1` (set by `.ci/manifests`,
+//! which installs a pinned kubectl).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{call, client, get, Behaviour, Running, Upstream};
+use serde_json::{json, Value};
+use switchyard_control::admin::OPEN_ENDPOINTS;
+use switchyard_control::config::Config;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+/// A stand-in for the admin token Secret: long enough for `check`.
+const TOKEN: &str = "manifests-test-token-0123456789abcdef";
+/// Labels Prometheus adds from the scraped pod (PodMonitor), not exported by
+/// the proxy itself.
+const TARGET_LABELS: &[&str] = &[
+    "namespace",
+    "pod",
+    "container",
+    "endpoint",
+    "job",
+    "instance",
+];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the proxy crate is in the workspace")
+        .to_owned()
+}
+
+fn manifests() -> PathBuf {
+    repo().join("manifests")
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every document of a YAML stream, empty ones left out.
+fn yaml_docs(text: &str, what: &str) -> Vec<Value> {
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(text).unwrap_or_else(|e| panic!("{what}: not YAML: {e}"));
+    docs.into_iter().filter(|d| !d.is_null()).collect()
+}
+
+fn yaml_file(path: &Path) -> Value {
+    let mut docs = yaml_docs(&read(path), &path.display().to_string());
+    assert_eq!(docs.len(), 1, "{}: one document expected", path.display());
+    docs.remove(0)
+}
+
+fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
+    v.pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no string at {pointer} in {v}"))
+}
+
+fn array_at<'a>(v: &'a Value, pointer: &str) -> &'a [Value] {
+    v.pointer(pointer)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// `switchyard check --config PATH` with `envs` set (and nothing inherited
+/// that could name a token).
+fn check(path: &Path, envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["check", "--config"]).arg(path);
+    cmd.env_remove("SWITCHYARD_ADMIN_TOKEN");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run switchyard check")
+}
+
+/// The config files that kustomizations put into the `switchyard-config`
+/// ConfigMap, found through every kustomization.yaml under manifests/.
+fn shipped_configs() -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![manifests()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
+                let k = yaml_file(&path);
+                for generator in array_at(&k, "/configMapGenerator") {
+                    if generator["name"] == "switchyard-config" {
+                        for file in array_at(generator, "/files") {
+                            let file = file.as_str().unwrap();
+                            // `key=path` or just `path`.
+                            let file = file.split_once('=').map_or(file, |(_, p)| p);
+                            found.push(dir.join(file));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+// === configs ===
+
+#[test]
+fn every_shipped_config_passes_switchyard_check() {
+    let configs = shipped_configs();
+    let names: Vec<String> = configs
+        .iter()
+        .map(|p| p.strip_prefix(manifests()).unwrap().display().to_string())
+        .collect();
+    assert!(
+        names.contains(&"base/switchyard.yaml".to_owned())
+            && names.contains(&"overlays/sidecar/switchyard.yaml".to_owned()),
+        "switchyard-config generators not found: {names:?}"
+    );
+    for path in &configs {
+        let config = Config::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let token_vars: Vec<&str> = config
+            .admin
+            .tokens
+            .iter()
+            .filter_map(|t| t.env.as_deref())
+            .collect();
+        let envs: Vec<(&str, &str)> = token_vars.iter().map(|v| (*v, TOKEN)).collect();
+        let out = check(path, &envs);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(": ok ("),
+            "{}: {stdout}{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        // In a pod the admin listener must take the kubelet's probes and
+        // Prometheus' scrapes, so it is not on loopback, so it has a token:
+        // and `check` really reads it.
+        assert!(
+            !config.admin.listen.ip().is_loopback() && !token_vars.is_empty(),
+            "{}: admin {} with token variables {token_vars:?}",
+            path.display(),
+            config.admin.listen
+        );
+        let out = check(path, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{}: {stderr}", path.display());
+        assert!(stderr.contains("admin.tokens[0].env"), "{stderr}");
+    }
+}
+
+#[test]
+fn the_dockerfile_matches_the_workspace_and_the_container() {
+    let dockerfile = read(&repo().join("Dockerfile"));
+    let cargo = read(&repo().join("Cargo.toml"));
+    let rust_version = cargo
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .expect("workspace rust-version")
+        .trim_matches('"');
+    assert!(
+        dockerfile.contains(&format!("ARG RUST_VERSION={rust_version}\n")),
+        "the Dockerfile's Rust is not the workspace's rust-version {rust_version}"
+    );
+
+    let patch = yaml_file(&manifests().join("components/switchyard/container.yaml"));
+    let container = array_at(&patch, "/spec/template/spec/containers")
+        .iter()
+        .find(|c| c["name"] == "switchyard")
+        .expect("the switchyard container");
+    // The image's default command is what the manifests run.
+    let args: Vec<String> = array_at(container, "/args")
+        .iter()
+        .map(|a| format!("{a}"))
+        .collect();
+    assert!(
+        dockerfile.contains(&format!("CMD [{}]", args.join(", "))),
+        "Dockerfile CMD differs from the container's args {args:?}"
+    );
+    // `runAsNonRoot` needs a numeric non-root USER in the image.
+    let uid = container["securityContext"]["runAsUser"].as_u64().unwrap();
+    assert_ne!(uid, 0);
+    assert!(dockerfile.contains(&format!("\nUSER {uid}:")), "USER {uid}");
+    for port in array_at(container, "/ports") {
+        let number = port["containerPort"].as_u64().unwrap();
+        assert!(
+            dockerfile.lines().any(|l| l.starts_with("EXPOSE ")
+                && l.split_whitespace().any(|w| w == number.to_string())),
+            "port {number} not EXPOSEd"
+        );
+    }
+}
+
+// === metrics: alerts, dashboard, autoscaler ===
+
+/// One scrape, parsed: family types and every sample's labels.
+struct Exposition {
+    /// Family name → type (`counter`, `gauge`, `histogram`, ...).
+    families: BTreeMap<String, String>,
+    /// Sample name (`x_bucket` for a histogram's buckets) → label sets.
+    samples: BTreeMap<String, Vec<BTreeMap<String, String>>>,
+}
+
+impl Exposition {
+    fn parse(text: &str) -> Exposition {
+        let mut families = BTreeMap::new();
+        let mut samples: BTreeMap<String, Vec<BTreeMap<String, String>>> = BTreeMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
+                families.insert(name.to_owned(), kind.to_owned());
+            } else if !line.starts_with('#') && !line.is_empty() {
+                let end = line.find(['{', ' ']).expect("sample line");
+                let name = &line[..end];
+                let labels = if line[end..].starts_with('{') {
+                    let (matchers, _) = parse_matchers(&line[end + 1..]);
+                    matchers.into_iter().map(|m| (m.label, m.value)).collect()
+                } else {
+                    BTreeMap::new()
+                };
+                samples.entry(name.to_owned()).or_default().push(labels);
+            }
+        }
+        Exposition { families, samples }
+    }
+
+    /// The names a query can use: a histogram's `_bucket`, `_sum` and
+    /// `_count`, every other family's own name.
+    fn queryable(&self) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        for (family, kind) in &self.families {
+            match kind.as_str() {
+                "histogram" => {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        names.insert(format!("{family}{suffix}"));
+                    }
+                }
+                "summary" => {
+                    names.insert(family.clone());
+                    names.insert(format!("{family}_sum"));
+                    names.insert(format!("{family}_count"));
+                }
+                _ => {
+                    names.insert(family.clone());
+                }
+            }
+        }
+        names
+    }
+
+    fn label_names(&self, sample: &str) -> BTreeSet<&str> {
+        self.samples
+            .get(sample)
+            .into_iter()
+            .flatten()
+            .flat_map(|labels| labels.keys().map(String::as_str))
+            .collect()
+    }
+
+    fn has_value(&self, sample: &str, label: &str, value: &str) -> bool {
+        self.samples
+            .get(sample)
+            .into_iter()
+            .flatten()
+            .any(|labels| labels.get(label).is_some_and(|v| v == value))
+    }
+}
+
+#[derive(Debug)]
+struct Matcher {
+    label: String,
+    op: String,
+    value: String,
+}
+
+/// Parses `a="x", b=~"y"}` (after the `{`); returns the matchers and the
+/// rest after the `}`.
+fn parse_matchers(text: &str) -> (Vec<Matcher>, &str) {
+    let mut matchers = Vec::new();
+    let mut rest = text.trim_start();
+    loop {
+        rest = rest.trim_start_matches([',', ' ', '\n']);
+        if let Some(after) = rest.strip_prefix('}') {
+            return (matchers, after);
+        }
+        let name_end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .expect("label name");
+        let label = rest[..name_end].to_owned();
+        rest = rest[name_end..].trim_start();
+        let op_end = rest.find('"').expect("quoted label value");
+        let op = rest[..op_end].trim().to_owned();
+        rest = &rest[op_end + 1..];
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let close = loop {
+            match chars.next().expect("closing quote") {
+                (_, '\\') => value.push(chars.next().expect("escaped char").1),
+                (i, '"') => break i,
+                (_, c) => value.push(c),
+            }
+        };
+        rest = &rest[close + 1..];
+        matchers.push(Matcher { label, op, value });
+    }
+}
+
+/// A `switchyard_*` metric named in a query, with the matchers written
+/// right after it.
+#[derive(Debug)]
+struct Selector {
+    metric: String,
+    matchers: Vec<Matcher>,
+}
+
+fn is_ident(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+/// Every `switchyard_[a-z0-9_]+` identifier in `text`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut from = 0;
+    while let Some(i) = text[from..].find("switchyard_") {
+        let start = from + i;
+        let len = text[start..]
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(text.len() - start);
+        if !text[..start].ends_with(is_ident) {
+            names.insert(text[start..start + len].to_owned());
+        }
+        from = start + len;
+    }
+    names
+}
+
+fn selectors(expr: &str) -> Vec<Selector> {
+    let mut found = Vec::new();
+    let mut from = 0;
+    while let Some(i) = expr[from..].find("switchyard_") {
+        let start = from + i;
+        let len = expr[start..]
+            .find(|c: char| !is_ident(c))
+            .unwrap_or(expr.len() - start);
+        from = start + len;
+        if expr[..start].ends_with(is_ident) {
+            continue;
+        }
+        let metric = expr[start..from].to_owned();
+        let matchers = match expr[from..].strip_prefix('{') {
+            Some(rest) => parse_matchers(rest).0,
+            None => Vec::new(),
+        };
+        found.push(Selector { metric, matchers });
+    }
+    found
+}
+
+/// Labels named in `by (...)`, `without (...)`, `on (...)`,
+/// `ignoring (...)` and `group_left/right (...)` clauses.
+fn grouping_labels(expr: &str) -> BTreeSet<String> {
+    let mut labels = BTreeSet::new();
+    for keyword in [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ] {
+        let mut from = 0;
+        while let Some(i) = expr[from..].find(keyword) {
+            let start = from + i;
+            from = start + keyword.len();
+            if expr[..start].ends_with(is_ident) || expr[from..].starts_with(is_ident) {
+                continue;
+            }
+            if let Some(list) = expr[from..].trim_start().strip_prefix('(') {
+                let list = &list[..list.find(')').expect("closing paren")];
+                labels.extend(
+                    list.split(',')
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_owned),
+                );
+            }
+        }
+    }
+    labels
+}
+
+/// Every query string in a Grafana dashboard: panel targets, template
+/// variables, annotations.
+fn dashboard_queries(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr" | "query" | "definition", Value::String(s)) => out.push(s.clone()),
+                    _ => dashboard_queries(v, out),
+                }
+            }
+        }
+        Value::Array(list) => list.iter().for_each(|v| dashboard_queries(v, out)),
+        _ => {}
+    }
+}
+
+/// A proxy that has served traffic, rolled a failing canary back and
+/// refused a config reload: every switchyard family has samples.
+async fn exercised_proxy_metrics() -> String {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start(
+        "canary",
+        Behaviour::Pattern {
+            fast: Duration::ZERO,
+            slow: Duration::ZERO,
+            slow_every: 1,
+            fail_every: 1,
+        },
+    )
+    .await;
+    let yaml = common::config(
+        "",
+        &[("blue", blue.addr, 100.0), ("canary", canary.addr, 0.0)],
+    );
+    let proxy = Running::start(&yaml).await;
+    let admin = format!("http://{}", proxy.admin);
+    let rollout = json!({
+        "strategy": "canary", "stable": "blue", "target": "canary",
+        "steps": [{"weight": 50, "hold": "60s"}, {"weight": 100}],
+        "analysis": {"interval": "1s", "window": "5s", "min_requests": 5, "failure_threshold": 1},
+    });
+    let (status, _, body) = call(
+        "POST",
+        &format!("{admin}/v1/routes/api/rollout"),
+        None,
+        &[],
+        rollout.to_string(),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+
+    // Traffic until the analysis rolls the failing canary back (bounded).
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut user = 0;
+    loop {
+        for _ in 0..20 {
+            user += 1;
+            get(
+                &c,
+                &proxy.url("/"),
+                &[("x-user-id", &format!("user-{user}"))],
+            )
+            .await;
+        }
+        let (_, _, status) = get(&c, &format!("{admin}/v1/routes/api/rollout"), &[]).await;
+        let status: Value = serde_json::from_str(&status).unwrap();
+        if status["phase"] == "rolled-back" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rollback: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dir = common::temp_dir("manifests");
+    std::fs::write(dir.join("bad.yaml"), "routes: []\n").unwrap();
+    assert!(proxy.handle.reload(&dir.join("bad.yaml")).await.is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let (status, _, text) = get(&c, &format!("{admin}/metrics"), &[]).await;
+    assert_eq!(status, 200);
+    proxy.stop().await;
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_dashboard_and_autoscaler_use_only_exported_metrics() {
+    let scrape = Exposition::parse(&exercised_proxy_metrics().await);
+    let exported = scrape.queryable();
+
+    let monitoring = manifests().join("components/monitoring");
+    let rule_text = read(&monitoring.join("prometheusrule.yaml"));
+    let dashboard_text = read(&monitoring.join("switchyard-dashboard.json"));
+    let rule = yaml_file(&monitoring.join("prometheusrule.yaml"));
+    let dashboard: Value = serde_json::from_str(&dashboard_text).expect("dashboard JSON");
+
+    // Every metric name written anywhere in either file.
+    let mut used = metric_names(&rule_text);
+    used.extend(metric_names(&dashboard_text));
+    let unknown: Vec<&String> = used.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "not exported by the proxy: {unknown:?}\nexported: {exported:?}"
+    );
+    for needed in [
+        "switchyard_requests_total",
+        "switchyard_request_duration_seconds_bucket",
+        "switchyard_rollbacks_total",
+        "switchyard_config_reloads_total",
+        "switchyard_backend_weight_percent",
+        "switchyard_rollout_step",
+    ] {
+        assert!(used.contains(needed), "{needed} is used by neither");
+    }
+
+    // Labels and label values in every query.
+    let mut queries: Vec<String> = Vec::new();
+    let alerts: BTreeMap<String, Value> = array_at(&rule, "/spec/groups")
+        .iter()
+        .flat_map(|g| array_at(g, "/rules"))
+        .filter_map(|r| Some((r["alert"].as_str()?.to_owned(), r.clone())))
+        .collect();
+    queries.extend(alerts.values().map(|r| str_at(r, "/expr").to_owned()));
+    dashboard_queries(&dashboard, &mut queries);
+    assert!(queries.len() > 10, "{queries:?}");
+    for query in &queries {
+        let found = selectors(query);
+        let mut known: BTreeSet<&str> = TARGET_LABELS.iter().copied().collect();
+        for s in &found {
+            let labels = scrape.label_names(&s.metric);
+            for m in &s.matchers {
+                assert!(
+                    labels.contains(m.label.as_str()) || TARGET_LABELS.contains(&&*m.label),
+                    "{}: no label `{}` (it has {labels:?}) in {query}",
+                    s.metric,
+                    m.label
+                );
+                if m.op == "=" && !m.value.contains('$') {
+                    assert!(
+                        scrape.has_value(&s.metric, &m.label, &m.value),
+                        "{}: no sample with {}=\"{}\" in {query}",
+                        s.metric,
+                        m.label,
+                        m.value
+                    );
+                }
+            }
+            known.extend(labels);
+        }
+        for label in grouping_labels(query) {
+            assert!(
+                known.contains(label.as_str()),
+                "grouping label `{label}` is on no metric of {query}"
+            );
+        }
+    }
+
+    // The issue's thresholds, and the 2 s one is a bucket boundary.
+    let alert = |name: &str| {
+        alerts
+            .get(name)
+            .unwrap_or_else(|| panic!("no alert {name} in {:?}", alerts.keys()))
+    };
+    let errors = alert("SwitchyardHighErrorRate");
+    assert!(str_at(errors, "/expr").contains("code_class=\"5xx\""));
+    assert!(str_at(errors, "/expr").trim_end().ends_with("> 0.01"));
+    assert_eq!(errors["for"], "5m");
+    let latency = alert("SwitchyardHighLatencyP95");
+    assert!(str_at(latency, "/expr").contains("histogram_quantile(0.95"));
+    assert!(str_at(latency, "/expr").trim_end().ends_with("> 2"));
+    assert_eq!(latency["for"], "5m");
+    assert!(scrape.has_value("switchyard_request_duration_seconds_bucket", "le", "2"));
+    assert!(str_at(alert("SwitchyardRollback"), "/expr").contains("switchyard_rollbacks_total"));
+    assert!(str_at(alert("SwitchyardConfigReloadFailed"), "/expr")
+        .contains("switchyard_config_reloads_total{result=\"failure\"}"));
+
+    // The HPA's per-pod metric is the adapter's rate of an exported counter.
+    let edge = manifests().join("overlays/edge-gateway");
+    let hpa = yaml_file(&edge.join("hpa.yaml"));
+    let adapter = yaml_file(&edge.join("prometheus-adapter-rules.yaml"));
+    let pods_metrics: Vec<&str> = array_at(&hpa, "/spec/metrics")
+        .iter()
+        .filter(|m| m["type"] == "Pods")
+        .map(|m| str_at(m, "/pods/metric/name"))
+        .collect();
+    assert_eq!(pods_metrics, ["switchyard_requests_per_second"]);
+    for name in pods_metrics {
+        let served = array_at(&adapter, "/rules/custom").iter().any(|rule| {
+            let series = str_at(rule, "/seriesQuery");
+            let counter = &series[..series.find('{').unwrap_or(series.len())];
+            str_at(rule, "/name/matches") == "^(.*)_total$"
+                && str_at(rule, "/name/as") == "${1}_per_second"
+                && exported.contains(counter)
+                && scrape.families.get(counter).is_some_and(|t| t == "counter")
+                && counter
+                    .strip_suffix("_total")
+                    .map(|c| format!("{c}_per_second"))
+                    == Some(name.to_owned())
+        });
+        assert!(
+            served,
+            "no adapter rule serves {name} from an exported counter"
+        );
+    }
+}
+
+// === rendered overlays ===
+
+/// kubectl to render with, or why there is none.
+fn kubectl() -> Result<String, String> {
+    let kubectl = std::env::var("SWITCHYARD_KUBECTL").unwrap_or_else(|_| "kubectl".to_owned());
+    match Command::new(&kubectl)
+        .args(["version", "--client", "-o", "json"])
+        .output()
+    {
+        Ok(out) if out.status.success() => Ok(kubectl),
+        Ok(out) => Err(format!(
+            "`{kubectl} version --client` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )),
+        Err(e) => Err(format!("cannot run `{kubectl}`: {e}")),
+    }
+}
+
+fn render(kubectl: &str, dir: &Path) -> Vec<Value> {
+    let out = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    yaml_docs(
+        &String::from_utf8(out.stdout).unwrap(),
+        &dir.display().to_string(),
+    )
+}
+
+/// `selector` (a `matchLabels`-style map) selects a pod with `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// A container port by name or number: its number, if the container has it.
+fn port_number(container: &Value, port: &Value) -> Option<u64> {
+    array_at(container, "/ports")
+        .iter()
+        .find(|p| match port {
+            Value::String(name) => p["name"] == name.as_str(),
+            _ => p["containerPort"] == *port,
+        })
+        .and_then(|p| p["containerPort"].as_u64())
+}
+
+fn cpu_cores(quantity: &str) -> f64 {
+    match quantity.strip_suffix('m') {
+        Some(milli) => milli.parse::<f64>().unwrap() / 1000.0,
+        None => quantity.parse().unwrap(),
+    }
+}
+
+fn sleep_seconds(container: &Value) -> u64 {
+    container
+        .pointer("/lifecycle/preStop/sleep/seconds")
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
+/// Checks one Deployment that carries the switchyard container against the
+/// config in its ConfigMap and the other objects of its overlay.
+fn check_workload(overlay: &str, deployment: &Value, objects: &[Value], monitored: bool) {
+    let name = str_at(deployment, "/metadata/name");
+    let what = format!("{overlay}: Deployment {name}");
+    let pod = &deployment["spec"]["template"];
+    let pod_labels = &pod["metadata"]["labels"];
+    let spec = &pod["spec"];
+    let containers = array_at(spec, "/containers");
+    let proxy = containers
+        .iter()
+        .find(|c| c["name"] == "switchyard")
+        .unwrap();
+
+    // The config: `run --config PATH`, PATH in a mounted ConfigMap.
+    let args: Vec<&str> = array_at(proxy, "/args")
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let [_, _, config_path] = args[..] else {
+        panic!("{what}: args {args:?}")
+    };
+    assert_eq!(args[..2], ["run", "--config"], "{what}");
+    let (dir, file) = config_path.rsplit_once('/').unwrap();
+    let mount = array_at(proxy, "/volumeMounts")
+        .iter()
+        .find(|m| m["mountPath"] == dir)
+        .unwrap_or_else(|| panic!("{what}: nothing mounted at {dir}"));
+    assert!(
+        mount.get("subPath").is_none(),
+        "{what}: a subPath mount never sees ConfigMap updates (no reload)"
+    );
+    let volume = array_at(spec, "/volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let map_name = str_at(volume, "/configMap/name");
+    let map = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == map_name)
+        .unwrap_or_else(|| panic!("{what}: no ConfigMap {map_name}"));
+    let text = str_at(map, &format!("/data/{file}"));
+    let config = Config::from_yaml(text).unwrap_or_else(|e| panic!("{what}: {e}"));
+
+    // The real check on the rendered text, with the tokens the container
+    // passes in: every `admin.tokens[].env` comes from a Secret.
+    let env = array_at(proxy, "/env");
+    let mut envs = Vec::new();
+    for token in &config.admin.tokens {
+        let var = token.env.as_deref().expect("tokens come from variables");
+        let entry = env
+            .iter()
+            .find(|e| e["name"] == var)
+            .unwrap_or_else(|| panic!("{what}: token variable {var} not set"));
+        assert!(
+            entry.pointer("/valueFrom/secretKeyRef/name").is_some(),
+            "{what}: {var} is not from a Secret"
+        );
+        envs.push((var, TOKEN));
+    }
+    let dir = common::temp_dir("manifests");
+    std::fs::write(dir.join(file), text).unwrap();
+    let out = check(&dir.join(file), &envs);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Ports: the config's listeners, on every address of the pod.
+    let data_port = port_number(proxy, &json!("proxy-http"));
+    let admin_port = port_number(proxy, &json!("proxy-admin"));
+    assert_eq!(data_port, Some(u64::from(config.listen.port())), "{what}");
+    assert_eq!(
+        admin_port,
+        Some(u64::from(config.admin.listen.port())),
+        "{what}"
+    );
+    assert!(
+        config.listen.ip().is_unspecified(),
+        "{what}: {}",
+        config.listen
+    );
+    assert!(config.admin.listen.ip().is_unspecified(), "{what}");
+
+    // Probes: the admin listener's open health endpoints.
+    let open: Vec<&str> = OPEN_ENDPOINTS.iter().map(|(path, _)| *path).collect();
+    for (probe, path) in [
+        ("livenessProbe", "/health/live"),
+        ("readinessProbe", "/health/ready"),
+    ] {
+        let get = &proxy[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{what}: {probe}");
+        assert!(open.contains(&path), "{path} is not an open admin endpoint");
+        assert_eq!(
+            port_number(proxy, &get["port"]),
+            admin_port,
+            "{what}: {probe}"
+        );
+    }
+
+    // state_dir on a writable volume.
+    let state_dir = config.state_dir.as_ref().expect("state_dir");
+    let state = array_at(proxy, "/volumeMounts")
+        .iter()
+        .find(|m| Path::new(str_at(m, "/mountPath")) == state_dir)
+        .unwrap_or_else(|| panic!("{what}: nothing mounted at {}", state_dir.display()));
+    assert_ne!(state["readOnly"], true, "{what}");
+    let state_volume = array_at(spec, "/volumes")
+        .iter()
+        .find(|v| v["name"] == state["name"])
+        .unwrap();
+    assert!(
+        state_volume.get("emptyDir").is_some()
+            || state_volume.get("persistentVolumeClaim").is_some(),
+        "{what}: {state_volume}"
+    );
+
+    // Hardening.
+    let sc = &proxy["securityContext"];
+    let pod_sc = &spec["securityContext"];
+    assert!(
+        sc["runAsNonRoot"] == true || pod_sc["runAsNonRoot"] == true,
+        "{what}"
+    );
+    let uid = sc["runAsUser"].as_u64().or(pod_sc["runAsUser"].as_u64());
+    assert!(uid.is_some_and(|u| u != 0), "{what}: runAsUser {uid:?}");
+    assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}");
+    assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}");
+    assert!(
+        array_at(sc, "/capabilities/drop").contains(&json!("ALL")),
+        "{what}"
+    );
+
+    // Stopping: endpoints go (preStop), then the drain, all inside the
+    // grace period; the application outlives the proxy's drain.
+    let pre_stop = sleep_seconds(proxy);
+    let drain = config.timeouts.drain.0.as_secs();
+    let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+    assert!(pre_stop >= 5, "{what}: preStop sleep {pre_stop}");
+    assert!(
+        grace >= pre_stop + drain + 5,
+        "{what}: grace {grace}s < preStop {pre_stop}s + drain {drain}s + 5s"
+    );
+    for app in containers.iter().filter(|c| c["name"] != "switchyard") {
+        assert!(
+            sleep_seconds(app) >= pre_stop + drain && grace >= sleep_seconds(app) + 5,
+            "{what}: container {} stops before the proxy has drained",
+            app["name"]
+        );
+    }
+
+    // Resources: requests and limits, and room for every worker thread.
+    for kind in ["requests", "limits"] {
+        for resource in ["cpu", "memory"] {
+            assert!(
+                proxy["resources"][kind][resource].is_string(),
+                "{what}: resources.{kind}.{resource}"
+            );
+        }
+    }
+    let workers = config.workers.expect("workers is set deliberately") as f64;
+    let cpu_limit = cpu_cores(str_at(proxy, "/resources/limits/cpu"));
+    assert!(
+        cpu_limit >= workers,
+        "{what}: cpu limit {cpu_limit} < {workers} workers"
+    );
+
+    // Services that select the pod send clients to the proxy (or operators
+    // to the admin port), never around it; only ClusterIP ones expose admin.
+    let services: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == "Service" && selects(&o["spec"]["selector"], pod_labels))
+        .collect();
+    assert!(!services.is_empty(), "{what}: no Service");
+    let mut to_data = false;
+    for service in services {
+        let exposed = matches!(
+            service["spec"]["type"].as_str(),
+            Some("LoadBalancer" | "NodePort")
+        );
+        for port in array_at(service, "/spec/ports") {
+            let target = port_number(proxy, &port["targetPort"]);
+            assert!(
+                target == data_port || (target == admin_port && !exposed),
+                "{what}: Service {} port {port} bypasses the proxy",
+                service["metadata"]["name"]
+            );
+            to_data |= target == data_port;
+        }
+    }
+    assert!(to_data, "{what}: no Service targets the proxy port");
+
+    // Scraped by a PodMonitor on the admin port's open /metrics.
+    if !monitored {
+        return;
+    }
+    let scraped = objects.iter().any(|o| {
+        o["kind"] == "PodMonitor"
+            && selects(&o["spec"]["selector"]["matchLabels"], pod_labels)
+            && array_at(o, "/spec/podMetricsEndpoints").iter().any(|e| {
+                port_number(proxy, &e["port"]) == admin_port
+                    && e["path"] == "/metrics"
+                    && open.contains(&"/metrics")
+            })
+    });
+    assert!(scraped, "{what}: no PodMonitor scrapes the admin port");
+}
+
+/// kubectl, or `None` after printing why the test is skipped.
+fn kubectl_or_skip() -> Option<String> {
+    match kubectl() {
+        Ok(k) => Some(k),
+        Err(why) if std::env::var("SWITCHYARD_REQUIRE_KUBECTL").is_ok_and(|v| v == "1") => {
+            panic!("SWITCHYARD_REQUIRE_KUBECTL=1 but {why}")
+        }
+        Err(why) => {
+            println!("SKIPPED: {why}; set SWITCHYARD_KUBECTL to render the manifests");
+            None
+        }
+    }
+}
+
+#[test]
+fn rendered_overlays_match_the_proxy() {
+    let Some(kubectl) = kubectl_or_skip() else {
+        return;
+    };
+    let mut seen = 0;
+    for overlay in ["overlays/sidecar", "overlays/edge-gateway", "base"] {
+        let objects = render(&kubectl, &manifests().join(overlay));
+        for deployment in objects.iter().filter(|o| o["kind"] == "Deployment") {
+            let has_proxy = array_at(deployment, "/spec/template/spec/containers")
+                .iter()
+                .any(|c| c["name"] == "switchyard");
+            if has_proxy {
+                // base has no monitoring component; the overlays do.
+                check_workload(overlay, deployment, &objects, overlay != "base");
+                seen += 1;
+            }
+        }
+        if overlay == "overlays/sidecar" {
+            let app = objects
+                .iter()
+                .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "example-app")
+                .expect("the example application");
+            let names: Vec<&Value> = array_at(app, "/spec/template/spec/containers")
+                .iter()
+                .map(|c| &c["name"])
+                .collect();
+            assert_eq!(names.len(), 2, "the app and its sidecar: {names:?}");
+        }
+        if overlay == "overlays/edge-gateway" {
+            check_edge(&objects);
+        }
+    }
+    assert_eq!(seen, 3, "sidecar, edge gateway and base each run the proxy");
+}
+
+/// The edge gateway's availability objects point at its pods.
+fn check_edge(objects: &[Value]) {
+    let find = |kind: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind)
+            .unwrap_or_else(|| panic!("edge gateway: no {kind}"))
+    };
+    let deployment = find("Deployment");
+    let pod = &deployment["spec"]["template"];
+    let labels = &pod["metadata"]["labels"];
+    let proxy = array_at(pod, "/spec/containers")
+        .iter()
+        .find(|c| c["name"] == "switchyard")
+        .unwrap();
+
+    let hpa = find("HorizontalPodAutoscaler");
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        deployment["metadata"]["name"]
+    );
+    assert!(hpa["spec"]["minReplicas"].as_u64().unwrap() >= 2);
+    let metrics: Vec<&Value> = array_at(hpa, "/spec/metrics").iter().collect();
+    assert!(metrics.iter().any(|m| m["resource"]["name"] == "cpu"));
+    assert!(metrics.iter().any(|m| m["type"] == "Pods"));
+    // The HPA owns the replica count: `kubectl apply` must not reset it.
+    assert!(
+        deployment["spec"].get("replicas").is_none(),
+        "replicas set beside an HPA"
+    );
+
+    let pdb = find("PodDisruptionBudget");
+    assert!(selects(&pdb["spec"]["selector"]["matchLabels"], labels));
+
+    let anti = &pod["spec"]["affinity"]["podAntiAffinity"];
+    assert!(!anti.is_null(), "no pod anti-affinity");
+    let spread = array_at(pod, "/spec/topologySpreadConstraints");
+    assert!(spread
+        .iter()
+        .any(|s| s["topologyKey"] == "topology.kubernetes.io/zone"
+            && selects(&s["labelSelector"]["matchLabels"], labels)));
+
+    // The admin port only from selected namespaces; the data port open.
+    let policy = find("NetworkPolicy");
+    assert!(selects(
+        &policy["spec"]["podSelector"]["matchLabels"],
+        labels
+    ));
+    let admin_port = port_number(proxy, &json!("proxy-admin"));
+    let data_port = port_number(proxy, &json!("proxy-http"));
+    let mut admin_rules = 0;
+    let mut data_open = false;
+    for rule in array_at(policy, "/spec/ingress") {
+        let from = array_at(rule, "/from");
+        for port in array_at(rule, "/ports") {
+            let number = port_number(proxy, &port["port"]);
+            assert!(number.is_some(), "policy port {port} is not the proxy's");
+            if number == admin_port {
+                admin_rules += 1;
+                assert!(
+                    !from.is_empty() && from.iter().all(|f| f.get("namespaceSelector").is_some()),
+                    "admin port open beyond namespaces: {rule}"
+                );
+            }
+            data_open |= number == data_port && from.is_empty();
+        }
+    }
+    assert_eq!(admin_rules, 1);
+    assert!(data_open, "the data port is not open to clients");
+
+    // The TLS Secret, mounted where the TLS settings will look for it.
+    let tls = array_at(proxy, "/volumeMounts")
+        .iter()
+        .find(|m| m["mountPath"] == "/etc/switchyard/tls")
+        .expect("TLS mount");
+    assert_eq!(tls["readOnly"], true);
+    let volume = array_at(pod, "/spec/volumes")
+        .iter()
+        .find(|v| v["name"] == tls["name"])
+        .unwrap();
+    assert!(volume["secret"]["secretName"].is_string());
+}
+
+/// `to` relative to `from` (both absolute): kustomize refuses absolute
+/// component paths.
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let from: Vec<_> = from.components().collect();
+    let to: Vec<_> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut path: PathBuf = from[common..].iter().map(|_| "..").collect();
+    path.extend(&to[common..]);
+    path
+}
+
+#[test]
+fn the_readme_recipe_injects_a_working_sidecar_into_a_deployment() {
+    let Some(kubectl) = kubectl_or_skip() else {
+        return;
+    };
+    // The kustomization exactly as manifests/README.md gives it.
+    let readme = read(&manifests().join("README.md"));
+    let section = &readme[readme
+        .find("### Injecting the sidecar into an existing Deployment")
+        .expect("the injection section")..];
+    let start = section
+        .find("```yaml\n# kustomization.yaml")
+        .expect("the recipe's kustomization")
+        + "```yaml\n".len();
+    let recipe = &section[start..start + section[start..].find("```").unwrap()];
+
+    // An application that knows nothing of Switchyard but the label.
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "manifests-inject-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let to_manifests = relative(&dir, &manifests());
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        recipe.replace("path/to/manifests", to_manifests.to_str().unwrap()),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("deployment.yaml"),
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: my-app
+  labels:
+    switchyard.dev/inject: "true"
+spec:
+  selector:
+    matchLabels: { app: my-app }
+  template:
+    metadata:
+      labels: { app: my-app }
+    spec:
+      containers:
+        - name: web
+          image: example/web:1
+          ports: [{ name: http, containerPort: 8081 }]
+          lifecycle: { preStop: { sleep: { seconds: 25 } } }
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("service.yaml"),
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: my-app
+spec:
+  selector: { app: my-app }
+  ports: [{ name: http, port: 80, targetPort: http }]
+"#,
+    )
+    .unwrap();
+    std::fs::copy(
+        manifests().join("overlays/sidecar/switchyard.yaml"),
+        dir.join("switchyard.yaml"),
+    )
+    .unwrap();
+
+    let objects = render(&kubectl, &dir);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let app = objects
+        .iter()
+        .find(|o| o["kind"] == "Deployment")
+        .expect("the Deployment");
+    let names: BTreeSet<&str> = array_at(app, "/spec/template/spec/containers")
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, BTreeSet::from(["switchyard", "web"]), "not injected");
+    check_workload("README recipe", app, &objects, true);
+}
