@@ -114,6 +114,7 @@ pub struct Metrics {
     checks: IntCounterVec,
     tls_reloads: IntCounterVec,
     tls_handshake_failures: IntCounter,
+    connections_shed: IntCounter,
     tls_expiry: prometheus::GaugeVec,
     backends: ArcSwap<Vec<Arc<BackendStats>>>,
 }
@@ -271,6 +272,11 @@ impl Metrics {
             "TLS handshakes on the data listener that failed or timed out.",
         )
         .expect("valid metric");
+        let connections_shed = IntCounter::new(
+            "switchyard_connections_shed_total",
+            "Client connections closed at once because limits.max_connections were open.",
+        )
+        .expect("valid metric");
         let tls_expiry = prometheus::GaugeVec::new(
             Opts::new(
                 "switchyard_tls_certificate_expiry_timestamp_seconds",
@@ -298,6 +304,7 @@ impl Metrics {
             Box::new(checks.clone()),
             Box::new(tls_reloads.clone()),
             Box::new(tls_handshake_failures.clone()),
+            Box::new(connections_shed.clone()),
             Box::new(tls_expiry.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -327,6 +334,7 @@ impl Metrics {
             checks,
             tls_reloads,
             tls_handshake_failures,
+            connections_shed,
             tls_expiry,
             backends: ArcSwap::from_pointee(Vec::new()),
         }
@@ -466,6 +474,11 @@ impl Metrics {
         self.tls_reloads
             .with_label_values(&[if ok { "success" } else { "failure" }])
             .inc();
+    }
+
+    /// Counts a connection shed at `limits.max_connections`.
+    pub fn connection_shed(&self) {
+        self.connections_shed.inc();
     }
 
     /// Counts a failed or timed-out TLS handshake.

@@ -42,6 +42,9 @@ const H2_MAX_PENDING_RESETS: usize = 20;
 /// the connection is closed.
 const H2_MAX_LOCAL_RESETS: usize = 1024;
 
+/// What a client connecting past `limits.max_connections` gets (plain HTTP).
+const SHED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-type: text/plain\r\ncontent-length: 40\r\nconnection: close\r\n\r\nswitchyard: too many connections, retry\n";
+
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Drained {
@@ -69,12 +72,6 @@ pub async fn serve(
     tokio::pin!(shutdown);
 
     loop {
-        // At the connection limit, stop accepting: the kernel's backlog
-        // holds new clients until a connection closes.
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            permit = open.clone().acquire_owned() => permit.expect("semaphore is never closed"),
-        };
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -86,6 +83,16 @@ pub async fn serve(
                     continue;
                 }
             },
+        };
+        // At the connection limit, shed: a plain-HTTP client gets a 503 it
+        // can retry on, a TLS client a closed connection.
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            shared.metrics.connection_shed();
+            if tls.is_none() {
+                let _ = stream.try_write(SHED_RESPONSE);
+            }
+            drop(stream);
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let open_gauge = shared.metrics.connection_opened();

@@ -23,7 +23,7 @@ async fn read_response_head(s: &mut TcpStream) -> String {
 }
 
 #[tokio::test]
-async fn connection_limit_holds_new_clients_until_one_closes() {
+async fn connections_past_the_limit_are_shed_with_503_until_one_closes() {
     let blue = Upstream::start("blue", Behaviour::Name).await;
     let proxy = Running::start(&config(
         "limits: { max_connections: 1 }",
@@ -38,22 +38,42 @@ async fn connection_limit_holds_new_clients_until_one_closes() {
         .await
         .starts_with("HTTP/1.1 200"));
 
-    // The second connection is accepted by the kernel but not served while
-    // the first stays open.
+    // A second connection while the first is open: 503 with Retry-After,
+    // then closed, without reaching the upstream.
     let mut second = TcpStream::connect(proxy.addr).await.unwrap();
-    second.write_all(req).await.unwrap();
-    let early =
-        tokio::time::timeout(Duration::from_millis(300), read_response_head(&mut second)).await;
+    let mut shed = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), second.read_to_end(&mut shed)).await;
+    let shed = String::from_utf8_lossy(&shed);
+    assert!(shed.starts_with("HTTP/1.1 503"), "{shed}");
+    assert!(shed.contains("retry-after: 1"), "{shed}");
+    assert_eq!(blue.arrived.load(Ordering::SeqCst), 1);
+    let metrics = get(&client(), &format!("http://{}/metrics", proxy.admin), &[])
+        .await
+        .2;
     assert!(
-        early.is_err(),
-        "served past the connection limit: {early:?}"
+        metrics.contains("switchyard_connections_shed_total 1"),
+        "{metrics}"
     );
 
+    // Once the first closes, new connections are served again.
     drop(first);
-    let head = tokio::time::timeout(Duration::from_secs(10), read_response_head(&mut second))
-        .await
-        .unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut served = false;
+    for _ in 0..100 {
+        let mut next = TcpStream::connect(proxy.addr).await.unwrap();
+        let _ = next.write_all(req).await;
+        if read_response_head(&mut next)
+            .await
+            .starts_with("HTTP/1.1 200")
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        served,
+        "never served again after the first connection closed"
+    );
     proxy.stop().await;
 }
 
