@@ -442,10 +442,12 @@ pub struct AnonymousCookie {
     /// Cookie lifetime. Default `365d`.
     #[serde(default = "default_anon_max_age")]
     pub max_age: Dur,
-    /// Add the `Secure` attribute. Default `false` (it would be dropped by
-    /// browsers on plain-HTTP origins); set it on TLS edges.
+    /// Add the `Secure` attribute. Default: on when the data listener
+    /// terminates TLS (`tls` is set), off otherwise (browsers drop a `Secure`
+    /// cookie from a plain-HTTP origin). Set `true` behind a TLS-terminating
+    /// load balancer.
     #[serde(default)]
-    pub secure: bool,
+    pub secure: Option<bool>,
 }
 
 impl Default for AnonymousCookie {
@@ -453,7 +455,7 @@ impl Default for AnonymousCookie {
         Self {
             name: default_anon_cookie(),
             max_age: default_anon_max_age(),
-            secure: false,
+            secure: None,
         }
     }
 }

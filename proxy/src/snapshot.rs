@@ -140,7 +140,7 @@ impl Snapshot {
         let attrs = format!(
             "; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
             uk.anonymous_cookie.max_age.0.as_secs(),
-            if uk.anonymous_cookie.secure {
+            if uk.anonymous_cookie.secure.unwrap_or(config.tls.is_some()) {
                 "; Secure"
             } else {
                 ""

@@ -20,9 +20,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-/// What one request over TLS saw.
+/// What one request (without a user id) over TLS saw.
 #[derive(Debug)]
 struct Seen {
+    set_cookie: Option<String>,
     /// The server's leaf certificate.
     cert: Vec<u8>,
     alpn: Option<Vec<u8>>,
@@ -71,7 +72,6 @@ async fn tls_get(
     let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
     let req = http::Request::get("/")
         .header("host", name)
-        .header("x-user-id", "u1")
         .body(Empty::<Bytes>::new())
         .unwrap();
     let io = TokioIo::new(tls);
@@ -93,6 +93,10 @@ async fn tls_get(
     }
     .map_err(|e| format!("request: {e}"))?;
     let status = resp.status().as_u16();
+    let set_cookie = resp
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap().to_owned());
     let body = resp
         .into_body()
         .collect()
@@ -100,6 +104,7 @@ async fn tls_get(
         .map_err(|e| format!("body: {e}"))?
         .to_bytes();
     Ok(Seen {
+        set_cookie,
         cert,
         alpn,
         status,
@@ -133,6 +138,9 @@ async fn serves_http1_and_h2_chosen_by_alpn_and_tells_the_upstream_it_was_https(
             "{}",
             seen.body
         );
+        // The anonymous id cookie is `Secure` on a TLS listener.
+        let cookie = seen.set_cookie.unwrap();
+        assert!(cookie.ends_with("; Secure"), "{cookie}");
     }
     // Plain HTTP on the TLS port is not served: the handshake fails.
     let mut plain = TcpStream::connect(proxy.addr).await.unwrap();
