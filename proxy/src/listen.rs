@@ -45,6 +45,9 @@ const H2_MAX_LOCAL_RESETS: usize = 1024;
 /// What a client connecting past `limits.max_connections` gets (plain HTTP).
 const SHED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-type: text/plain\r\ncontent-length: 40\r\nconnection: close\r\n\r\nswitchyard: too many connections, retry\n";
 
+/// What a plain-HTTP client on the TLS listener gets.
+const PLAIN_ON_TLS_RESPONSE: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 55\r\nconnection: close\r\n\r\nswitchyard: this port speaks TLS; use https:// instead\n";
+
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Drained {
@@ -89,7 +92,7 @@ pub async fn serve(
         let Ok(permit) = open.clone().try_acquire_owned() else {
             shared.metrics.connection_shed();
             if tls.is_none() {
-                let _ = stream.try_write(SHED_RESPONSE);
+                refuse(&stream, SHED_RESPONSE);
             }
             drop(stream);
             continue;
@@ -135,6 +138,15 @@ pub async fn serve(
     }
 }
 
+/// Answers a connection that will not be served with a canned response,
+/// without waiting. What the client already sent is read first: closing a
+/// socket with unread data resets it, which could destroy the response.
+fn refuse(stream: &TcpStream, response: &[u8]) {
+    let mut sink = [0u8; 4096];
+    while matches!(stream.try_read(&mut sink), Ok(n) if n == sink.len()) {}
+    let _ = stream.try_write(response);
+}
+
 /// One accepted client connection.
 struct Connection {
     shared: Arc<Shared>,
@@ -154,8 +166,24 @@ impl Connection {
         match tls {
             None => self.serve(io, activity).await,
             Some(tls) => {
+                let deadline = tokio::time::Instant::now() + self.clock.header;
+                // A TLS connection starts with a handshake record (0x16); a
+                // plain-HTTP client on the TLS port gets told so.
+                let mut first = [0u8; 1];
+                match tokio::time::timeout_at(deadline, io.inner.peek(&mut first)).await {
+                    Ok(Ok(1)) if first[0] != 0x16 => {
+                        refuse(&io.inner, PLAIN_ON_TLS_RESPONSE);
+                        self.shared.metrics.tls_handshake_failed();
+                        return;
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) | Err(_) => {
+                        self.shared.metrics.tls_handshake_failed();
+                        return;
+                    }
+                }
                 let handshake = tls.acceptor().accept(io);
-                match tokio::time::timeout(self.clock.header, handshake).await {
+                match tokio::time::timeout_at(deadline, handshake).await {
                     Ok(Ok(io)) => self.serve(io, activity).await,
                     Ok(Err(e)) => {
                         self.shared.metrics.tls_handshake_failed();

@@ -142,7 +142,7 @@ async fn serves_http1_and_h2_chosen_by_alpn_and_tells_the_upstream_it_was_https(
         let cookie = seen.set_cookie.unwrap();
         assert!(cookie.ends_with("; Secure"), "{cookie}");
     }
-    // Plain HTTP on the TLS port is not served: the handshake fails.
+    // Plain HTTP on the TLS port is not proxied: a 400 says to use https.
     let mut plain = TcpStream::connect(proxy.addr).await.unwrap();
     plain
         .write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n")
@@ -150,7 +150,10 @@ async fn serves_http1_and_h2_chosen_by_alpn_and_tells_the_upstream_it_was_https(
         .unwrap();
     let mut reply = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut reply)).await;
-    assert!(!reply.starts_with(b"HTTP/1.1"), "{reply:?}");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.ends_with("use https:// instead\n"), "{reply}");
+    assert_eq!(blue.arrived.load(std::sync::atomic::Ordering::SeqCst), 2);
     proxy.stop().await;
 }
 
