@@ -37,7 +37,9 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/switchyard /usr/local/bin/switchyard
 # The distroless `nonroot` user, numerically, so `runAsNonRoot` can verify it.
 USER 65532:65532
-# Data listener and admin listener (health, /metrics, /v1/).
-EXPOSE 8080 9901
+# Data listener (8080 plain, 8443 TLS on the edge gateway) and admin listener
+# (health, /metrics, /v1/). The distroless image carries the system CA
+# certificates that `https://` upstream endpoints are verified against.
+EXPOSE 8080 8443 9901
 ENTRYPOINT ["/usr/local/bin/switchyard"]
 CMD ["run", "--config", "/etc/switchyard/config/switchyard.yaml"]

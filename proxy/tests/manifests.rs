@@ -1,9 +1,11 @@
 //! The Kubernetes manifests (`manifests/`) against the proxy they deploy:
-//! every shipped config passes `switchyard check`; every metric, label and
+//! every shipped config passes `switchyard check` (a TLS config with a
+//! certificate made here in place of its Secret); every metric, label and
 //! label value the alerts and the dashboard use is one a running proxy
 //! exports; and the rendered Deployments' ports, probes, token variables,
 //! `state_dir` volume and stop timing match their config and the admin
-//! listener's real endpoints.
+//! listener's real endpoints, and the edge gateway's TLS port and Secret
+//! match its TLS listener.
 //!
 //! Rendering needs `kubectl` (its built-in kustomize): `SWITCHYARD_KUBECTL`
 //! or `kubectl` on the PATH. Without it that test prints `SKIPPED: ...` and
@@ -17,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::certs::{tls_yaml, Ca};
 use common::{call, client, get, Behaviour, Running, Upstream};
 use serde_json::{json, Value};
 use switchyard_control::admin::OPEN_ENDPOINTS;
@@ -25,6 +28,10 @@ use switchyard_control::config::Config;
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 /// A stand-in for the admin token Secret: long enough for `check`.
 const TOKEN: &str = "manifests-test-token-0123456789abcdef";
+/// Where the edge gateway mounts its TLS Secret (`kubernetes.io/tls`:
+/// `tls.crt`, `tls.key`) and its config reads them. Not on this machine:
+/// `with_test_certificate` puts a certificate made here in its place.
+const TLS_DIR: &str = "/etc/switchyard/tls/";
 /// Labels Prometheus adds from the scraped pod (PodMonitor), not exported by
 /// the proxy itself.
 const TARGET_LABELS: &[&str] = &[
@@ -89,6 +96,32 @@ fn check(path: &Path, envs: &[(&str, &str)]) -> Output {
     cmd.output().expect("run switchyard check")
 }
 
+/// `text`, the config `config` was parsed from, ready for `switchyard check`
+/// here: the TLS files it names under [`TLS_DIR`] point into `dir` instead,
+/// where a certificate made now (rcgen) is written as `tls.crt` and
+/// `tls.key`, the keys of a `kubernetes.io/tls` Secret. So a config naming
+/// any other file still fails the check. Without `tls`, `text` as it is.
+fn with_test_certificate(text: &str, config: &Config, dir: &Path) -> String {
+    if config.tls.is_none() {
+        return text.to_owned();
+    }
+    Ca::new("manifests test CA")
+        .leaf(&["switchyard.example.com"], 90)
+        .write(dir, "tls");
+    let rewritten = text.replace(TLS_DIR, &format!("{}/", dir.display()));
+    let tls = Config::from_yaml(&rewritten)
+        .expect("the rewritten config is valid")
+        .tls
+        .unwrap();
+    for c in &tls.certificates {
+        assert!(
+            c.cert.starts_with(dir) && c.key.starts_with(dir),
+            "{c:?}: TLS files outside {TLS_DIR}, where the Secret is mounted"
+        );
+    }
+    rewritten
+}
+
 /// The config files that kustomizations put into the `switchyard-config`
 /// ConfigMap, found through every kustomization.yaml under manifests/.
 fn shipped_configs() -> Vec<PathBuf> {
@@ -129,9 +162,11 @@ fn every_shipped_config_passes_switchyard_check() {
         .collect();
     assert!(
         names.contains(&"base/switchyard.yaml".to_owned())
-            && names.contains(&"overlays/sidecar/switchyard.yaml".to_owned()),
+            && names.contains(&"overlays/sidecar/switchyard.yaml".to_owned())
+            && names.contains(&"overlays/edge-gateway/switchyard.yaml".to_owned()),
         "switchyard-config generators not found: {names:?}"
     );
+    let mut with_tls = 0;
     for path in &configs {
         let config = Config::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let token_vars: Vec<&str> = config
@@ -141,13 +176,24 @@ fn every_shipped_config_passes_switchyard_check() {
             .filter_map(|t| t.env.as_deref())
             .collect();
         let envs: Vec<(&str, &str)> = token_vars.iter().map(|v| (*v, TOKEN)).collect();
-        let out = check(path, &envs);
+        // A copy, with a test certificate where the TLS Secret would be.
+        let dir = common::temp_dir("manifests");
+        let checked = dir.join(path.file_name().unwrap());
+        std::fs::write(&checked, with_test_certificate(&read(path), &config, &dir)).unwrap();
+        let out = check(&checked, &envs);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success() && stdout.contains(": ok ("),
             "{}: {stdout}{}",
             path.display(),
             String::from_utf8_lossy(&out.stderr)
+        );
+        // `check` read and verified the certificate: it names its expiry.
+        assert_eq!(
+            stdout.contains("tls.crt: [switchyard.example.com] expires in"),
+            config.tls.is_some(),
+            "{}: {stdout}",
+            path.display()
         );
 
         // In a pod the admin listener must take the kubelet's probes and
@@ -159,11 +205,25 @@ fn every_shipped_config_passes_switchyard_check() {
             path.display(),
             config.admin.listen
         );
-        let out = check(path, &[]);
+        let out = check(&checked, &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{}: {stderr}", path.display());
         assert!(stderr.contains("admin.tokens[0].env"), "{stderr}");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // And without the Secret's files (as here, outside a pod), the
+        // shipped TLS config fails the check on them.
+        if let Some(tls) = &config.tls {
+            with_tls += 1;
+            if !tls.certificates[0].cert.exists() {
+                let out = check(path, &envs);
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(out.status.code(), Some(64), "{}: {stderr}", path.display());
+                assert!(stderr.contains("tls.certificates[0]"), "{stderr}");
+            }
+        }
     }
+    assert!(with_tls > 0, "no shipped config terminates TLS");
 }
 
 #[test]
@@ -491,9 +551,67 @@ async fn exercised_proxy_metrics() -> String {
     text
 }
 
+/// A proxy terminating TLS, like the edge gateway, that has refused plain
+/// HTTP on its TLS port (a failed handshake), loaded a rotated certificate
+/// and refused a key that does not match: every TLS family has samples.
+async fn exercised_tls_proxy_metrics() -> String {
+    let ca = Ca::new("manifests test CA");
+    let dir = common::temp_dir("manifests-tls");
+    let name = "switchyard.example.com";
+    let files = ca.leaf(&[name], 30).write(&dir, "tls");
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let yaml = common::config(
+        &tls_yaml(std::slice::from_ref(&files), ""),
+        &[("blue", blue.addr, 100.0)],
+    );
+    let proxy = Running::start(&yaml).await;
+    let answer = common::raw_exchange(
+        proxy.addr,
+        format!("GET / HTTP/1.1\r\nhost: {name}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    let metrics = format!("http://{}/metrics", proxy.admin);
+    ca.leaf(&[name], 60).write(&dir, "tls");
+    wait_for_sample(&metrics, "switchyard_tls_reloads_total{result=\"success\"}").await;
+    std::fs::write(&files.1, ca.leaf(&[name], 30).key).unwrap();
+    wait_for_sample(&metrics, "switchyard_tls_reloads_total{result=\"failure\"}").await;
+
+    let (status, _, text) = get(&client(), &metrics, &[]).await;
+    assert_eq!(status, 200);
+    proxy.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    text
+}
+
+/// Polls `url` (an admin `/metrics`) until `sample` (name and labels) is at
+/// least 1; bounded: 20 s, the certificate files are polled every 2 s.
+async fn wait_for_sample(url: &str, sample: &str) {
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, _, body) = get(&c, url, &[]).await;
+        let value = body.lines().find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        });
+        if value.is_some_and(|v| v >= 1.0) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {sample} in:\n{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_dashboard_and_autoscaler_use_only_exported_metrics() {
-    let scrape = Exposition::parse(&exercised_proxy_metrics().await);
+    // A plain proxy for the traffic and rollout families, a TLS one (the
+    // edge gateway's setup) for the TLS families; one scrape of both.
+    let (plain, tls) = tokio::join!(exercised_proxy_metrics(), exercised_tls_proxy_metrics());
+    let scrape = Exposition::parse(&format!("{plain}\n{tls}"));
     let exported = scrape.queryable();
 
     let monitoring = manifests().join("components/monitoring");
@@ -517,6 +635,9 @@ async fn alerts_dashboard_and_autoscaler_use_only_exported_metrics() {
         "switchyard_config_reloads_total",
         "switchyard_backend_weight_percent",
         "switchyard_rollout_step",
+        "switchyard_tls_certificate_expiry_timestamp_seconds",
+        "switchyard_tls_reloads_total",
+        "switchyard_tls_handshake_failures_total",
     ] {
         assert!(used.contains(needed), "{needed} is used by neither");
     }
@@ -581,6 +702,15 @@ async fn alerts_dashboard_and_autoscaler_use_only_exported_metrics() {
     assert!(str_at(alert("SwitchyardRollback"), "/expr").contains("switchyard_rollbacks_total"));
     assert!(str_at(alert("SwitchyardConfigReloadFailed"), "/expr")
         .contains("switchyard_config_reloads_total{result=\"failure\"}"));
+    // Certificates: 14 days before expiry, and a refused rotation.
+    let expiry = str_at(alert("SwitchyardCertificateExpiringSoon"), "/expr");
+    assert!(expiry.contains("switchyard_tls_certificate_expiry_timestamp_seconds"));
+    assert!(
+        expiry.trim_end().ends_with("- time() < 14 * 86400"),
+        "{expiry}"
+    );
+    assert!(str_at(alert("SwitchyardTLSReloadFailed"), "/expr")
+        .contains("switchyard_tls_reloads_total{result=\"failure\"}"));
 
     // The HPA's per-pod metric is the adapter's rate of an exported counter.
     let edge = manifests().join("overlays/edge-gateway");
@@ -681,8 +811,9 @@ fn sleep_seconds(container: &Value) -> u64 {
 }
 
 /// Checks one Deployment that carries the switchyard container against the
-/// config in its ConfigMap and the other objects of its overlay.
-fn check_workload(overlay: &str, deployment: &Value, objects: &[Value], monitored: bool) {
+/// config in its ConfigMap and the other objects of its overlay; returns
+/// that config.
+fn check_workload(overlay: &str, deployment: &Value, objects: &[Value], monitored: bool) -> Config {
     let name = str_at(deployment, "/metadata/name");
     let what = format!("{overlay}: Deployment {name}");
     let pod = &deployment["spec"]["template"];
@@ -740,8 +871,10 @@ fn check_workload(overlay: &str, deployment: &Value, objects: &[Value], monitore
         );
         envs.push((var, TOKEN));
     }
+    // TLS files come from a Secret in the pod: a certificate made here
+    // stands in for it (check_edge ties the config's paths to the mount).
     let dir = common::temp_dir("manifests");
-    std::fs::write(dir.join(file), text).unwrap();
+    std::fs::write(dir.join(file), with_test_certificate(text, &config, &dir)).unwrap();
     let out = check(&dir.join(file), &envs);
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(
@@ -750,9 +883,20 @@ fn check_workload(overlay: &str, deployment: &Value, objects: &[Value], monitore
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // Ports: the config's listeners, on every address of the pod.
-    let data_port = port_number(proxy, &json!("proxy-http"));
+    // Ports: the config's listeners, on every address of the pod. The data
+    // port is named for what it speaks: `proxy-https` on a TLS listener,
+    // with no `proxy-http` beside it, and the other way round.
+    let (data_name, not_served) = match config.tls {
+        Some(_) => ("proxy-https", "proxy-http"),
+        None => ("proxy-http", "proxy-https"),
+    };
+    let data_port = port_number(proxy, &json!(data_name));
     let admin_port = port_number(proxy, &json!("proxy-admin"));
+    assert_eq!(
+        port_number(proxy, &json!(not_served)),
+        None,
+        "{what}: a {not_served} port beside {data_name}"
+    );
     assert_eq!(data_port, Some(u64::from(config.listen.port())), "{what}");
     assert_eq!(
         admin_port,
@@ -876,7 +1020,7 @@ fn check_workload(overlay: &str, deployment: &Value, objects: &[Value], monitore
 
     // Scraped by a PodMonitor on the admin port's open /metrics.
     if !monitored {
-        return;
+        return config;
     }
     let scraped = objects.iter().any(|o| {
         o["kind"] == "PodMonitor"
@@ -888,6 +1032,7 @@ fn check_workload(overlay: &str, deployment: &Value, objects: &[Value], monitore
             })
     });
     assert!(scraped, "{what}: no PodMonitor scrapes the admin port");
+    config
 }
 
 /// kubectl, or `None` after printing why the test is skipped.
@@ -918,7 +1063,10 @@ fn rendered_overlays_match_the_proxy() {
                 .any(|c| c["name"] == "switchyard");
             if has_proxy {
                 // base has no monitoring component; the overlays do.
-                check_workload(overlay, deployment, &objects, overlay != "base");
+                let config = check_workload(overlay, deployment, &objects, overlay != "base");
+                if overlay == "overlays/edge-gateway" {
+                    check_edge(&objects, &config);
+                }
                 seen += 1;
             }
         }
@@ -933,15 +1081,14 @@ fn rendered_overlays_match_the_proxy() {
                 .collect();
             assert_eq!(names.len(), 2, "the app and its sidecar: {names:?}");
         }
-        if overlay == "overlays/edge-gateway" {
-            check_edge(&objects);
-        }
     }
     assert_eq!(seen, 3, "sidecar, edge gateway and base each run the proxy");
 }
 
-/// The edge gateway's availability objects point at its pods.
-fn check_edge(objects: &[Value]) {
+/// The edge gateway terminates TLS on the port its Service and NetworkPolicy
+/// open, with the certificate from its Secret; its availability objects
+/// point at its pods.
+fn check_edge(objects: &[Value], config: &Config) {
     let find = |kind: &str| {
         objects
             .iter()
@@ -955,6 +1102,33 @@ fn check_edge(objects: &[Value]) {
         .iter()
         .find(|c| c["name"] == "switchyard")
         .unwrap();
+
+    // TLS in the proxy: the container's TLS port is the TLS listener's, and
+    // the LoadBalancer Service sends 443 there and nowhere else.
+    let tls = config
+        .tls
+        .as_ref()
+        .expect("the edge gateway's config terminates TLS");
+    let data_port = port_number(proxy, &json!("proxy-https"));
+    assert_eq!(
+        data_port,
+        Some(u64::from(config.listen.port())),
+        "the TLS container port is not the TLS listener's"
+    );
+    let balancer = objects
+        .iter()
+        .find(|o| o["kind"] == "Service" && o["spec"]["type"] == "LoadBalancer")
+        .expect("edge gateway: no LoadBalancer Service");
+    let ports = array_at(balancer, "/spec/ports");
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    assert_eq!(ports[0]["port"], 443);
+    assert_eq!(port_number(proxy, &ports[0]["targetPort"]), data_port);
+    // Idle keep-alive connections outlive a cloud load balancer's (60 s).
+    assert!(
+        config.timeouts.idle.0 > Duration::from_secs(60),
+        "timeouts.idle {:?}",
+        config.timeouts.idle.0
+    );
 
     let hpa = find("HorizontalPodAutoscaler");
     assert_eq!(
@@ -989,7 +1163,6 @@ fn check_edge(objects: &[Value]) {
         labels
     ));
     let admin_port = port_number(proxy, &json!("proxy-admin"));
-    let data_port = port_number(proxy, &json!("proxy-http"));
     let mut admin_rules = 0;
     let mut data_open = false;
     for rule in array_at(policy, "/spec/ingress") {
@@ -1010,17 +1183,35 @@ fn check_edge(objects: &[Value]) {
     assert_eq!(admin_rules, 1);
     assert!(data_open, "the data port is not open to clients");
 
-    // The TLS Secret, mounted where the TLS settings will look for it.
-    let tls = array_at(proxy, "/volumeMounts")
+    // The TLS Secret, mounted read-only where the config reads its
+    // `kubernetes.io/tls` keys, and required: no pod starts without it.
+    let mount_path = TLS_DIR.trim_end_matches('/');
+    let mount = array_at(proxy, "/volumeMounts")
         .iter()
-        .find(|m| m["mountPath"] == "/etc/switchyard/tls")
+        .find(|m| m["mountPath"] == mount_path)
         .expect("TLS mount");
-    assert_eq!(tls["readOnly"], true);
+    assert_eq!(mount["readOnly"], true);
     let volume = array_at(pod, "/spec/volumes")
         .iter()
-        .find(|v| v["name"] == tls["name"])
+        .find(|v| v["name"] == mount["name"])
         .unwrap();
     assert!(volume["secret"]["secretName"].is_string());
+    assert_ne!(
+        volume["secret"]["optional"], true,
+        "an optional TLS Secret lets pods start without their certificate"
+    );
+    let files: Vec<(PathBuf, PathBuf)> = tls
+        .certificates
+        .iter()
+        .map(|c| (c.cert.clone(), c.key.clone()))
+        .collect();
+    assert_eq!(
+        files,
+        [(
+            Path::new(mount_path).join("tls.crt"),
+            Path::new(mount_path).join("tls.key")
+        )]
+    );
 }
 
 /// `to` relative to `from` (both absolute): kustomize refuses absolute
