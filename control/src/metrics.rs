@@ -464,15 +464,13 @@ impl Metrics {
 
     /// Counts a configuration reload.
     pub fn config_reloaded(&self, ok: bool) {
-        self.reloads
-            .with_label_values(&[if ok { "success" } else { "failure" }])
-            .inc();
+        self.reloads.with_label_values(&[result_label(ok)]).inc();
     }
 
     /// Counts a reload of changed TLS certificate files.
     pub fn tls_reloaded(&self, ok: bool) {
         self.tls_reloads
-            .with_label_values(&[if ok { "success" } else { "failure" }])
+            .with_label_values(&[result_label(ok)])
             .inc();
     }
 
@@ -510,6 +508,15 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding to memory does not fail");
         String::from_utf8(out).expect("text format is UTF-8")
+    }
+}
+
+/// The `result` label of a reload counter.
+fn result_label(ok: bool) -> &'static str {
+    if ok {
+        "success"
+    } else {
+        "failure"
     }
 }
 

@@ -171,7 +171,8 @@ fn check(path: &std::path::Path) -> Result<String, switchyard_control::config::C
     if let Some(tls) = &c.tls {
         let loaded = crate::tls::load(tls, std::time::SystemTime::now())?;
         for cert in &loaded.certificates {
-            let days = (cert.not_after - unix_now()) / 86_400;
+            let days =
+                (cert.not_after - crate::tls::unix_secs(std::time::SystemTime::now())) / 86_400;
             summary.push_str(&format!(
                 "; {}: [{}] expires in {days} day(s)",
                 cert.file.display(),
@@ -180,12 +181,6 @@ fn check(path: &std::path::Path) -> Result<String, switchyard_control::config::C
         }
     }
     Ok(summary)
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 fn usage_error(e: &dyn std::fmt::Display) -> ExitCode {

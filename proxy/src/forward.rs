@@ -132,20 +132,18 @@ impl Upstreams {
         endpoint: &Endpoint,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let scheme = match endpoint.transport {
-            Transport::Plain => Scheme::HTTP,
-            Transport::Tls(_) => Scheme::HTTPS,
-            Transport::Unusable(ref why) => {
-                return Err(ProxyError::UpstreamConnect(why.to_string()))
-            }
-        };
-        *req.uri_mut() = upstream_uri(scheme, &endpoint.authority, req.uri())?;
+        let timeout = self.timeouts.request.0;
         *req.version_mut() = Version::HTTP_11;
         let sent = match &endpoint.transport {
-            Transport::Tls(client) => {
-                tokio::time::timeout(self.timeouts.request.0, client.request(req)).await
+            Transport::Plain => {
+                *req.uri_mut() = upstream_uri(Scheme::HTTP, &endpoint.authority, req.uri())?;
+                tokio::time::timeout(timeout, self.client.request(req)).await
             }
-            _ => tokio::time::timeout(self.timeouts.request.0, self.client.request(req)).await,
+            Transport::Tls(client) => {
+                *req.uri_mut() = upstream_uri(Scheme::HTTPS, &endpoint.authority, req.uri())?;
+                tokio::time::timeout(timeout, client.request(req)).await
+            }
+            Transport::Unusable(why) => return Err(ProxyError::UpstreamConnect(why.to_string())),
         };
         match sent {
             Err(_elapsed) => Err(ProxyError::UpstreamTimeout),

@@ -47,9 +47,7 @@ pub struct Loaded {
 /// configuration. Errors name the field and say what is wrong.
 pub fn load(config: &TlsConfig, now: SystemTime) -> Result<Loaded, ConfigError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let now_secs = now
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let now_secs = unix_secs(now);
     let mut resolver = SniResolver {
         exact: HashMap::new(),
         wildcard: HashMap::new(),
@@ -209,6 +207,12 @@ fn read(field: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
 
 fn bad_file(field: &str, path: &Path, reason: &str) -> ConfigError {
     ConfigError::new(field, format!("{}: {reason}", path.display()))
+}
+
+/// `t` in Unix seconds (0 before the epoch).
+pub fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 fn utc(unix: i64) -> String {
