@@ -6,6 +6,7 @@
     python3 loadtests/bench.py rollout     # a canary fails under load: time to rollback, requests lost
     python3 loadtests/bench.py compare     # nginx, haproxy, Switchyard and the origin itself, side by side
     python3 loadtests/bench.py tls         # TLS termination: Switchyard against nginx, keep-alive and handshakes
+    python3 loadtests/bench.py memory      # idle RSS and RSS with 10,000 idle keep-alive connections, against nginx and haproxy
 
 Fairness: the proxy under test is pinned to core 0; the origin (nginx, one
 worker) and the load generator (wrk, one thread) share core 1. Variants
@@ -1119,6 +1120,76 @@ Goals (ratios of medians from this run):
 """
 
 
+# === memory: idle RSS and RSS with many idle keep-alive connections ===
+
+def suite_memory(args):
+    """The compare suite's memory phase alone, for the proxies: fast enough
+    to run after every change to per-connection state."""
+    os.sched_setaffinity(0, {1})
+    workdir = Path(tempfile.mkdtemp(prefix="switchyard-memory-"))
+    origin_proc, port = start_origin(workdir)
+    origin = Running(None, port, port)
+    peers = [peer for peer in compare_peers(args) if peer.is_proxy]
+    tally = Tally(quiet_wait_s=args.quiet_wait)
+    started = time.monotonic()
+    try:
+        for rnd in range(args.rounds):
+            order = peers if rnd % 2 == 0 else list(reversed(peers))
+            for peer in order:
+                memory_phase(peer, origin, workdir, args, tally, f"round {rnd + 1}")
+    finally:
+        stop(origin_proc)
+    section = memory_section(args, peers, tally, time.monotonic() - started)
+    write_section("## Idle connection memory", section)
+    print(section)
+
+
+def per_connection_kib(tally, peer, connections):
+    """KiB each idle connection added: (RSS with them - idle RSS) / count,
+    per round, as a median (min–max) cell."""
+    idle = tally.values(peer, "idle", "idle_rss_mib")
+    held = tally.values(peer, "connections", "conns_rss_mib")
+    per = [(h - i) * 1024 / connections for i, h in zip(idle, held)]
+    return summary(per, "{:.2f}") if per else "—"
+
+
+def memory_section(args, peers, tally, elapsed):
+    rows = []
+    for peer in peers:
+        c = lambda what, key: cell(tally, peer.name, what, key, "{:.1f}")
+        rows.append(f"| {peer.name} | {c('idle', 'idle_rss_mib')} | {c('connections', 'conns_rss_mib')} | "
+                    f"{per_connection_kib(tally, peer.name, args.idle_connections)} |")
+    idle = tally.median("switchyard", "idle", "idle_rss_mib")
+    goals = [
+        ("idle RSS ≤ 8 MiB", "not measured" if idle is None else f"{idle:.1f} MiB",
+         "PASS" if idle is not None and idle <= 8 else "MISS"),
+        ratio_goal(tally, "RSS with the idle keep-alive connections ≤ nginx's",
+                   "connections", "conns_rss_mib", "switchyard", "nginx", 1.0),
+    ]
+    goal_rows = "\n".join(f"| {text} | {measured} | **{verdict}** |" for text, measured, verdict in goals)
+    return f"""## Idle connection memory
+
+{provenance(args, [[nginx_bin(), '-v'], [haproxy_bin(), '-v']])}
+- Setup: the compare suite's proxies and configuration (nginx, haproxy, Switchyard with metrics and flags on
+  and with both off), each pinned to core 0 and started fresh per measurement; the origin and the client
+  on core 1. Idle RSS is VmRSS after one request; then {args.idle_connections} keep-alive client
+  connections, one request answered on each (64 at a time), held idle: VmRSS one second after the last
+  answer. KiB per connection is the difference over the count.
+- {args.rounds} round(s), in an order that reverses every round; cells are the median (min–max).
+  The whole run took {elapsed / 60:.1f} minutes. {tally.interference()}
+
+| proxy | idle RSS MiB | RSS MiB with {args.idle_connections} idle connections | KiB per idle connection |
+|---|---|---|---|
+{chr(10).join(rows)}
+
+| goal | measured | verdict |
+|---|---|---|
+{goal_rows}
+
+{('Discarded: ' + '; '.join(tally.discarded)) if tally.discarded else 'No run was discarded.'}
+"""
+
+
 # === tls: TLS termination, Switchyard against nginx ===
 
 def make_certificate(workdir):
@@ -1383,6 +1454,7 @@ SUITES = {
     "weights": (suite_weights, 5, 10),
     "rollout": (suite_rollout, 5, 10),
     "compare": (suite_compare, 3, 6),
+    "memory": (suite_memory, 3, 0),
     "tls": (suite_tls, 3, 10),
 }
 
@@ -1401,6 +1473,8 @@ def require_tools(suite):
     needed = {"wrk": "wrk", "taskset": "util-linux"}
     if suite == "compare":
         needed.update({"haproxy": "haproxy", "h2load": "nghttp2-client"})
+    if suite == "memory":
+        needed = {"haproxy": "haproxy", "taskset": "util-linux"}
     if suite == "tls":
         needed.update({"h2load": "nghttp2-client", "hey": "hey", "openssl": "openssl"})
     missing = [f"{tool} (Debian: apt-get install {pkg})" for tool, pkg in needed.items() if not shutil.which(tool)]

@@ -165,35 +165,39 @@ impl Connection {
         };
         match tls {
             None => self.serve(io, activity).await,
-            Some(tls) => {
-                let deadline = tokio::time::Instant::now() + self.clock.header;
-                // A TLS connection starts with a handshake record (0x16); a
-                // plain-HTTP client on the TLS port gets told so.
-                let mut first = [0u8; 1];
-                match tokio::time::timeout_at(deadline, io.inner.peek(&mut first)).await {
-                    Ok(Ok(1)) if first[0] != 0x16 => {
-                        refuse(&io.inner, PLAIN_ON_TLS_RESPONSE);
-                        self.shared.metrics.tls_handshake_failed();
-                        return;
-                    }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(_)) | Err(_) => {
-                        self.shared.metrics.tls_handshake_failed();
-                        return;
-                    }
-                }
-                let handshake = tls.acceptor().accept(io);
-                match tokio::time::timeout_at(deadline, handshake).await {
-                    Ok(Ok(io)) => self.serve(io, activity).await,
-                    Ok(Err(e)) => {
-                        self.shared.metrics.tls_handshake_failed();
-                        tracing::debug!(peer = %self.info.peer, error = %e, "TLS handshake failed");
-                    }
-                    Err(_) => {
-                        self.shared.metrics.tls_handshake_failed();
-                        tracing::debug!(peer = %self.info.peer, "TLS handshake timed out");
-                    }
-                }
+            // Boxed: the handshake and a TLS stream are several KiB, which
+            // every plain connection's task would otherwise carry too.
+            Some(tls) => Box::pin(self.run_tls(io, activity, tls)).await,
+        }
+    }
+
+    async fn run_tls(self, io: Counted, activity: Arc<Activity>, tls: &Terminator) {
+        let deadline = tokio::time::Instant::now() + self.clock.header;
+        // A TLS connection starts with a handshake record (0x16); a
+        // plain-HTTP client on the TLS port gets told so.
+        let mut first = [0u8; 1];
+        match tokio::time::timeout_at(deadline, io.inner.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] != 0x16 => {
+                refuse(&io.inner, PLAIN_ON_TLS_RESPONSE);
+                self.shared.metrics.tls_handshake_failed();
+                return;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => {
+                self.shared.metrics.tls_handshake_failed();
+                return;
+            }
+        }
+        let handshake = tls.acceptor().accept(io);
+        match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(Ok(io)) => self.serve(io, activity).await,
+            Ok(Err(e)) => {
+                self.shared.metrics.tls_handshake_failed();
+                tracing::debug!(peer = %self.info.peer, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                self.shared.metrics.tls_handshake_failed();
+                tracing::debug!(peer = %self.info.peer, "TLS handshake timed out");
             }
         }
     }
@@ -211,14 +215,18 @@ impl Connection {
         let service = service_fn(move |req| {
             let (shared, info) = (shared.clone(), info.clone());
             let open = RequestGuard::enter(counted.clone());
-            async move {
+            // Boxed per request: hyper keeps a slot for the service's future
+            // for the connection's whole life, and the unboxed future is a
+            // few KiB that every idle connection would hold.
+            Box::pin(async move {
                 let resp = pipeline::handle(&shared, info, req).await;
                 drop(open);
                 Ok::<_, Infallible>(resp)
-            }
+            })
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        tokio::pin!(conn);
+        // On the heap: pinned on the stack, the connection would take two
+        // slots in this future's state.
+        let mut conn = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
         let mut closing = false;
         loop {
             tokio::select! {

@@ -36,6 +36,8 @@ pub enum Behaviour {
     Delay(Duration),
     /// Answers a WebSocket-style upgrade with 101, then echoes bytes.
     UpgradeEcho,
+    /// `200` with the request body as received.
+    EchoBody,
     /// By arrival order: every `slow_every`-th request waits `slow`, the
     /// rest `fast`; every `fail_every`-th answers 500 (0: never).
     Pattern {
@@ -142,6 +144,10 @@ async fn answer(
                 out.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("<bin>")));
             }
             out
+        }
+        Behaviour::EchoBody => {
+            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+            return Ok(Response::new(Full::new(body.unwrap_or_default())));
         }
         Behaviour::UpgradeEcho => {
             let on_upgrade = hyper::upgrade::on(&mut req);
