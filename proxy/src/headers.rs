@@ -4,10 +4,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, TE, TRAILER, TRANSFER_ENCODING,
-    UPGRADE,
-};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, UPGRADE};
 use http::{HeaderMap as Map, StatusCode};
 
 use crate::split::random_id;
@@ -15,10 +12,9 @@ use crate::split::random_id;
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-static PROXY_AUTHENTICATE: HeaderName = HeaderName::from_static("proxy-authenticate");
-static PROXY_AUTHORIZATION: HeaderName = HeaderName::from_static("proxy-authorization");
+
+/// Headers the request rewrite and the flag stage may add.
+const REQUEST_HEADERS_ADDED: usize = 4;
 
 /// A request id from a client is kept only if it is this short and printable.
 const MAX_REQUEST_ID: usize = 128;
@@ -47,6 +43,10 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// Rewrites a request's headers for the upstream hop.
 pub fn rewrite_request(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
     strip_hop_by_hop(headers, is_upgrade(headers));
+    // Room for what the proxy adds (forwarding headers, request id, flags):
+    // the map hyper parsed into is sized to the client's headers, and would
+    // otherwise grow on these inserts.
+    headers.reserve(REQUEST_HEADERS_ADDED);
     for name in fwd.proxy_only {
         headers.remove(name);
     }
@@ -104,6 +104,16 @@ pub fn first_forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
 /// `Upgrade` survives and `Connection: upgrade` is all that is left of
 /// `Connection`.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // One pass over the names instead of a hashed lookup per hop-by-hop
+    // name: most messages carry none of them, or only `Connection`.
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    if present.is_empty() {
+        return;
+    }
     let upgrade = keep_upgrade
         .then(|| headers.get(UPGRADE).cloned())
         .flatten();
@@ -115,24 +125,30 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
         .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in [CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
-        headers.remove(name);
-    }
-    for name in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &PROXY_AUTHENTICATE,
-        &PROXY_AUTHORIZATION,
-    ] {
+    for name in listed.iter().chain(&present) {
         headers.remove(name);
     }
     if let Some(protocol) = upgrade {
         headers.insert(UPGRADE, protocol);
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+/// Hop-by-hop by definition (RFC 9110 §7.6.1), plus the obsolete
+/// `Keep-Alive` and `Proxy-Connection` and the proxy authentication pair.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+    )
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -179,6 +195,35 @@ mod tests {
             trust_forwarded_for: trust,
             proxy_only: &[],
         }
+    }
+
+    #[test]
+    fn every_hop_by_hop_header_is_removed_on_its_own_both_ways() {
+        for name in [
+            "connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+        ] {
+            let pairs = [(name, "a"), (name, "b"), ("x-app", "kept")];
+            let mut req = map(&pairs);
+            rewrite_request(&mut req, &fwd(false));
+            assert!(!req.contains_key(name), "request: {name} survived");
+            assert_eq!(req["x-app"], "kept", "request with {name}");
+            let mut resp = map(&pairs);
+            rewrite_response(StatusCode::OK, &mut resp);
+            assert!(!resp.contains_key(name), "response: {name} survived");
+            assert_eq!(resp.len(), 1, "response with {name}: {resp:?}");
+        }
+        // With none of them, nothing changes.
+        let mut resp = map(&[("x-app", "kept"), ("content-type", "text/plain")]);
+        rewrite_response(StatusCode::OK, &mut resp);
+        assert_eq!(resp.len(), 2);
     }
 
     #[test]
