@@ -37,7 +37,7 @@ impl ConfigError {
 // === the file ===
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Data-plane listener. Default `127.0.0.1:8080`.
@@ -337,7 +337,7 @@ pub struct TokenSource {
 }
 
 /// A token read from its source.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct Token {
     pub name: String,
     pub secret: Vec<u8>,
@@ -390,7 +390,7 @@ impl AdminConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UserKeyConfig {
     /// Request headers that carry the user id, tried in order. Default `[x-user-id]`.
@@ -433,7 +433,7 @@ pub enum Fallback {
     Random,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AnonymousCookie {
     /// Cookie name. Default `switchyard-uid`. It is also read as a key source.
@@ -536,7 +536,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Route name: unique; used in metrics, the admin API and as the default salt.
@@ -583,14 +583,14 @@ impl Default for MatchConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatch {
     pub name: String,
     pub value: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// Backend name, unique within the route (`blue`, `green`, `canary`).

@@ -348,10 +348,17 @@ impl Store {
     }
 
     /// Replaces the configuration file's contents (a reload). Overrides the
-    /// new topology cannot hold are dropped, each with an event.
+    /// new topology cannot hold are dropped, each with an event. A file that
+    /// loads to the running configuration changes nothing: no new version
+    /// (operators' `If-Match` tags stay valid) and no event. That is the
+    /// common case of SIGHUP after the file watcher already applied a change,
+    /// or of a Kubernetes ConfigMap update that rewrote the same contents.
     pub async fn reload(&self, base: Config) -> Result<Arc<View>, StoreError> {
         base.validate().map_err(StoreError::Invalid)?;
         let mut inner = self.write.lock().await;
+        if inner.base == base {
+            return Ok(self.view());
+        }
         let (kept, dropped) = fit(&base, inner.overrides.clone());
         let effective = overlay(&base, &kept);
         effective.validate().map_err(StoreError::Invalid)?;

@@ -398,8 +398,33 @@ async fn config_reload_applies_valid_files_and_keeps_running_on_invalid_ones() {
         "{events}"
     );
 
-    // An invalid file: the running config stays, the failure is counted.
+    // The same file again: applied as a reload, but nothing changes, so no
+    // new version. (This also absorbs the watcher or SIGHUP seeing the
+    // change above second.)
     let before = admin_state(admin).await;
+    let reloads = |metrics: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"switchyard_config_reloads_total{result="success"} "#))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (_, _, metrics) = get(&client(), &format!("http://{admin}/metrics"), &[]).await;
+    let succeeded = reloads(&metrics);
+    kill(pid, Signal::SIGHUP).unwrap();
+    let reloaded = eventually(async || {
+        let (_, _, metrics) = get(&client(), &format!("http://{admin}/metrics"), &[]).await;
+        reloads(&metrics) > succeeded
+    })
+    .await;
+    assert!(reloaded, "SIGHUP with an unchanged file was not reloaded");
+    assert_eq!(
+        admin_state(admin).await,
+        before,
+        "an unchanged file made a new version"
+    );
+
+    // An invalid file: the running config stays, the failure is counted.
     std::fs::write(&path, weighted_config(&dir, blue.addr, canary.addr, 0, 95)).unwrap();
     kill(pid, Signal::SIGHUP).unwrap();
     let counted = eventually(async || {
