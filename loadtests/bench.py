@@ -740,18 +740,20 @@ def run_h2load(port, duration, connections, scheme="http"):
     }
 
 
-def hold_idle_connections(port, count, measure, concurrency=64, timeout=120.0):
-    """Opens `count` keep-alive connections to `port`, sends one request on
-    each (at most `concurrency` at a time, so upstream concurrency stays as
-    in the load runs), leaves them open and idle, and calls `measure()`.
-    Returns (connections still open with a 2xx answer, measure's value)."""
+def hold_idle_connections(port, count, measure, concurrency=64, timeout=120.0, tls=None):
+    """Opens `count` keep-alive connections to `port` (over TLS with the
+    `tls` ssl.SSLContext), sends one request on each (at most `concurrency`
+    at a time, so upstream concurrency stays as in the load runs), leaves
+    them open and idle, and calls `measure()`. Returns (connections still
+    open with a 2xx answer, measure's value)."""
     async def main():
         gate = asyncio.Semaphore(concurrency)
         held = []  # (reader, writer) of connections answered 2xx
 
         async def one(i):
             async with gate:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=tls, server_hostname="localhost" if tls else None)
                 writer.write(f"GET / HTTP/1.1\r\nhost: bench\r\nx-user-id: idle-{i}\r\n\r\n".encode())
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
@@ -777,10 +779,12 @@ def hold_idle_connections(port, count, measure, concurrency=64, timeout=120.0):
     return asyncio.run(main())
 
 
-def one_request(port):
-    """One keep-alive request through the peer: its status."""
+def one_request(port, tls=None):
+    """One keep-alive request through the peer (over TLS with the `tls`
+    ssl.SSLContext): its status."""
     import http.client
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = (http.client.HTTPSConnection("localhost", port, timeout=10, context=tls) if tls
+            else http.client.HTTPConnection("127.0.0.1", port, timeout=10))
     try:
         conn.request("GET", "/", headers={"x-user-id": "user-1"})
         resp = conn.getresponse()
@@ -944,16 +948,17 @@ def load_phase(peer, origin, workdir, args, loads, tally, where, scheme="http"):
             stop(running.proc)
 
 
-def memory_phase(peer, origin, workdir, args, tally, where):
+def memory_phase(peer, origin, workdir, args, tally, where, tls=None):
     """One fresh process: VmRSS after start-up and one request, then with
-    `args.idle_connections` idle keep-alive client connections open."""
+    `args.idle_connections` idle keep-alive client connections open (over
+    TLS with the `tls` ssl.SSLContext)."""
     running = peer.start(workdir, origin)
     try:
-        status = one_request(running.port)
+        status = one_request(running.port, tls)
         time.sleep(0.2)
         idle = status_kib(running.pid, "VmRSS") / 1024
         held, rss = tally.sample(lambda: hold_idle_connections(
-            running.port, args.idle_connections, lambda: status_kib(running.pid, "VmRSS") / 1024))
+            running.port, args.idle_connections, lambda: status_kib(running.pid, "VmRSS") / 1024, tls=tls))
     finally:
         stop(running.proc)
     problem = "" if status // 100 == 2 else f"first answer {status}"
@@ -1129,19 +1134,30 @@ def suite_memory(args):
     workdir = Path(tempfile.mkdtemp(prefix="switchyard-memory-"))
     origin_proc, port = start_origin(workdir)
     origin = Running(None, port, port)
-    peers = [peer for peer in compare_peers(args) if peer.is_proxy]
+    tls = None
+    if args.tls:
+        import ssl
+        cert, key = make_certificate(workdir)
+        peers = tls_peers(args, cert, key)
+        tls = ssl.create_default_context(cafile=str(cert))
+    else:
+        peers = [peer for peer in compare_peers(args) if peer.is_proxy]
     tally = Tally(quiet_wait_s=args.quiet_wait)
     started = time.monotonic()
     try:
         for rnd in range(args.rounds):
             order = peers if rnd % 2 == 0 else list(reversed(peers))
             for peer in order:
-                memory_phase(peer, origin, workdir, args, tally, f"round {rnd + 1}")
+                memory_phase(peer, origin, workdir, args, tally, f"round {rnd + 1}", tls)
     finally:
         stop(origin_proc)
     section = memory_section(args, peers, tally, time.monotonic() - started)
-    write_section("## Idle connection memory", section)
+    write_section(memory_heading(args), section)
     print(section)
+
+
+def memory_heading(args):
+    return "## Idle connection memory, TLS" if args.tls else "## Idle connection memory"
 
 
 def per_connection_kib(tally, peer, connections):
@@ -1167,11 +1183,14 @@ def memory_section(args, peers, tally, elapsed):
                    "connections", "conns_rss_mib", "switchyard", "nginx", 1.0),
     ]
     goal_rows = "\n".join(f"| {text} | {measured} | **{verdict}** |" for text, measured, verdict in goals)
-    return f"""## Idle connection memory
+    setup = ("the tls suite's peers: nginx and Switchyard (metrics and flags off) terminating TLS 1.3 with the "
+             "same ECDSA P-256 certificate, each client connection a full handshake" if args.tls else
+             "the compare suite's proxies and configuration (nginx, haproxy, Switchyard with metrics and flags on "
+             "and with both off)")
+    return f"""{memory_heading(args)}
 
 {provenance(args, [[nginx_bin(), '-v'], [haproxy_bin(), '-v']])}
-- Setup: the compare suite's proxies and configuration (nginx, haproxy, Switchyard with metrics and flags on
-  and with both off), each pinned to core 0 and started fresh per measurement; the origin and the client
+- Setup: {setup}, each pinned to core 0 and started fresh per measurement; the origin and the client
   on core 1. Idle RSS is VmRSS after one request; then {args.idle_connections} keep-alive client
   connections, one request answered on each (64 at a time), held idle: VmRSS one second after the last
   answer. KiB per connection is the difference over the count.
@@ -1474,7 +1493,7 @@ def require_tools(suite):
     if suite == "compare":
         needed.update({"haproxy": "haproxy", "h2load": "nghttp2-client"})
     if suite == "memory":
-        needed = {"haproxy": "haproxy", "taskset": "util-linux"}
+        needed = {"haproxy": "haproxy", "taskset": "util-linux", "openssl": "openssl"}
     if suite == "tls":
         needed.update({"h2load": "nghttp2-client", "hey": "hey", "openssl": "openssl"})
     missing = [f"{tool} (Debian: apt-get install {pkg})" for tool, pkg in needed.items() if not shutil.which(tool)]
@@ -1505,6 +1524,8 @@ def main():
                              "processes to stop using the CPU (0: do not wait)")
     parser.add_argument("--idle-connections", type=int, default=10000,
                         help=f"compare suite: idle keep-alive client connections to hold (at most {MAX_IDLE_CONNECTIONS})")
+    parser.add_argument("--tls", action="store_true",
+                        help="memory suite: over TLS, nginx and Switchyard with the same certificate")
     parser.add_argument("--binary", type=Path,
                         help=f"the switchyard binary to measure (default {BIN.relative_to(ROOT)}, built first "
                              "unless --no-build); it is copied before the run, so a rebuild meanwhile does not change it")
