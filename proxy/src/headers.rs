@@ -117,13 +117,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let upgrade = keep_upgrade
         .then(|| headers.get(UPGRADE).cloned())
         .flatten();
-    // Headers the sender listed in `Connection` are hop-by-hop too.
+    // Headers the sender listed in `Connection` are hop-by-hop too. The
+    // usual options (`keep-alive`, `close`, `upgrade`) name nothing more to
+    // remove, and are skipped without making a header name of them.
     let listed: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|token| !token.eq_ignore_ascii_case("close") && !is_hop_by_hop_name(token))
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .collect();
     for name in listed.iter().chain(&present) {
         headers.remove(name);
@@ -136,19 +140,26 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Hop-by-hop by definition (RFC 9110 §7.6.1), plus the obsolete
 /// `Keep-Alive` and `Proxy-Connection` and the proxy authentication pair.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-    )
+    // Header names are lowercase.
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
+/// `is_hop_by_hop` for a name as a client wrote it, in any case.
+fn is_hop_by_hop_name(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -220,6 +231,17 @@ mod tests {
             assert!(!resp.contains_key(name), "response: {name} survived");
             assert_eq!(resp.len(), 1, "response with {name}: {resp:?}");
         }
+        // `Connection` options in any case; only the one naming another
+        // header adds to what is removed.
+        let mut resp = map(&[
+            ("connection", "Close, Keep-Alive, X-Secret, UPGRADE"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "s"),
+            ("x-app", "kept"),
+        ]);
+        rewrite_response(StatusCode::OK, &mut resp);
+        assert_eq!(resp.len(), 1, "{resp:?}");
+        assert_eq!(resp["x-app"], "kept");
         // With none of them, nothing changes.
         let mut resp = map(&[("x-app", "kept"), ("content-type", "text/plain")]);
         rewrite_response(StatusCode::OK, &mut resp);
