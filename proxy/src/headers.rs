@@ -210,6 +210,8 @@ mod tests {
 
     #[test]
     fn every_hop_by_hop_header_is_removed_on_its_own_both_ways() {
+        // Written out rather than taken from `HOP_BY_HOP`: this is the
+        // specification the list is checked against.
         for name in [
             "connection",
             "te",
