@@ -6,12 +6,13 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use switchyard_control::metrics::{FailureReason, Unrouted};
+
+use crate::forward::PooledBody;
 
 /// The body of every response the proxy sends: an upstream's, streamed, or a
 /// short one of the proxy's own.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
 
 /// Why a request could not be proxied.
 #[derive(Debug, thiserror::Error)]
