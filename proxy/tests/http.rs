@@ -244,3 +244,47 @@ async fn requests_are_balanced_across_a_backends_endpoints() {
     assert_eq!(counts, (10, 10), "round robin over two endpoints");
     proxy.stop().await;
 }
+
+/// An upstream that closes each connection right after its response,
+/// without `Connection: close`, like a server whose keep-alive timeout just
+/// ran out: the proxy must not answer 502 for the next request on that
+/// pooled connection; it goes on a new one.
+#[tokio::test]
+async fn an_upstream_closing_pooled_connections_loses_no_request() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+                    .await;
+                // Closed at once: the proxy's pooled copy goes stale.
+            });
+        }
+    });
+    let proxy = Running::start(&config("", &[("blue", upstream, 100.0)])).await;
+    let c = client();
+    for i in 0..30 {
+        let (status, _, body) = get(&c, &proxy.url("/"), &[("x-user-id", &format!("u{i}"))]).await;
+        assert_eq!(status, 200, "request {i}: {body}");
+        assert_eq!(body, "ok\n");
+    }
+    // Every request needed its own upstream connection.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 30);
+    proxy.stop().await;
+}
