@@ -219,7 +219,8 @@ impl Pool {
         }
     }
 
-    /// An idle connection that is still open and ready, newest first.
+    /// An idle connection that is still open and ready, oldest first (the
+    /// queue is FIFO, which also spreads use over the idle connections).
     async fn checkout(&self) -> Option<SendRequest<UpstreamBody>> {
         loop {
             let Idle { mut sender, since } = self.idle.pop()?;
