@@ -1036,10 +1036,21 @@ def ratio_goal(tally, text, what, key, peer, reference, limit, at_most=True):
     return text, f"{ratio:.2f}× ({number(value)} vs {number(ref)}{noise})", "PASS" if ok else "MISS"
 
 
+def memory_goals(tally):
+    """The two memory goals: idle RSS, and RSS with the idle connections
+    against nginx's."""
+    idle = tally.median("switchyard", "idle", "idle_rss_mib")
+    return [
+        ("idle RSS ≤ 8 MiB", "not measured" if idle is None else f"{idle:.1f} MiB",
+         "PASS" if idle is not None and idle <= 8 else "MISS"),
+        ratio_goal(tally, "RSS with the idle keep-alive connections ≤ nginx's",
+                   "connections", "conns_rss_mib", "switchyard", "nginx", 1.0),
+    ]
+
+
 def compare_goals(tally):
     sy, off, ng, hp = "switchyard", "switchyard, metrics+flags off", "nginx", "haproxy"
     best_peer = max((ng, hp), key=lambda p: tally.median(p, "saturation", "rps") or 0)
-    idle = tally.median(sy, "idle", "idle_rss_mib")
     return [
         ratio_goal(tally, "CPU per request at the fixed rate ≤ 0.8× nginx's",
                    "fixed rate", "cpu_us_per_req", sy, ng, 0.8),
@@ -1048,10 +1059,7 @@ def compare_goals(tally):
         ratio_goal(tally, f"saturation throughput ≥ 1.1× the better of nginx and haproxy ({best_peer})",
                    "saturation", "rps", sy, best_peer, 1.1, at_most=False),
         ratio_goal(tally, "p99 at the fixed rate ≤ nginx's", "fixed rate", "p99_ms", sy, ng, 1.0),
-        ("idle RSS ≤ 8 MiB", "not measured" if idle is None else f"{idle:.1f} MiB",
-         "PASS" if idle is not None and idle <= 8 else "MISS"),
-        ratio_goal(tally, "RSS with the idle keep-alive connections ≤ nginx's",
-                   "connections", "conns_rss_mib", sy, ng, 1.0),
+        *memory_goals(tally),
         ratio_goal(tally, "metrics and flags cost < 5 % of throughput: req/s with them ≥ 0.95× without "
                    "(same binary)", "saturation", "rps", sy, off, 0.95, at_most=False),
     ]
@@ -1175,14 +1183,8 @@ def memory_section(args, peers, tally, elapsed):
         c = lambda what, key: cell(tally, peer.name, what, key, "{:.1f}")
         rows.append(f"| {peer.name} | {c('idle', 'idle_rss_mib')} | {c('connections', 'conns_rss_mib')} | "
                     f"{per_connection_kib(tally, peer.name, args.idle_connections)} |")
-    idle = tally.median("switchyard", "idle", "idle_rss_mib")
-    goals = [
-        ("idle RSS ≤ 8 MiB", "not measured" if idle is None else f"{idle:.1f} MiB",
-         "PASS" if idle is not None and idle <= 8 else "MISS"),
-        ratio_goal(tally, "RSS with the idle keep-alive connections ≤ nginx's",
-                   "connections", "conns_rss_mib", "switchyard", "nginx", 1.0),
-    ]
-    goal_rows = "\n".join(f"| {text} | {measured} | **{verdict}** |" for text, measured, verdict in goals)
+    goal_rows = "\n".join(f"| {text} | {measured} | **{verdict}** |"
+                          for text, measured, verdict in memory_goals(tally))
     setup = ("the tls suite's peers: nginx and Switchyard (metrics and flags off) terminating TLS 1.3 with the "
              "same ECDSA P-256 certificate, each client connection a full handshake" if args.tls else
              "the compare suite's proxies and configuration (nginx, haproxy, Switchyard with metrics and flags on "

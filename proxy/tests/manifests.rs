@@ -487,16 +487,7 @@ fn dashboard_queries(v: &Value, out: &mut Vec<String>) {
 /// refused a config reload: every switchyard family has samples.
 async fn exercised_proxy_metrics() -> String {
     let blue = Upstream::start("blue", Behaviour::Name).await;
-    let canary = Upstream::start(
-        "canary",
-        Behaviour::Pattern {
-            fast: Duration::ZERO,
-            slow: Duration::ZERO,
-            slow_every: 1,
-            fail_every: 1,
-        },
-    )
-    .await;
+    let canary = Upstream::start("canary", Behaviour::failing(1)).await;
     let yaml = common::config(
         "",
         &[("blue", blue.addr, 100.0), ("canary", canary.addr, 0.0)],

@@ -47,16 +47,7 @@ async fn scrape(proxy: &Running) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_errors_and_saturation_are_exported() {
     let blue = Upstream::start("blue", Behaviour::Name).await;
-    let canary = Upstream::start(
-        "canary",
-        Behaviour::Pattern {
-            fast: Duration::ZERO,
-            slow: Duration::ZERO,
-            slow_every: 1,
-            fail_every: 4,
-        },
-    )
-    .await;
+    let canary = Upstream::start("canary", Behaviour::failing(4)).await;
     let proxy = Running::start(&config(
         "",
         &[("blue", blue.addr, 50.0), ("canary", canary.addr, 50.0)],

@@ -96,16 +96,7 @@ fn fast_rollout(steps: Value, extra: Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_answering_ten_percent_500s_is_rolled_back_in_bounded_time() {
     let blue = Upstream::start("blue", Behaviour::Name).await;
-    let canary = Upstream::start(
-        "canary",
-        Behaviour::Pattern {
-            fast: Duration::ZERO,
-            slow: Duration::ZERO,
-            slow_every: 1,
-            fail_every: 10,
-        },
-    )
-    .await;
+    let canary = Upstream::start("canary", Behaviour::failing(10)).await;
     let proxy = proxy_with(&blue, &canary).await;
     let body = fast_rollout(
         json!([{"weight": 50, "hold": "60s"}, {"weight": 100}]),
@@ -565,16 +556,7 @@ async fn a_closed_gate_holds_the_step_and_notifications_carry_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rollback_webhook_names_the_breach() {
     let blue = Upstream::start("blue", Behaviour::Name).await;
-    let canary = Upstream::start(
-        "canary",
-        Behaviour::Pattern {
-            fast: Duration::ZERO,
-            slow: Duration::ZERO,
-            slow_every: 1,
-            fail_every: 2,
-        },
-    )
-    .await;
+    let canary = Upstream::start("canary", Behaviour::failing(2)).await;
     let notify = Receiver::start(200).await;
     let proxy = proxy_with(&blue, &canary).await;
     let mut body: Value = serde_json::from_str(&fast_rollout(

@@ -107,6 +107,18 @@ impl Upstream {
     }
 }
 
+impl Behaviour {
+    /// Answers at once; every `every`-th request (by arrival) gets a 500.
+    pub fn failing(every: usize) -> Behaviour {
+        Behaviour::Pattern {
+            fast: Duration::ZERO,
+            slow: Duration::ZERO,
+            slow_every: 1,
+            fail_every: every,
+        }
+    }
+}
+
 async fn answer(
     name: Arc<str>,
     behaviour: Behaviour,
