@@ -219,7 +219,7 @@ async fn window_quantiles_and_error_rate_match_the_truth() {
     assert_eq!(stats["window_seconds"], 60);
     let b = &stats["backends"][0];
     assert_eq!(b["backend"], "mixed");
-    assert_eq!(b["requests"], 400);
+    assert_eq!(b["requests"], 400, "{b}");
     assert_eq!(b["errors"], 20);
     assert!((b["error_rate_percent"].as_f64().unwrap() - 5.0).abs() < 1e-9);
     let p50 = b["p50_ms"].as_f64().unwrap();
