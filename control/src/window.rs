@@ -150,7 +150,7 @@ impl RollingWindow {
                     // Another thread is clearing the slot, for this second
                     // or a newer one: wait for it to publish which.
                     spins += 1;
-                    if spins % 64 == 0 {
+                    if spins.is_multiple_of(64) {
                         std::thread::yield_now();
                     } else {
                         std::hint::spin_loop();

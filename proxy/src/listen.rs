@@ -4,12 +4,21 @@
 //!
 //! Slow and idle clients are bounded per connection:
 //! - a new connection has `timeouts.request_header` to finish its TLS
-//!   handshake and again to send its first request head;
+//!   handshake, and again to send the first bytes of its first request;
 //! - between requests, a kept-alive connection may stay silent for
-//!   `timeouts.idle`; once the next request's first byte arrives, the head must
-//!   be complete within `timeouts.request_header` (slowloris);
+//!   `timeouts.idle`;
+//! - once a request head's first bytes arrive, the head must be complete
+//!   within `timeouts.request_header` (slowloris);
 //! - an HTTP/2 connection with no request started for `timeouts.idle` gets a
 //!   GOAWAY.
+//!
+//! An HTTP/1 connection between requests is *parked*: hyper hands the socket
+//! back once the response is written and the next request's first read would
+//! block, and the connection task waits for readability holding only the
+//! socket, with none of hyper's buffers or state. The next request gets a
+//! fresh hyper connection object. This is what makes an idle keep-alive
+//! connection cost well under a kilobyte (loadtests/RESULTS.md, "Idle
+//! connection memory"; vendor/PATCHES.md).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,17 +27,21 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hyper::service::service_fn;
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use switchyard_control::config::{Limits, Timeouts};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use switchyard_control::metrics::ConnectionGuard;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
 
 use crate::pipeline::{self, ConnInfo, Shared};
+use crate::respond::ProxyBody;
 use crate::tls::Terminator;
 
 /// hyper will not parse with a smaller buffer than this.
@@ -44,6 +57,14 @@ const H2_MAX_LOCAL_RESETS: usize = 1024;
 
 /// What a client connecting past `limits.max_connections` gets (plain HTTP).
 const SHED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-type: text/plain\r\ncontent-length: 40\r\nconnection: close\r\n\r\nswitchyard: too many connections, retry\n";
+
+/// How long an HTTP/1 connection is served by one hyper connection object
+/// before it parks at its next idle moment.
+const PARK_AFTER: Duration = Duration::from_millis(250);
+
+/// How every HTTP/2 connection starts (RFC 9113, section 3.4); anything
+/// else is HTTP/1.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What a plain-HTTP client on the TLS listener gets.
 const PLAIN_ON_TLS_RESPONSE: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 55\r\nconnection: close\r\n\r\nswitchyard: this port speaks TLS; use https:// instead\n";
@@ -65,7 +86,7 @@ pub async fn serve(
     timeouts: &Timeouts,
     shutdown: impl Future<Output = ()>,
 ) -> Drained {
-    let template = Arc::new(connection_builder(limits, timeouts));
+    let protocols = Arc::new(Protocols::new(limits, timeouts));
     let (stop, stopped) = watch::channel(false);
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let clock = Clock {
@@ -100,21 +121,21 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let open_gauge = shared.metrics.connection_opened();
         let conn = Connection {
-            shared: shared.clone(),
-            template: template.clone(),
+            service: ProxyService {
+                shared: shared.clone(),
+                info: ConnInfo {
+                    peer: peer.ip(),
+                    peer_header: crate::headers::ip_header(peer.ip()),
+                    proto: if tls.is_some() { "https" } else { "http" },
+                },
+                activity: None,
+            },
+            protocols: protocols.clone(),
             clock,
             stopped: stopped.clone(),
-            info: ConnInfo {
-                peer: peer.ip(),
-                peer_header: crate::headers::ip_header(peer.ip()),
-                proto: if tls.is_some() { "https" } else { "http" },
-            },
+            _open: (permit, open_gauge),
         };
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            conn.run(stream, tls.as_deref()).await;
-            drop((permit, open_gauge));
-        });
+        tokio::spawn(conn.run(stream, tls.clone()));
     }
     drop(listener);
 
@@ -147,86 +168,169 @@ fn refuse(stream: &TcpStream, response: &[u8]) {
     let _ = stream.try_write(response);
 }
 
-/// One accepted client connection.
+/// One accepted client connection. Its task's future is what an idle
+/// keep-alive connection costs, so everything only needed while a request
+/// is being served (TLS, sniffing, a hyper connection, HTTP/2) is boxed and
+/// freed when done.
 struct Connection {
-    shared: Arc<Shared>,
-    template: Arc<auto::Builder<TokioExecutor>>,
+    service: ProxyService,
+    protocols: Arc<Protocols>,
     clock: Clock,
     stopped: watch::Receiver<bool>,
-    info: ConnInfo,
+    /// Held until the connection ends: its place under
+    /// `limits.max_connections`, and the open-connections gauge.
+    _open: (OwnedSemaphorePermit, ConnectionGuard),
 }
 
 impl Connection {
-    async fn run(self, stream: TcpStream, tls: Option<&Terminator>) {
-        let activity = Arc::new(Activity::default());
-        let io = Counted {
-            inner: stream,
-            activity: activity.clone(),
-        };
+    async fn run(mut self, stream: TcpStream, tls: Option<Arc<Terminator>>) {
         match tls {
-            None => self.serve(io, activity).await,
-            // Boxed: the handshake and a TLS stream are several KiB, which
-            // every plain connection's task would otherwise carry too.
-            Some(tls) => Box::pin(self.run_tls(io, activity, tls)).await,
+            None => self.serve(stream).await,
+            Some(tls) => Box::pin(self.run_tls(stream, &tls)).await,
         }
     }
 
-    async fn run_tls(self, io: Counted, activity: Arc<Activity>, tls: &Terminator) {
+    async fn run_tls(&mut self, stream: TcpStream, tls: &Terminator) {
         let deadline = tokio::time::Instant::now() + self.clock.header;
+        let metrics = &self.service.shared.metrics;
         // A TLS connection starts with a handshake record (0x16); a
         // plain-HTTP client on the TLS port gets told so.
         let mut first = [0u8; 1];
-        match tokio::time::timeout_at(deadline, io.inner.peek(&mut first)).await {
+        match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
             Ok(Ok(1)) if first[0] != 0x16 => {
-                refuse(&io.inner, PLAIN_ON_TLS_RESPONSE);
-                self.shared.metrics.tls_handshake_failed();
+                refuse(&stream, PLAIN_ON_TLS_RESPONSE);
+                metrics.tls_handshake_failed();
                 return;
             }
             Ok(Ok(_)) => {}
             Ok(Err(_)) | Err(_) => {
-                self.shared.metrics.tls_handshake_failed();
+                metrics.tls_handshake_failed();
                 return;
             }
         }
-        let handshake = tls.acceptor().accept(io);
+        let handshake = tls.acceptor().accept(stream);
+        let peer = self.service.info.peer;
         match tokio::time::timeout_at(deadline, handshake).await {
-            Ok(Ok(io)) => self.serve(io, activity).await,
+            Ok(Ok(io)) => self.serve(io).await,
             Ok(Err(e)) => {
-                self.shared.metrics.tls_handshake_failed();
-                tracing::debug!(peer = %self.info.peer, error = %e, "TLS handshake failed");
+                metrics.tls_handshake_failed();
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
             }
             Err(_) => {
-                self.shared.metrics.tls_handshake_failed();
-                tracing::debug!(peer = %self.info.peer, "TLS handshake timed out");
+                metrics.tls_handshake_failed();
+                tracing::debug!(%peer, "TLS handshake timed out");
             }
         }
     }
 
-    async fn serve<I>(mut self, io: I, activity: Arc<Activity>)
-    where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let mut builder = (*self.template).clone();
-        builder.http1().timer(HeadClock {
-            clock: self.clock,
-            activity: activity.clone(),
-        });
-        let (shared, info, counted) = (self.shared.clone(), self.info.clone(), activity.clone());
-        let service = service_fn(move |req| {
-            let (shared, info) = (shared.clone(), info.clone());
-            let open = RequestGuard::enter(counted.clone());
-            // Boxed per request: hyper keeps a slot for the service's future
-            // for the connection's whole life, and the unboxed future is a
-            // few KiB that every idle connection would hold.
-            Box::pin(async move {
-                let resp = pipeline::handle(&shared, info, req).await;
-                drop(open);
-                Ok::<_, Infallible>(resp)
-            })
-        });
-        // On the heap: pinned on the stack, the connection would take two
-        // slots in this future's state.
-        let mut conn = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+    /// Tells HTTP/2 from HTTP/1 by the connection's first bytes, then serves
+    /// it.
+    async fn serve<I: Park>(&mut self, io: I) {
+        let Some(io) = Box::pin(self.sniff(io)).await else {
+            return;
+        };
+        if io.is_h2() {
+            Box::pin(self.serve_h2(io)).await;
+        } else {
+            self.serve_h1(io).await;
+        }
+    }
+
+    /// The connection's first bytes, or `None` if the client sends nothing
+    /// within `request_header`, closes first, or the proxy is draining.
+    async fn sniff<I: Park>(&mut self, io: I) -> Option<Sniffed<I>> {
+        let deadline = tokio::time::Instant::now() + self.clock.header;
+        let peer = self.service.info.peer;
+        let sniffed = tokio::select! {
+            sniffed = tokio::time::timeout_at(deadline, Sniffed::read(io)) => sniffed,
+            _ = self.stopped.wait_for(|stop| *stop) => return None,
+        };
+        match sniffed {
+            Ok(Ok(io)) => io,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "client connection failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "no request before the header timeout");
+                None
+            }
+        }
+    }
+
+    /// Serves HTTP/1 requests, parking the connection between them.
+    async fn serve_h1<I: Park>(&mut self, mut io: Sniffed<I>) {
+        loop {
+            // Boxed: the hyper connection lives only while requests are
+            // being served.
+            io = match Box::pin(self.h1_session(io)).await {
+                Some(io) => io,
+                None => return,
+            };
+            if !self.park(&io).await {
+                // Idle too long, or draining: a clean close.
+                let _ = io.shutdown().await;
+                return;
+            }
+        }
+    }
+
+    /// Serves requests on one hyper connection until it goes idle (giving the
+    /// socket back) or ends.
+    async fn h1_session<I: Park>(&mut self, io: Sniffed<I>) -> Option<Sniffed<I>> {
+        let conn = self
+            .protocols
+            .h1
+            .serve_connection(TokioIo::new(io), self.service.clone())
+            .with_upgrades();
+        let mut conn = std::pin::pin!(conn);
+        let mut closing = false;
+        // Parking and unparking cost about as much as a request's own
+        // handling; a connection busy enough not to stay idle for long is
+        // left alone, one timer per `PARK_AFTER` instead of per request.
+        let mut ripe = std::pin::pin!(tokio::time::sleep(PARK_AFTER));
+        let mut park = false;
+        let ended = loop {
+            tokio::select! {
+                ended = std::future::poll_fn(|cx| conn.as_mut().poll_until_idle(cx, park)) => break ended,
+                _ = &mut ripe, if !park => park = true,
+                _ = self.stopped.wait_for(|stop| *stop), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        };
+        match ended {
+            Ok(Some(parts)) => Some(parts.io.into_inner()),
+            // Closed or upgraded.
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "client connection ended with an error");
+                None
+            }
+        }
+    }
+
+    /// Waits, holding only the socket, until the client sends its next
+    /// request (`true`), or the idle timeout passes or the proxy drains.
+    async fn park<I: Park>(&mut self, io: &Sniffed<I>) -> bool {
+        tokio::select! {
+            ready = std::future::poll_fn(|cx| io.poll_read_ready(cx)) => ready.is_ok(),
+            _ = tokio::time::sleep(self.clock.idle) => false,
+            _ = self.stopped.wait_for(|stop| *stop) => false,
+        }
+    }
+
+    async fn serve_h2<I: Park>(&mut self, io: Sniffed<I>) {
+        let activity = Arc::new(Activity::default());
+        let service = ProxyService {
+            activity: Some(activity.clone()),
+            ..self.service.clone()
+        };
+        let mut conn = std::pin::pin!(self
+            .protocols
+            .h2
+            .serve_connection(TokioIo::new(io), service));
         let mut closing = false;
         loop {
             tokio::select! {
@@ -249,6 +353,35 @@ impl Connection {
     }
 }
 
+/// The future of one request: boxed, because hyper keeps a slot for it for
+/// the connection's whole life and the unboxed future is a few KiB.
+type Handled = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+/// The service hyper calls for each request on a connection.
+#[derive(Clone)]
+struct ProxyService {
+    shared: Arc<Shared>,
+    info: ConnInfo,
+    /// Counts requests, for the HTTP/2 idle timeout.
+    activity: Option<Arc<Activity>>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Handled;
+
+    fn call(&self, req: Request<Incoming>) -> Handled {
+        let (shared, info) = (self.shared.clone(), self.info.clone());
+        let open = self.activity.clone().map(RequestGuard::enter);
+        Box::pin(async move {
+            let resp = pipeline::handle(&shared, info, req).await;
+            drop(open);
+            Ok(resp)
+        })
+    }
+}
+
 /// Resolves once no request was started or open on the connection for a
 /// whole `idle` period (so after between `idle` and twice `idle`).
 async fn idle(activity: &Activity, idle: Duration) {
@@ -263,11 +396,9 @@ async fn idle(activity: &Activity, idle: Duration) {
     }
 }
 
-/// What a connection has done, for its timeouts.
+/// The requests an HTTP/2 connection has had, for its idle timeout.
 #[derive(Debug, Default)]
 struct Activity {
-    /// Bytes received from the client (TLS records included).
-    bytes_read: AtomicU64,
     /// Requests started on the connection.
     started: AtomicU64,
     /// Requests being handled now.
@@ -297,91 +428,92 @@ struct Clock {
     header: Duration,
 }
 
-/// The timer hyper's HTTP/1 server uses for its header-read timeout, which
-/// hyper starts as soon as it waits for a request head, idle or not. This one
-/// tells the two apart: while no byte of the next request has arrived on a
-/// kept-alive connection the deadline is `idle`; from the first byte (or from
-/// the start, for a connection's first request) it is `request_header`.
-#[derive(Debug, Clone)]
-struct HeadClock {
-    clock: Clock,
-    activity: Arc<Activity>,
+/// A client stream a parked connection can wait on without reading it.
+trait Park: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Ready once the client's socket has bytes (or an end) to read.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
-impl hyper::rt::Timer for HeadClock {
-    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        self.sleep_until(Instant::now() + duration)
-    }
-
-    fn sleep_until(&self, _deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        let now = tokio::time::Instant::now();
-        let first_request = self.activity.started.load(Ordering::Relaxed) == 0;
-        let wait = if first_request {
-            self.clock.header
-        } else {
-            self.clock.idle
-        };
-        Box::pin(HeadSleep {
-            activity: self.activity.clone(),
-            bytes_at_start: self.activity.bytes_read.load(Ordering::Relaxed),
-            header: self.clock.header,
-            head_started: first_request,
-            sleep: Box::pin(tokio::time::sleep_until(now + wait)),
-        })
+impl Park for TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
     }
 }
 
-struct HeadSleep {
-    activity: Arc<Activity>,
-    bytes_at_start: u64,
-    header: Duration,
-    /// The deadline is already the header deadline.
-    head_started: bool,
-    sleep: Pin<Box<tokio::time::Sleep>>,
+/// A parked TLS connection has no plaintext waiting: hyper parks it only
+/// after a read of it would block, which rustls answers only once the socket
+/// has nothing more either.
+impl Park for TlsStream<TcpStream> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_ref().0.poll_read_ready(cx)
+    }
 }
 
-impl hyper::rt::Sleep for HeadSleep {}
+/// A client stream with the bytes read to tell its protocol put back in
+/// front of it.
+struct Sniffed<I> {
+    inner: I,
+    first: [u8; H2_PREFACE.len()],
+    /// `first[at..len]` is still to be read.
+    at: u8,
+    len: u8,
+}
 
-impl Future for HeadSleep {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        // hyper polls this each time the head is still incomplete after a
-        // read, so the first byte of the next request is seen here.
-        if !self.head_started
-            && self.activity.bytes_read.load(Ordering::Relaxed) != self.bytes_at_start
-        {
-            self.head_started = true;
-            let deadline = tokio::time::Instant::now() + self.header;
-            self.sleep.as_mut().reset(deadline);
+impl<I: Park> Sniffed<I> {
+    /// Reads until the bytes either differ from the HTTP/2 preface or are
+    /// all of it; `None` if the client closed without sending anything.
+    async fn read(mut inner: I) -> io::Result<Option<Self>> {
+        use tokio::io::AsyncReadExt as _;
+        let mut first = [0u8; H2_PREFACE.len()];
+        let mut len = 0;
+        while len < first.len() && first[..len] == H2_PREFACE[..len] {
+            match inner.read(&mut first[len..]).await? {
+                0 if len == 0 => return Ok(None),
+                0 => break,
+                n => len += n,
+            }
         }
-        self.sleep.as_mut().poll(cx)
+        Ok(Some(Self {
+            inner,
+            first,
+            at: 0,
+            // At most 24.
+            len: len as u8,
+        }))
+    }
+
+    fn is_h2(&self) -> bool {
+        self.first[..usize::from(self.len)] == H2_PREFACE[..]
     }
 }
 
-/// The client socket, counting the bytes read from it.
-struct Counted {
-    inner: TcpStream,
-    activity: Arc<Activity>,
+impl<I: Park> Park for Sniffed<I> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.at < self.len {
+            return Poll::Ready(Ok(()));
+        }
+        self.inner.poll_read_ready(cx)
+    }
 }
 
-impl AsyncRead for Counted {
+impl<I: Park> AsyncRead for Sniffed<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let read = (buf.filled().len() - before) as u64;
-        if read > 0 {
-            self.activity.bytes_read.fetch_add(read, Ordering::Relaxed);
+        if self.at < self.len {
+            let (at, len) = (usize::from(self.at), usize::from(self.len));
+            let n = buf.remaining().min(len - at);
+            buf.put_slice(&self.first[at..at + n]);
+            self.at += n as u8;
+            return Poll::Ready(Ok(()));
         }
-        polled
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Counted {
+impl<I: Park> AsyncWrite for Sniffed<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -411,23 +543,31 @@ impl AsyncWrite for Counted {
     }
 }
 
-fn connection_builder(limits: &Limits, timeouts: &Timeouts) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        // Applied through `HeadClock`: `request_header` once a head has
-        // started (or on a new connection), `idle` before that.
-        .header_read_timeout(timeouts.request_header.0)
-        .max_buf_size(limits.max_header_bytes.max(HYPER_MIN_BUF))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(limits.http2_max_concurrent_streams)
-        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
-        .keep_alive_interval(Some(timeouts.idle.0 / 2))
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
+/// The HTTP/1 and HTTP/2 settings every connection is served with.
+struct Protocols {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(limits: &Limits, timeouts: &Timeouts) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            // From a head's first bytes; the wait for them is the idle
+            // timeout's (or, for a connection's first request, the header
+            // timeout's), kept while the connection is parked.
+            .header_read_timeout(timeouts.request_header.0)
+            .max_buf_size(limits.max_header_bytes.max(HYPER_MIN_BUF))
+            .keep_alive(true)
+            .park_when_idle(true);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(limits.http2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+            .keep_alive_interval(Some(timeouts.idle.0 / 2))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Self { h1, h2 }
+    }
 }

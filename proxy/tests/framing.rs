@@ -1,7 +1,9 @@
 //! HTTP/1.1 framing on one client connection, through the paths where the
 //! vendored hyper reads lazily (vendor/PATCHES.md): a head arriving in many
 //! small reads, a head larger than one read, pipelined requests, a body in
-//! the same segment as its head, and keep-alive after each of them.
+//! the same segment as its head, and keep-alive after each of them. Also the
+//! connection's life around them: the first bytes read to tell HTTP/2 from
+//! HTTP/1, and the parking of an idle connection between requests.
 
 mod common;
 
@@ -205,4 +207,177 @@ async fn bodies_arriving_with_their_heads_are_forwarded_whole_and_the_connection
     let a = read_answer(&mut s, &mut pending).await;
     assert_eq!(a.body, b"end");
     proxy.stop().await;
+}
+
+/// Longer than the proxy's `PARK_AFTER` (250 ms): a connection left idle this
+/// long has been parked, holding only its socket.
+const PARKED: Duration = Duration::from_millis(600);
+
+#[tokio::test]
+async fn a_parked_connection_serves_pipelined_requests_and_parks_again() {
+    let (proxy, addr, blue) = proxy_to(Behaviour::EchoHeaders, "").await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut pending = Vec::new();
+    let mut next = 0;
+    for round in 0..3 {
+        // Idle long enough to park (a client pausing, not synchronisation:
+        // the answers below are what is checked).
+        tokio::time::sleep(PARKED).await;
+        let two: String = (0..2)
+            .map(|i| format!("GET /p HTTP/1.1\r\nhost: x\r\nx-n: {}\r\n\r\n", next + i))
+            .collect();
+        s.write_all(two.as_bytes()).await.unwrap();
+        for i in 0..2 {
+            let a = read_answer(&mut s, &mut pending).await;
+            assert_eq!(a.status, 200, "round {round}: {}", a.head);
+            let body = String::from_utf8_lossy(&a.body);
+            assert!(
+                body.contains(&format!("x-n: {}\n", next + i)),
+                "round {round}: {body}"
+            );
+        }
+        next += 2;
+    }
+    assert_eq!(blue.arrived.load(std::sync::atomic::Ordering::SeqCst), 6);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_parked_connection_is_closed_cleanly_when_the_proxy_drains() {
+    let (proxy, addr, _blue) = proxy_to(Behaviour::Name, "timeouts: { idle: 60s }").await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-user-id: u\r\n\r\n")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    assert_eq!(read_answer(&mut s, &mut pending).await.status, 200);
+    tokio::time::sleep(PARKED).await;
+    // The drain does not wait out the minute of idle timeout: the parked
+    // connection is closed (an end of stream, not a reset) and counted done.
+    let drained = proxy.stop().await;
+    assert_eq!(drained.abandoned, 0);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "{read:?} {rest:?}");
+}
+
+#[tokio::test]
+async fn the_first_bytes_tell_http2_from_http1_however_they_arrive() {
+    let (proxy, addr, _blue) = proxy_to(Behaviour::Name, "").await;
+    // HTTP/1 requests whose method starts like the HTTP/2 preface ("PRI"),
+    // one byte per write.
+    for method in ["POST", "PUT", "PATCH"] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let head =
+            format!("{method} / HTTP/1.1\r\nhost: x\r\nx-user-id: u\r\ncontent-length: 0\r\n\r\n");
+        for byte in head.as_bytes() {
+            s.write_all(&[*byte]).await.unwrap();
+            // A slow client, not synchronisation.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let a = read_answer(&mut s, &mut Vec::new()).await;
+        assert_eq!(a.status, 200, "{method}: {}", a.head);
+        assert_eq!(a.body, b"blue\n");
+    }
+    // The HTTP/2 preface in small pieces, then a request on it.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    for piece in preface.chunks(5) {
+        tcp.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // The h2 client sends the preface itself; this one has been sent, so
+    // the client is given a stream that skips it.
+    let (h2, conn) = h2::client::Builder::new()
+        .handshake::<_, bytes::Bytes>(SkipPreface::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut h2 = h2.ready().await.unwrap();
+    let req = http::Request::get(format!("http://{addr}/"))
+        .header("x-user-id", "u")
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_sends_nothing_or_a_broken_preface_is_let_go() {
+    let (proxy, addr, _blue) =
+        proxy_to(Behaviour::Name, "timeouts: { request_header: 300ms }").await;
+    // Silent: closed once the header timeout passes.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    // Most of the HTTP/2 preface, then silence: the same.
+    let mut partial = TcpStream::connect(addr).await.unwrap();
+    partial.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    for s in [&mut silent, &mut partial] {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(_))), "still open: {read:?}");
+        assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    }
+    // Connecting and closing at once leaves the proxy serving.
+    drop(TcpStream::connect(addr).await.unwrap());
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-user-id: u\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_answer(&mut s, &mut Vec::new()).await.status, 200);
+    proxy.stop().await;
+}
+
+/// A stream whose first 24 bytes written (the HTTP/2 client's preface) are
+/// dropped, because the test already sent them by hand.
+struct SkipPreface {
+    inner: TcpStream,
+    skip: usize,
+}
+
+impl SkipPreface {
+    fn new(inner: TcpStream) -> Self {
+        Self { inner, skip: 24 }
+    }
+}
+
+impl tokio::io::AsyncRead for SkipPreface {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SkipPreface {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.skip > 0 {
+            let n = self.skip.min(buf.len());
+            self.skip -= n;
+            return std::task::Poll::Ready(Ok(n));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -58,6 +58,11 @@ pub(crate) enum Dispatched {
     /// Dispatcher has pending upgrade, and so did not shutdown.
     #[cfg(feature = "http1")]
     Upgrade(crate::upgrade::Pending),
+    /// Switchyard patch (vendor/PATCHES.md): a server connection built with
+    /// `park_when_idle` is between requests, with nothing read of the next
+    /// one, nothing left to write, and its read would block.
+    #[cfg(all(feature = "http1", feature = "server"))]
+    Idle,
 }
 
 #[cfg(all(feature = "client", feature = "http1"))]

@@ -336,6 +336,9 @@ where
                 pending.manual();
                 Poll::Ready(Ok(()))
             }
+            // Switchyard patch: only a server connection parks.
+            #[cfg(feature = "server")]
+            proto::Dispatched::Idle => unreachable!("client connections never park"),
         }
     }
 }
@@ -680,6 +683,9 @@ mod upgrades {
                     pending.fulfill(Upgraded::new(io, read_buf));
                     Poll::Ready(Ok(()))
                 }
+                // Switchyard patch: only a server connection parks.
+                #[cfg(feature = "server")]
+                Ok(Dispatched::Idle) => unreachable!("client connections never park"),
                 Err(e) => Poll::Ready(Err(e)),
             }
         }

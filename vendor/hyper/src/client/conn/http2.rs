@@ -294,6 +294,9 @@ where
             proto::Dispatched::Shutdown => Poll::Ready(Ok(())),
             #[cfg(feature = "http1")]
             proto::Dispatched::Upgrade(_pending) => unreachable!("http2 cannot upgrade"),
+            // Switchyard patch: only an HTTP/1 server connection parks.
+            #[cfg(all(feature = "http1", feature = "server"))]
+            proto::Dispatched::Idle => unreachable!("http2 never parks"),
         }
     }
 }

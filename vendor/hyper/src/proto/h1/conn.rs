@@ -66,6 +66,8 @@ where
                 #[cfg(feature = "server")]
                 h1_header_read_timeout_running: false,
                 #[cfg(feature = "server")]
+                park_when_idle: false,
+                #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
                 timer: Time::Empty,
@@ -161,6 +163,24 @@ where
         self.state.date_header = false;
     }
 
+    /// Switchyard patch (vendor/PATCHES.md).
+    #[cfg(feature = "server")]
+    pub(crate) fn set_park_when_idle(&mut self) {
+        self.state.park_when_idle = true;
+    }
+
+    /// Switchyard patch (vendor/PATCHES.md): waiting for a request head with
+    /// nothing of it read, nothing left to write, and the last read blocked.
+    #[cfg(feature = "server")]
+    pub(crate) fn is_parkable(&self) -> bool {
+        self.state.park_when_idle
+            && self.has_initial_read_write_state()
+            && self.io.is_read_blocked()
+            && !self.io.has_buffered_write()
+            && self.state.upgrade.is_none()
+            && !matches!(self.state.keep_alive.status(), KA::Disabled)
+    }
+
     pub(crate) fn into_inner(self) -> (I, Bytes) {
         self.io.into_inner()
     }
@@ -213,14 +233,8 @@ where
         read_buf.len() >= 24 && read_buf[..24] == *H2_PREFACE
     }
 
-    pub(super) fn poll_read_head(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<crate::Result<(MessageHead<T::Incoming>, DecodedLength, Wants)>>> {
-        debug_assert!(self.can_read_head());
-        trace!("Conn::read_head");
-
-        #[cfg(feature = "server")]
+    #[cfg(feature = "server")]
+    fn start_header_read_timer(&mut self) {
         if !self.state.h1_header_read_timeout_running {
             if let Some(h1_header_read_timeout) = self.state.h1_header_read_timeout {
                 let deadline = self.state.timer.now() + h1_header_read_timeout;
@@ -237,6 +251,21 @@ where
                     }
                 }
             }
+        }
+    }
+
+    pub(super) fn poll_read_head(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<crate::Result<(MessageHead<T::Incoming>, DecodedLength, Wants)>>> {
+        debug_assert!(self.can_read_head());
+        trace!("Conn::read_head");
+
+        // Switchyard patch (vendor/PATCHES.md): a parking connection starts
+        // the timer once the head's first bytes are in, below.
+        #[cfg(feature = "server")]
+        if !self.state.park_when_idle {
+            self.start_header_read_timer();
         }
 
         let msg = match self.io.parse::<T>(
@@ -258,6 +287,10 @@ where
             Poll::Ready(Ok(msg)) => msg,
             Poll::Ready(Err(e)) => return self.on_read_head_error(e),
             Poll::Pending => {
+                #[cfg(feature = "server")]
+                if self.state.park_when_idle && !self.io.read_buf().is_empty() {
+                    self.start_header_read_timer();
+                }
                 #[cfg(feature = "server")]
                 if self.state.h1_header_read_timeout_running {
                     if let Some(h1_header_read_timeout_fut) =
@@ -959,6 +992,11 @@ struct State {
     h1_header_read_timeout_fut: Option<Pin<Box<dyn Sleep>>>,
     #[cfg(feature = "server")]
     h1_header_read_timeout_running: bool,
+    /// Switchyard patch (vendor/PATCHES.md): hand the connection back when
+    /// it waits for a request with nothing read; the header read timeout
+    /// starts with the head's first bytes.
+    #[cfg(feature = "server")]
+    park_when_idle: bool,
     #[cfg(feature = "server")]
     date_header: bool,
     #[cfg(feature = "server")]

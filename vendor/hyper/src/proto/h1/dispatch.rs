@@ -159,8 +159,24 @@ where
             self.conn.take_error()?;
             Poll::Ready(Ok(Dispatched::Shutdown))
         } else {
+            #[cfg(feature = "server")]
+            if self.is_parkable() {
+                return Poll::Ready(Ok(Dispatched::Idle));
+            }
             Poll::Pending
         }
+    }
+
+    /// Switchyard patch (vendor/PATCHES.md): whether the connection may be
+    /// handed back to its owner to wait for the next request without any
+    /// of hyper's state: no request in flight, no body being read or written,
+    /// and the connection itself waiting for a head with nothing read.
+    #[cfg(feature = "server")]
+    fn is_parkable(&self) -> bool {
+        self.conn.is_parkable()
+            && !self.dispatch.should_poll()
+            && self.body_tx.is_none()
+            && self.body_rx.is_none()
     }
 
     fn poll_loop(&mut self, cx: &mut Context<'_>) -> Poll<crate::Result<()>> {
@@ -550,6 +566,12 @@ impl SenderDropGuard {
 
     fn take(&mut self) -> Option<crate::body::Sender> {
         self.0.take()
+    }
+
+    // Switchyard patch: see `Dispatcher::is_parkable`.
+    #[cfg(feature = "server")]
+    fn is_none(&self) -> bool {
+        self.0.is_none()
     }
 }
 

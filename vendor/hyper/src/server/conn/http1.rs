@@ -83,6 +83,8 @@ pub struct Builder {
     max_buf_size: Option<usize>,
     pipeline_flush: bool,
     date_header: bool,
+    // Switchyard patch (vendor/PATCHES.md).
+    park_when_idle: bool,
 }
 
 /// Deconstructed parts of a `Connection`.
@@ -220,7 +222,8 @@ where
         match ready!(Pin::new(&mut self.conn).poll(cx)) {
             Ok(done) => {
                 match done {
-                    proto::Dispatched::Shutdown => {}
+                    // Switchyard patch: see `Builder::park_when_idle`.
+                    proto::Dispatched::Shutdown | proto::Dispatched::Idle => {}
                     proto::Dispatched::Upgrade(pending) => {
                         // With no `Send` bound on `I`, we can't try to do
                         // upgrades here. In case a user was trying to use
@@ -255,6 +258,7 @@ impl Builder {
             max_buf_size: None,
             pipeline_flush: false,
             date_header: true,
+            park_when_idle: false,
         }
     }
     /// Set whether HTTP/1 connections should support half-closures.
@@ -425,6 +429,21 @@ impl Builder {
         self
     }
 
+    /// Switchyard patch (vendor/PATCHES.md): hand the connection back, through
+    /// [`UpgradeableConnection::poll_until_idle`], whenever it waits for the
+    /// next request with nothing of it read and nothing left to write, so
+    /// that an idle connection holds none of hyper's state.
+    ///
+    /// The header read timeout then starts when the head's first bytes
+    /// arrive: the wait for them is the owner's to bound. Polled as a plain
+    /// future, such a connection ends at its first idle moment.
+    ///
+    /// Default is `false`.
+    pub fn park_when_idle(&mut self, enabled: bool) -> &mut Self {
+        self.park_when_idle = enabled;
+        self
+    }
+
     /// Set the timer used in background tasks.
     pub fn timer<M>(&mut self, timer: M) -> &mut Self
     where
@@ -516,6 +535,9 @@ impl Builder {
         if !self.date_header {
             conn.disable_date_header();
         }
+        if self.park_when_idle {
+            conn.set_park_when_idle();
+        }
         let sd = proto::h1::dispatch::Server::new(service);
         let proto = proto::h1::Dispatcher::new(sd, conn);
         Connection { conn: proto }
@@ -572,15 +594,10 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let Some(conn) = self.inner.as_mut() {
             match ready!(Pin::new(&mut conn.conn).poll(cx)) {
-                Ok(proto::Dispatched::Shutdown) => Poll::Ready(Ok(())),
+                // Switchyard patch: see `Builder::park_when_idle`.
+                Ok(proto::Dispatched::Shutdown | proto::Dispatched::Idle) => Poll::Ready(Ok(())),
                 Ok(proto::Dispatched::Upgrade(pending)) => {
-                    let (io, buf, _) = self
-                        .inner
-                        .take()
-                        .expect("upgradeable server connection missing after upgrade")
-                        .conn
-                        .into_inner();
-                    pending.fulfill(Upgraded::new(io, buf));
+                    self.fulfill_upgrade(pending);
                     Poll::Ready(Ok(()))
                 }
                 Err(e) => Poll::Ready(Err(e)),
@@ -589,5 +606,65 @@ where
             // inner is `None`, meaning the connection was upgraded, thus it's `Poll::Ready(Ok(()))`
             Poll::Ready(Ok(()))
         }
+    }
+}
+
+// Switchyard patch (vendor/PATCHES.md).
+impl<I, B, S> UpgradeableConnection<I, S>
+where
+    S: HttpService<IncomingBody, ResBody = B>,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    I: Read + Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    /// Serves requests until the connection ends or is upgraded (`None`),
+    /// or, built with [`Builder::park_when_idle`] and with `park` set, waits
+    /// for its next request with nothing of it read. That last case gives
+    /// back the IO object and the service (the read buffer is empty), to
+    /// wait for readability without hyper's state and serve the next request
+    /// on a new connection object. Without `park`, an idle connection stays
+    /// pending, woken when the client sends more, as usual.
+    pub fn poll_until_idle(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        park: bool,
+    ) -> Poll<crate::Result<Option<Parts<I, S>>>> {
+        let Some(conn) = self.inner.as_mut() else {
+            return Poll::Ready(Ok(None));
+        };
+        match ready!(Pin::new(&mut conn.conn).poll(cx)) {
+            // The read that found nothing registered the wake-up.
+            Ok(proto::Dispatched::Idle) if !park => Poll::Pending,
+            Ok(proto::Dispatched::Idle) => {
+                let conn = self
+                    .inner
+                    .take()
+                    .expect("upgradeable server connection missing when idle");
+                Poll::Ready(Ok(Some(conn.into_parts())))
+            }
+            Ok(proto::Dispatched::Shutdown) => {
+                self.inner = None;
+                Poll::Ready(Ok(None))
+            }
+            Ok(proto::Dispatched::Upgrade(pending)) => {
+                self.fulfill_upgrade(pending);
+                Poll::Ready(Ok(None))
+            }
+            Err(e) => {
+                self.inner = None;
+                Poll::Ready(Err(e))
+            }
+        }
+    }
+
+    fn fulfill_upgrade(&mut self, pending: crate::upgrade::Pending) {
+        let (io, buf, _) = self
+            .inner
+            .take()
+            .expect("upgradeable server connection missing after upgrade")
+            .conn
+            .into_inner();
+        pending.fulfill(Upgraded::new(io, buf));
     }
 }
