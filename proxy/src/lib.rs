@@ -8,6 +8,7 @@ pub mod flags;
 pub mod forward;
 pub mod headers;
 pub mod listen;
+pub mod lot;
 pub mod pipeline;
 pub mod record;
 pub mod respond;

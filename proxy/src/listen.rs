@@ -14,11 +14,13 @@
 //!
 //! An HTTP/1 connection between requests is *parked*: hyper hands the socket
 //! back once the response is written and the next request's first read would
-//! block, and the connection task waits for readability holding only the
-//! socket, with none of hyper's buffers or state. The next request gets a
-//! fresh hyper connection object. This is what makes an idle keep-alive
-//! connection cost well under a kilobyte (loadtests/RESULTS.md, "Idle
-//! connection memory"; vendor/PATCHES.md).
+//! block (vendor/PATCHES.md), with none of hyper's buffers or state kept. A
+//! plain connection then goes to the parking lot (`lot.rs`) and its task
+//! ends; a TLS connection's task waits for readability holding only the
+//! stream. The next request gets a fresh task and hyper connection object.
+//! A connection parks at its first idle moment after its first request, and
+//! then at its first idle moment after `PARK_AFTER` of being served, so that
+//! a busy connection is not parked and woken for every request.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -40,6 +42,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 
+use crate::lot::{Lot, Resume};
 use crate::pipeline::{self, ConnInfo, Shared};
 use crate::respond::ProxyBody;
 use crate::tls::Terminator;
@@ -88,6 +91,14 @@ pub async fn serve(
 ) -> Drained {
     let protocols = Arc::new(Protocols::new(limits, timeouts));
     let (stop, stopped) = watch::channel(false);
+    let lot = match &tls {
+        Some(_) => None,
+        None => Lot::start(timeouts.idle.0, stopped.clone())
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "no parking lot; idle connections keep their tasks");
+            })
+            .ok(),
+    };
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let clock = Clock {
         idle: timeouts.idle.0,
@@ -133,6 +144,7 @@ pub async fn serve(
             protocols: protocols.clone(),
             clock,
             stopped: stopped.clone(),
+            lot: lot.clone(),
             _open: (permit, open_gauge),
         };
         tokio::spawn(conn.run(stream, tls.clone()));
@@ -177,6 +189,8 @@ struct Connection {
     protocols: Arc<Protocols>,
     clock: Clock,
     stopped: watch::Receiver<bool>,
+    /// Where idle plain-HTTP/1 connections wait (none with TLS).
+    lot: Option<Lot<Connection>>,
     /// Held until the connection ends: its place under
     /// `limits.max_connections`, and the open-connections gauge.
     _open: (OwnedSemaphorePermit, ConnectionGuard),
@@ -184,9 +198,26 @@ struct Connection {
 
 impl Connection {
     async fn run(mut self, stream: TcpStream, tls: Option<Arc<Terminator>>) {
-        match tls {
+        let idle = match tls {
             None => self.serve(stream).await,
-            Some(tls) => Box::pin(self.run_tls(stream, &tls)).await,
+            Some(tls) => {
+                Box::pin(self.run_tls(stream, &tls)).await;
+                None
+            }
+        };
+        self.park_in_lot(idle);
+    }
+
+    /// Serves a connection the lot woke up.
+    async fn resumed(mut self, stream: TcpStream) {
+        let idle = self.serve_h1(Sniffed::whole(stream), false).await;
+        self.park_in_lot(idle);
+    }
+
+    fn park_in_lot(mut self, idle: Option<TcpStream>) {
+        if let (Some(stream), Some(lot)) = (idle, self.lot.take()) {
+            self.lot = Some(lot.clone());
+            lot.park(self, stream);
         }
     }
 
@@ -211,7 +242,10 @@ impl Connection {
         let handshake = tls.acceptor().accept(stream);
         let peer = self.service.info.peer;
         match tokio::time::timeout_at(deadline, handshake).await {
-            Ok(Ok(io)) => self.serve(io).await,
+            Ok(Ok(io)) => {
+                // A TLS stream parks in its task, never in the lot.
+                let _ = self.serve(io).await;
+            }
             Ok(Err(e)) => {
                 metrics.tls_handshake_failed();
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -224,15 +258,14 @@ impl Connection {
     }
 
     /// Tells HTTP/2 from HTTP/1 by the connection's first bytes, then serves
-    /// it.
-    async fn serve<I: Park>(&mut self, io: I) {
-        let Some(io) = Box::pin(self.sniff(io)).await else {
-            return;
-        };
+    /// it; gives back the socket of a connection to park in the lot.
+    async fn serve<I: Park>(&mut self, io: I) -> Option<TcpStream> {
+        let io = Box::pin(self.sniff(io)).await?;
         if io.is_h2() {
             Box::pin(self.serve_h2(io)).await;
+            None
         } else {
-            self.serve_h1(io).await;
+            self.serve_h1(io, true).await
         }
     }
 
@@ -258,26 +291,40 @@ impl Connection {
         }
     }
 
-    /// Serves HTTP/1 requests, parking the connection between them.
-    async fn serve_h1<I: Park>(&mut self, mut io: Sniffed<I>) {
+    /// Serves HTTP/1 requests, parking the connection between them (at the
+    /// first idle moment if `park_at_once`). Gives back the socket when the
+    /// connection is to wait in the lot.
+    async fn serve_h1<I: Park>(
+        &mut self,
+        mut io: Sniffed<I>,
+        mut park_at_once: bool,
+    ) -> Option<TcpStream> {
         loop {
             // Boxed: the hyper connection lives only while requests are
             // being served.
-            io = match Box::pin(self.h1_session(io)).await {
-                Some(io) => io,
-                None => return,
-            };
+            io = Box::pin(self.h1_session(io, park_at_once)).await?;
+            park_at_once = false;
+            if self.lot.is_some() {
+                match io.into_tcp() {
+                    Ok(stream) => return Some(stream),
+                    Err(back) => io = back,
+                }
+            }
             if !self.park(&io).await {
                 // Idle too long, or draining: a clean close.
                 let _ = io.shutdown().await;
-                return;
+                return None;
             }
         }
     }
 
     /// Serves requests on one hyper connection until it goes idle (giving the
     /// socket back) or ends.
-    async fn h1_session<I: Park>(&mut self, io: Sniffed<I>) -> Option<Sniffed<I>> {
+    async fn h1_session<I: Park>(
+        &mut self,
+        io: Sniffed<I>,
+        park_at_once: bool,
+    ) -> Option<Sniffed<I>> {
         let conn = self
             .protocols
             .h1
@@ -289,7 +336,7 @@ impl Connection {
         // handling; a connection busy enough not to stay idle for long is
         // left alone, one timer per `PARK_AFTER` instead of per request.
         let mut ripe = std::pin::pin!(tokio::time::sleep(PARK_AFTER));
-        let mut park = false;
+        let mut park = park_at_once;
         let ended = loop {
             tokio::select! {
                 ended = std::future::poll_fn(|cx| conn.as_mut().poll_until_idle(cx, park)) => break ended,
@@ -429,14 +476,22 @@ struct Clock {
 }
 
 /// A client stream a parked connection can wait on without reading it.
-trait Park: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+trait Park: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
     /// Ready once the client's socket has bytes (or an end) to read.
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// The plain socket, to park in the lot; a stream with state of its own
+    /// (TLS) stays as it is.
+    fn into_tcp(self) -> Result<TcpStream, Self>;
 }
 
 impl Park for TcpStream {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_read_ready(self, cx)
+    }
+
+    fn into_tcp(self) -> Result<TcpStream, Self> {
+        Ok(self)
     }
 }
 
@@ -446,6 +501,10 @@ impl Park for TcpStream {
 impl Park for TlsStream<TcpStream> {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.get_ref().0.poll_read_ready(cx)
+    }
+
+    fn into_tcp(self) -> Result<TcpStream, Self> {
+        Err(self)
     }
 }
 
@@ -482,6 +541,16 @@ impl<I: Park> Sniffed<I> {
         }))
     }
 
+    /// A stream with nothing read ahead.
+    fn whole(inner: I) -> Self {
+        Self {
+            inner,
+            first: [0; H2_PREFACE.len()],
+            at: 0,
+            len: 0,
+        }
+    }
+
     fn is_h2(&self) -> bool {
         self.first[..usize::from(self.len)] == H2_PREFACE[..]
     }
@@ -493,6 +562,24 @@ impl<I: Park> Park for Sniffed<I> {
             return Poll::Ready(Ok(()));
         }
         self.inner.poll_read_ready(cx)
+    }
+
+    fn into_tcp(self) -> Result<TcpStream, Self> {
+        if self.at < self.len {
+            return Err(self);
+        }
+        let Self {
+            inner,
+            first,
+            at,
+            len,
+        } = self;
+        inner.into_tcp().map_err(|inner| Self {
+            inner,
+            first,
+            at,
+            len,
+        })
     }
 }
 
@@ -540,6 +627,12 @@ impl<I: Park> AsyncWrite for Sniffed<I> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Resume for Connection {
+    fn resume(self, stream: TcpStream) {
+        tokio::spawn(self.resumed(stream));
     }
 }
 

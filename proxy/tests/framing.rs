@@ -381,3 +381,38 @@ impl tokio::io::AsyncWrite for SkipPreface {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_parked_connections_wake_together_and_are_all_served() {
+    // More than the parking lot takes from epoll in one batch (256).
+    const CONNECTIONS: usize = 400;
+    // The burst opens many upstream connections at once: room for the test
+    // upstream's accept backlog to overflow and a SYN to be retried.
+    let (proxy, addr, blue) = proxy_to(Behaviour::Name, "timeouts: { connect: 10s }").await;
+    let request = b"GET / HTTP/1.1\r\nhost: x\r\nx-user-id: u\r\n\r\n";
+    let mut conns = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        assert_eq!(read_answer(&mut s, &mut Vec::new()).await.status, 200);
+        conns.push(s);
+    }
+    tokio::time::sleep(PARKED).await;
+    // Every parked socket becomes readable at about the same time.
+    for s in &mut conns {
+        s.write_all(request).await.unwrap();
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        let a = read_answer(s, &mut Vec::new()).await;
+        assert_eq!(
+            (a.status, a.body.as_slice()),
+            (200, &b"blue\n"[..]),
+            "connection {i}"
+        );
+    }
+    assert_eq!(
+        blue.arrived.load(std::sync::atomic::Ordering::SeqCst),
+        2 * CONNECTIONS
+    );
+    proxy.stop().await;
+}
