@@ -239,6 +239,10 @@ impl Connection {
                 return;
             }
         }
+        // Counts requests, so that a parked TLS connection woken by bytes
+        // that make no request (a TLS record trickled in) keeps its idle
+        // deadline (`serve_h1`).
+        self.service.activity = Some(Arc::default());
         let handshake = tls.acceptor().accept(stream);
         let peer = self.service.info.peer;
         match tokio::time::timeout_at(deadline, handshake).await {
@@ -299,7 +303,9 @@ impl Connection {
         mut io: Sniffed<I>,
         mut park_at_once: bool,
     ) -> Option<TcpStream> {
+        let mut idle_until = None;
         loop {
+            let started = self.requests_started();
             // Boxed: the hyper connection lives only while requests are
             // being served.
             io = Box::pin(self.h1_session(io, park_at_once)).await?;
@@ -310,9 +316,20 @@ impl Connection {
                     Err(back) => io = back,
                 }
             }
-            if !self.park(&io).await {
-                // Idle too long, or draining: a clean close.
-                let _ = io.shutdown().await;
+            // A wake-up that served no request does not restart the idle
+            // timeout: bytes that hyper never saw (part of a TLS record)
+            // would otherwise hold the connection forever.
+            let served = started.is_none() || self.requests_started() != started;
+            let deadline = match idle_until {
+                Some(deadline) if !served => deadline,
+                _ => tokio::time::Instant::now() + self.clock.idle,
+            };
+            idle_until = Some(deadline);
+            if !self.park(&io, deadline).await {
+                // Idle too long, or draining: a clean close (for TLS a
+                // close_notify, which a client that stopped reading must not
+                // hold up for long).
+                let _ = tokio::time::timeout(self.clock.header, io.shutdown()).await;
                 return None;
             }
         }
@@ -359,17 +376,28 @@ impl Connection {
     }
 
     /// Waits, holding only the socket, until the client sends its next
-    /// request (`true`), or the idle timeout passes or the proxy drains.
-    async fn park<I: Park>(&mut self, io: &Sniffed<I>) -> bool {
+    /// request (`true`), or `deadline` passes or the proxy drains.
+    async fn park<I: Park>(&mut self, io: &Sniffed<I>, deadline: tokio::time::Instant) -> bool {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
         tokio::select! {
             ready = std::future::poll_fn(|cx| io.poll_read_ready(cx)) => ready.is_ok(),
-            _ = tokio::time::sleep(self.clock.idle) => false,
+            _ = tokio::time::sleep_until(deadline) => false,
             _ = self.stopped.wait_for(|stop| *stop) => false,
         }
     }
 
+    /// Requests started on the connection, where they are counted.
+    fn requests_started(&self) -> Option<u64> {
+        self.service
+            .activity
+            .as_ref()
+            .map(|activity| activity.started.load(Ordering::Relaxed))
+    }
+
     async fn serve_h2<I: Park>(&mut self, io: Sniffed<I>) {
-        let activity = Arc::new(Activity::default());
+        let activity = self.service.activity.clone().unwrap_or_default();
         let service = ProxyService {
             activity: Some(activity.clone()),
             ..self.service.clone()
@@ -409,7 +437,7 @@ type Handled = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallibl
 struct ProxyService {
     shared: Arc<Shared>,
     info: ConnInfo,
-    /// Counts requests, for the HTTP/2 idle timeout.
+    /// Counts requests, for idle timeouts (HTTP/2, HTTP/1 over TLS).
     activity: Option<Arc<Activity>>,
 }
 
@@ -443,7 +471,8 @@ async fn idle(activity: &Activity, idle: Duration) {
     }
 }
 
-/// The requests an HTTP/2 connection has had, for its idle timeout.
+/// The requests a connection has had, for its idle timeout (HTTP/2, and
+/// HTTP/1 over TLS).
 #[derive(Debug, Default)]
 struct Activity {
     /// Requests started on the connection.

@@ -536,3 +536,64 @@ fn an_unreadable_upstream_ca_is_a_config_error() {
     let e = Config::from_yaml(&yaml.replace("https://", "")).unwrap_err();
     assert_eq!(e.field, "routes[0].backends[0].tls");
 }
+
+/// A parked TLS connection woken by bytes that never make a request (part of
+/// a TLS record, one byte at a time) still ends at its idle timeout: the
+/// bytes reach rustls, not hyper, so only the idle deadline bounds them.
+#[tokio::test]
+async fn a_tls_connection_fed_part_of_a_record_still_reaches_its_idle_timeout() {
+    let ca = Ca::new("test CA");
+    let dir = temp_dir("tls-trickle");
+    let files = ca.leaf(&["a.test"], 30).write(&dir, "a");
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let proxy = Running::start(&config(
+        &format!("{}\ntimeouts: {{ idle: 1s }}", tls_yaml(&[files], "")),
+        &[("blue", blue.addr, 100.0)],
+    ))
+    .await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let mut tls = TlsConnector::from(Arc::new(client_config(&ca.pem, &[b"http/1.1"], None)))
+        .connect(ServerName::try_from("a.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\nx-user-id: u\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"blue\n") {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut chunk))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        assert!(n > 0, "closed before the answer");
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    // An application-data record header announcing 16 KiB, then its body a
+    // byte every 200 ms: the socket is readable five times a second for 20 s.
+    let (tcp, _) = tls.get_mut();
+    let trickle = [0x17u8, 0x03, 0x03, 0x40, 0x00]
+        .into_iter()
+        .chain(std::iter::repeat(0u8))
+        .take(100);
+    let mut closed = false;
+    for byte in trickle {
+        let mut sink = [0u8; 256];
+        match tcp.try_read(&mut sink) {
+            Ok(0) => closed = true,
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => closed = true,
+            // A close_notify alert, or nothing yet.
+            _ => {}
+        }
+        if closed || tcp.write_all(&[byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        // A slow client, not synchronisation.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(closed, "still open after 20 s of a trickled record");
+    proxy.stop().await;
+}

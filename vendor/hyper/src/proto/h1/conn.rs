@@ -171,13 +171,18 @@ where
 
     /// Switchyard patch (vendor/PATCHES.md): waiting for a request head with
     /// nothing of it read, nothing left to write, and the last read blocked.
+    ///
+    /// A pending upgrade does not matter here: an accepted one (a 101, or a
+    /// 2xx to CONNECT) ends writing for HTTP, so one still pending at this
+    /// point was declined (a request with `Upgrade:` answered with a 200,
+    /// say), and parking drops it as stock hyper does when the connection
+    /// ends.
     #[cfg(feature = "server")]
     pub(crate) fn is_parkable(&self) -> bool {
         self.state.park_when_idle
             && self.has_initial_read_write_state()
             && self.io.is_read_blocked()
             && !self.io.has_buffered_write()
-            && self.state.upgrade.is_none()
             && !matches!(self.state.keep_alive.status(), KA::Disabled)
     }
 
