@@ -105,13 +105,13 @@ pub fn first_forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
 /// `Connection`.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names instead of a hashed lookup per hop-by-hop
-    // name: most messages carry none of them, or only `Connection`.
-    let present: Vec<HeaderName> = headers
+    // name: most messages carry none of them, or only `Connection`. Which
+    // ones are present is a bit per entry of `HOP_BY_HOP`, not a list.
+    let present = headers
         .keys()
-        .filter(|n| is_hop_by_hop(n))
-        .cloned()
-        .collect();
-    if present.is_empty() {
+        .filter_map(hop_by_hop_index)
+        .fold(0u16, |present, i| present | 1 << i);
+    if present == 0 {
         return;
     }
     let upgrade = keep_upgrade
@@ -129,8 +129,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .filter(|token| !token.eq_ignore_ascii_case("close") && !is_hop_by_hop_name(token))
         .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .collect();
-    for name in listed.iter().chain(&present) {
+    for name in &listed {
         headers.remove(name);
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & 1 << i != 0 {
+            headers.remove(*name);
+        }
     }
     if let Some(protocol) = upgrade {
         headers.insert(UPGRADE, protocol);
@@ -152,12 +157,13 @@ const HOP_BY_HOP: [&str; 9] = [
     "proxy-authorization",
 ];
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+/// Where `name` is in `HOP_BY_HOP`, if it is hop-by-hop.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     // Header names are lowercase.
-    HOP_BY_HOP.contains(&name.as_str())
+    HOP_BY_HOP.iter().position(|h| *h == name.as_str())
 }
 
-/// `is_hop_by_hop` for a name as a client wrote it, in any case.
+/// Whether `name`, as a client wrote it (in any case), is in `HOP_BY_HOP`.
 fn is_hop_by_hop_name(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
