@@ -214,9 +214,8 @@ impl Connection {
         self.park_in_lot(idle);
     }
 
-    fn park_in_lot(mut self, idle: Option<TcpStream>) {
-        if let (Some(stream), Some(lot)) = (idle, self.lot.take()) {
-            self.lot = Some(lot.clone());
+    fn park_in_lot(self, idle: Option<TcpStream>) {
+        if let (Some(stream), Some(lot)) = (idle, self.lot.clone()) {
             lot.park(self, stream);
         }
     }

@@ -114,9 +114,7 @@ async fn run<C: Resume>(
                 ready.get_inner_mut().poll(&mut events, Some(Duration::ZERO))?;
                 let full = events.iter().count() == events.capacity();
                 for event in events.iter() {
-                    if let Some((conn, stream)) = parked.remove(&event.token().0) {
-                        let fd = stream.as_raw_fd();
-                        let _ = ready.get_inner().registry().deregister(&mut SourceFd(&fd));
+                    if let Some((conn, stream)) = unpark(ready.get_inner(), &mut parked, event.token().0) {
                         if let Ok(stream) = TcpStream::from_std(stream) {
                             conn.resume(stream);
                         }
@@ -134,11 +132,8 @@ async fn run<C: Resume>(
                         break;
                     }
                     deadlines.pop_front();
-                    if let Some((_, stream)) = parked.remove(&token) {
-                        let fd = stream.as_raw_fd();
-                        let _ = poll.get_ref().registry().deregister(&mut SourceFd(&fd));
-                        // Dropping the socket closes it: idle too long.
-                    }
+                    // Dropping the socket closes it: idle too long.
+                    drop(unpark(poll.get_ref(), &mut parked, token));
                 }
                 compact(&mut parked, &mut deadlines);
             }
@@ -150,6 +145,20 @@ async fn run<C: Resume>(
             expiry.as_mut().reset(deadline);
         }
     }
+}
+
+/// Takes a connection out of the lot and its socket out of the lot's epoll
+/// set.
+fn unpark<C>(
+    poll: &Poll,
+    parked: &mut HashMap<usize, (C, std::net::TcpStream)>,
+    token: usize,
+) -> Option<(C, std::net::TcpStream)> {
+    let (conn, stream) = parked.remove(&token)?;
+    let _ = poll
+        .registry()
+        .deregister(&mut SourceFd(&stream.as_raw_fd()));
+    Some((conn, stream))
 }
 
 /// Drops the deadlines of connections no longer parked once they outnumber
