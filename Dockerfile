@@ -23,13 +23,17 @@ COPY Cargo.toml Cargo.lock ./
 COPY benches/Cargo.toml benches/
 COPY control/Cargo.toml control/
 COPY proxy/Cargo.toml proxy/
-RUN mkdir -p benches/benches control/src proxy/src \
-    && touch benches/lib.rs benches/benches/hot_path.rs control/src/lib.rs proxy/src/lib.rs \
+COPY trim/Cargo.toml trim/
+# The patched hyper (vendor/PATCHES.md), wired in by `[patch.crates-io]`.
+COPY vendor vendor
+RUN mkdir -p benches/benches control/src proxy/src trim/src \
+    && touch benches/lib.rs benches/benches/hot_path.rs control/src/lib.rs proxy/src/lib.rs trim/src/lib.rs \
     && echo 'fn main() {}' > proxy/src/main.rs \
     && cargo fetch --locked
 COPY benches benches
 COPY control control
 COPY proxy proxy
+COPY trim trim
 RUN cargo build --release --locked --offline -p switchyard-proxy --bin switchyard \
     && install -D -m 0755 target/release/switchyard /out/switchyard
 

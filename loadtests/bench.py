@@ -127,9 +127,14 @@ def wait_port(port, timeout=10.0):
     raise RuntimeError(f"nothing listening on port {port} after {timeout}s")
 
 
-def cpu_ticks(pid):
+def cpu_split(pid):
+    """(utime, stime) of `pid` in clock ticks: user space and kernel."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
+    return int(fields[11]), int(fields[12])
+
+
+def cpu_ticks(pid):
+    return sum(cpu_split(pid))
 
 
 def status_kib(pid, key):
@@ -147,10 +152,18 @@ def peak_rss_kib(pid):
 def with_cpu(pid, run):
     """Runs `run()` (a load generator returning a dict with `total`) and adds
     the CPU time `pid` spent meanwhile per request (utime+stime from
-    /proc/<pid>/stat; None when there is no process to watch)."""
-    before = cpu_ticks(pid) if pid else 0
+    /proc/<pid>/stat), and the kernel's part of it (stime); None when there
+    is no process to watch."""
+    if not pid:
+        r = run()
+        r["cpu_us_per_req"] = r["kernel_us_per_req"] = None
+        return r
+    user, kernel = cpu_split(pid)
     r = run()
-    r["cpu_us_per_req"] = (cpu_ticks(pid) - before) / CLK_TCK * 1e6 / max(r["total"], 1) if pid else None
+    user2, kernel2 = cpu_split(pid)
+    per_req = lambda ticks: ticks / CLK_TCK * 1e6 / max(r["total"], 1)
+    r["cpu_us_per_req"] = per_req(user2 - user + kernel2 - kernel)
+    r["kernel_us_per_req"] = per_req(kernel2 - kernel)
     return r
 
 
@@ -1065,6 +1078,22 @@ def compare_goals(tally):
     ]
 
 
+def cpu_floor(tally):
+    """What the CPU goal asks of user space, given the kernel's share: the
+    proxy's system time at the fixed rate (reading from and writing to two
+    sockets per request) against 0.8× nginx's whole CPU time."""
+    kernel = tally.median("switchyard", "fixed rate", "kernel_us_per_req")
+    nginx = tally.median("nginx", "fixed rate", "cpu_us_per_req")
+    nginx_kernel = tally.median("nginx", "fixed rate", "kernel_us_per_req")
+    if kernel is None or nginx is None or nginx_kernel is None:
+        return ""
+    budget = 0.8 * nginx - kernel
+    return (f"Kernel share at the fixed rate: Switchyard spends {kernel:.2f} µs per request in the kernel, nginx "
+            f"{nginx_kernel:.2f} of its {nginx:.2f}. With that kernel time, CPU per request ≤ 0.8× nginx's "
+            f"({0.8 * nginx:.2f} µs) leaves {budget:.2f} µs per request for everything Switchyard does in user "
+            f"space; nginx's user space takes {nginx - nginx_kernel:.2f}.")
+
+
 def compare_section(args, peers, tally, rate, elapsed, load_before):
     main_rows, extra_rows, memory_rows = [], [], []
     for peer in peers:
@@ -1072,7 +1101,8 @@ def compare_section(args, peers, tally, rate, elapsed, load_before):
         main_rows.append(
             f"| {peer.name} | {c('saturation', 'rps', '{:.0f}')} | {c('fixed rate', 'p50_ms', '{:.2f}')} | "
             f"{c('fixed rate', 'p99_ms', '{:.2f}')} | {c('fixed rate', 'p999_ms', '{:.2f}')} | "
-            f"{c('fixed rate', 'cpu_us_per_req', '{:.2f}')} | {c('saturation', 'cpu_us_per_req', '{:.2f}')} | "
+            f"{c('fixed rate', 'cpu_us_per_req', '{:.2f}')} | {c('fixed rate', 'kernel_us_per_req', '{:.2f}')} | "
+            f"{c('saturation', 'cpu_us_per_req', '{:.2f}')} | "
             f"{c('memory', 'peak_rss_mib', '{:.1f}')} |"
         )
         extra_rows.append(
@@ -1111,8 +1141,8 @@ def compare_section(args, peers, tally, rate, elapsed, load_before):
 - The whole run took {elapsed / 60:.1f} minutes; load average {load_before:.2f} at the start,
   {os.getloadavg()[0]:.2f} at the end. {tally.interference()}
 
-| peer | req/s at saturation | p50 ms | p99 ms | p99.9 ms | CPU µs/req at {rate} req/s | CPU µs/req at saturation | peak RSS MiB |
-|---|---|---|---|---|---|---|---|
+| peer | req/s at saturation | p50 ms | p99 ms | p99.9 ms | CPU µs/req at {rate} req/s | of which kernel | CPU µs/req at saturation | peak RSS MiB |
+|---|---|---|---|---|---|---|---|---|
 {chr(10).join(main_rows)}
 
 | peer | h2 req/s | h2 CPU µs/req | {body_heads} |
@@ -1128,6 +1158,8 @@ Goals (ratios of medians from this run):
 | goal | measured | verdict |
 |---|---|---|
 {goals}
+
+{cpu_floor(tally)}
 
 {('Discarded: ' + '; '.join(tally.discarded)) if tally.discarded else 'No run was discarded.'}
 """

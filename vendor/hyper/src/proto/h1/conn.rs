@@ -167,6 +167,7 @@ where
     #[cfg(feature = "server")]
     pub(crate) fn set_park_when_idle(&mut self) {
         self.state.park_when_idle = true;
+        self.io.keep_buffers_when_idle();
     }
 
     /// Switchyard patch (vendor/PATCHES.md): waiting for a request head with

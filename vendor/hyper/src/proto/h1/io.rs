@@ -42,6 +42,9 @@ pub(crate) struct Buffered<T, B> {
     read_buf: BytesMut,
     read_buf_strategy: ReadStrategy,
     write_buf: WriteBuf<B>,
+    /// Switchyard patch (vendor/PATCHES.md): let go of the read buffer and
+    /// the cached header map while waiting for the next message.
+    release_when_idle: bool,
 }
 
 impl<T, B> fmt::Debug for Buffered<T, B>
@@ -76,7 +79,17 @@ where
             read_buf: BytesMut::with_capacity(0),
             read_buf_strategy: ReadStrategy::default(),
             write_buf,
+            release_when_idle: true,
         }
+    }
+
+    /// Switchyard patch (vendor/PATCHES.md): keep the read buffer and the
+    /// cached header map between messages, as stock hyper does. For a
+    /// connection whose owner takes it apart when it idles (`park_when_idle`),
+    /// which releases them anyway.
+    #[cfg(feature = "server")]
+    pub(crate) fn keep_buffers_when_idle(&mut self) {
+        self.release_when_idle = false;
     }
 
     #[cfg(feature = "server")]
@@ -227,7 +240,11 @@ where
                 }
             }
             let polled = self.poll_read_from_io(cx);
-            if polled.is_pending() && self.read_buf.is_empty() && S::should_read_first() {
+            if polled.is_pending()
+                && self.release_when_idle
+                && self.read_buf.is_empty()
+                && S::should_read_first()
+            {
                 // Switchyard patch (vendor/PATCHES.md): a server connection
                 // waiting for its next request keeps no header map either.
                 *parse_ctx.cached_headers = None;
@@ -250,7 +267,7 @@ where
                 .saturating_sub(self.read_buf.len()),
         );
         // Switchyard patch: see vendor/PATCHES.md.
-        if self.read_buf.is_empty() && next <= LAZY_READ_LEN {
+        if self.release_when_idle && self.read_buf.is_empty() && next <= LAZY_READ_LEN {
             return self.poll_read_from_io_lazily(cx, next);
         }
         if self.read_buf_remaining_mut() < next {
