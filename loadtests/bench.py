@@ -1079,19 +1079,29 @@ def compare_goals(tally):
 
 
 def cpu_floor(tally):
-    """What the CPU goal asks of user space, given the kernel's share: the
-    proxy's system time at the fixed rate (reading from and writing to two
-    sockets per request) against 0.8× nginx's whole CPU time."""
-    kernel = tally.median("switchyard", "fixed rate", "kernel_us_per_req")
-    nginx = tally.median("nginx", "fixed rate", "cpu_us_per_req")
-    nginx_kernel = tally.median("nginx", "fixed rate", "kernel_us_per_req")
-    if kernel is None or nginx is None or nginx_kernel is None:
+    """What the CPU and throughput goals ask of user space, given the
+    kernel's share: the proxy's system time per request (reading from and
+    writing to two sockets; on loopback a write also runs the receiver's TCP
+    path) against what the goal allows in all."""
+    lines = []
+    for what, goal, factor in (("fixed rate", "CPU per request ≤ 0.8× nginx's", 0.8),
+                               ("saturation", "throughput ≥ 1.1× nginx's (one core: CPU per request "
+                                              "≤ nginx's / 1.1)", 1 / 1.1)):
+        kernel = tally.median("switchyard", what, "kernel_us_per_req")
+        user = tally.median("switchyard", what, "cpu_us_per_req")
+        nginx = tally.median("nginx", what, "cpu_us_per_req")
+        nginx_kernel = tally.median("nginx", what, "kernel_us_per_req")
+        if None in (kernel, user, nginx, nginx_kernel):
+            continue
+        allowed = factor * nginx
+        lines.append(f"| {what} | {kernel:.2f} | {user - kernel:.2f} | {nginx_kernel:.2f} | "
+                     f"{nginx - nginx_kernel:.2f} | {goal}: {allowed:.2f} in all, "
+                     f"{allowed - kernel:.2f} left for user space |")
+    if not lines:
         return ""
-    budget = 0.8 * nginx - kernel
-    return (f"Kernel share at the fixed rate: Switchyard spends {kernel:.2f} µs per request in the kernel, nginx "
-            f"{nginx_kernel:.2f} of its {nginx:.2f}. With that kernel time, CPU per request ≤ 0.8× nginx's "
-            f"({0.8 * nginx:.2f} µs) leaves {budget:.2f} µs per request for everything Switchyard does in user "
-            f"space; nginx's user space takes {nginx - nginx_kernel:.2f}.")
+    return ("Where the CPU goes (µs per request, medians; kernel = stime, user = utime):\n\n"
+            "| load | Switchyard kernel | Switchyard user | nginx kernel | nginx user | what the goal allows |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(lines))
 
 
 def compare_section(args, peers, tally, rate, elapsed, load_before):

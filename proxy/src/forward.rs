@@ -432,3 +432,23 @@ fn source_text(err: &(dyn StdError + 'static)) -> String {
     }
     cur.to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(uri: &str) -> Result<String, ProxyError> {
+        origin_form(&uri.parse().unwrap()).map(|u| u.to_string())
+    }
+
+    #[test]
+    fn the_upstream_gets_path_and_query_only() {
+        assert_eq!(target("/a/b?c=d").unwrap(), "/a/b?c=d");
+        assert_eq!(target("http://example.com:8080/a?b").unwrap(), "/a?b");
+        assert_eq!(target("http://example.com").unwrap(), "/");
+        assert!(matches!(
+            target("*"),
+            Err(ProxyError::DownstreamMalformed(_))
+        ));
+    }
+}
