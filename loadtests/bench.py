@@ -1083,25 +1083,27 @@ def cpu_floor(tally):
     kernel's share: the proxy's system time per request (reading from and
     writing to two sockets; on loopback a write also runs the receiver's TCP
     path) against what the goal allows in all."""
-    lines = []
-    for what, goal, factor in (("fixed rate", "CPU per request ≤ 0.8× nginx's", 0.8),
-                               ("saturation", "throughput ≥ 1.1× nginx's (one core: CPU per request "
-                                              "≤ nginx's / 1.1)", 1 / 1.1)):
+    best = max(("nginx", "haproxy"), key=lambda p: tally.median(p, "saturation", "rps") or 0)
+    rows = []
+    for what, peer, goal, factor in (
+            ("fixed rate", "nginx", "CPU per request ≤ 0.8× nginx's", 0.8),
+            ("saturation", best, f"throughput ≥ 1.1× {best}'s (one core: CPU per request ≤ {best}'s / 1.1)",
+             1 / 1.1)):
         kernel = tally.median("switchyard", what, "kernel_us_per_req")
-        user = tally.median("switchyard", what, "cpu_us_per_req")
-        nginx = tally.median("nginx", what, "cpu_us_per_req")
-        nginx_kernel = tally.median("nginx", what, "kernel_us_per_req")
-        if None in (kernel, user, nginx, nginx_kernel):
+        total = tally.median("switchyard", what, "cpu_us_per_req")
+        theirs = tally.median(peer, what, "cpu_us_per_req")
+        their_kernel = tally.median(peer, what, "kernel_us_per_req")
+        if None in (kernel, total, theirs, their_kernel):
             continue
-        allowed = factor * nginx
-        lines.append(f"| {what} | {kernel:.2f} | {user - kernel:.2f} | {nginx_kernel:.2f} | "
-                     f"{nginx - nginx_kernel:.2f} | {goal}: {allowed:.2f} in all, "
-                     f"{allowed - kernel:.2f} left for user space |")
-    if not lines:
+        allowed = factor * theirs
+        rows.append(f"| {what} | {kernel:.2f} | {total - kernel:.2f} | {peer}: {their_kernel:.2f} | "
+                    f"{theirs - their_kernel:.2f} | {goal}: {allowed:.2f} in all, "
+                    f"{allowed - kernel:.2f} left for user space |")
+    if not rows:
         return ""
     return ("Where the CPU goes (µs per request, medians; kernel = stime, user = utime):\n\n"
-            "| load | Switchyard kernel | Switchyard user | nginx kernel | nginx user | what the goal allows |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(lines))
+            "| load | Switchyard kernel | Switchyard user | peer kernel | peer user | what the goal allows |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 def compare_section(args, peers, tally, rate, elapsed, load_before):

@@ -122,6 +122,7 @@ pub fn main() -> ExitCode {
                 let shutdown = shutdown_signal();
                 let watcher = tokio::spawn(watch_config(proxy.handle(), config_file, CONFIG_POLL));
                 let listeners = Listeners::bind(&config).await?;
+                release_start_up_code();
                 proxy.run(listeners, shutdown).await;
                 watcher.abort();
                 Ok(())
@@ -242,4 +243,19 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             _ = int.recv() => tracing::info!("SIGINT: draining"),
         }
     }
+}
+
+/// Start-up is over (configuration read and checked, state loaded,
+/// listeners bound): the code only it ran leaves the resident set
+/// (`trim/src/lib.rs`, docs/decisions.md). Once per process, from the
+/// binary only: the library's `Proxy::run` leaves its host's code alone.
+/// Failing is harmless, and only logged.
+fn release_start_up_code() {
+    let released = switchyard_trim::release_program_text();
+    tracing::debug!(
+        bytes = released.bytes,
+        kept = released.kept,
+        failed = released.failed,
+        "start-up code pages released"
+    );
 }

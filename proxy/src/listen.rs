@@ -309,7 +309,7 @@ impl Connection {
             // being served.
             io = Box::pin(self.h1_session(io, park_at_once)).await?;
             park_at_once = false;
-            if self.lot.is_some() {
+            if self.lot.as_ref().is_some_and(Lot::is_open) {
                 match io.into_tcp() {
                     Ok(stream) => return Some(stream),
                     Err(back) => io = back,

@@ -61,11 +61,21 @@ impl<C: Resume> Lot<C> {
         tokio::spawn(async move {
             if let Err(e) = run(poll, parked, idle, stopped).await {
                 // Only an epoll failure gets here; the parked connections
-                // are closed with the map.
-                tracing::error!(error = %e, "parking lot failed; idle connections closed");
+                // are closed with the map, and the others wait in their
+                // tasks from now on (`Lot::is_open`).
+                tracing::error!(
+                    error = %e,
+                    "parking lot failed; its idle connections closed, the others wait in their tasks"
+                );
             }
         });
         Ok(Self { park })
+    }
+
+    /// Whether the lot still takes connections: not after a drain, nor if
+    /// its epoll set failed (then connections wait in their own tasks).
+    pub fn is_open(&self) -> bool {
+        !self.park.is_closed()
     }
 
     /// Parks `conn` until `stream` is readable. A stream tokio cannot let go
@@ -174,5 +184,31 @@ fn compact<C>(
     }
     if parked.capacity() > 4 * parked.len() + 64 {
         parked.shrink_to(2 * parked.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Never;
+
+    impl Resume for Never {
+        fn resume(self, _stream: TcpStream) {
+            unreachable!("nothing is parked in this test");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lot_that_has_ended_says_it_takes_no_more_connections() {
+        let (stop, stopped) = watch::channel(false);
+        let lot = Lot::<Never>::start(Duration::from_secs(60), stopped).unwrap();
+        assert!(lot.is_open());
+        stop.send(true).unwrap();
+        // The lot's task ends and drops its receiver.
+        tokio::time::timeout(Duration::from_secs(10), lot.park.closed())
+            .await
+            .expect("the lot's task ended");
+        assert!(!lot.is_open());
     }
 }

@@ -247,7 +247,6 @@ impl Proxy {
         }));
         self.health.set_ready(true);
         tracing::info!(data = %data_addr, admin = %admin_addr, "serving");
-        release_start_up_code();
 
         let certificate_watch = match (&self.config.tls, &self.tls) {
             (Some(tls_config), Some(terminator)) => Some(tokio::spawn(tls::watch(
@@ -339,19 +338,5 @@ impl ProxyHandle {
     /// The snapshot requests see now.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.shared.snapshot.load_full()
-    }
-}
-
-/// Start-up is over: the code only it ran (command line, configuration,
-/// validation) leaves the resident set (`trim/src/lib.rs`). Failing is
-/// harmless, and only logged.
-fn release_start_up_code() {
-    match switchyard_trim::release_program_text() {
-        Ok(released) => tracing::debug!(
-            bytes = released.bytes,
-            skipped = released.skipped,
-            "start-up code pages released"
-        ),
-        Err(e) => tracing::debug!(error = %e, "start-up code pages kept"),
     }
 }

@@ -1,51 +1,64 @@
 //! Start-up touches a lot of program code that a running proxy never runs
 //! again: the command line, configuration parsing and its error reports,
-//! validation, the first snapshot. The kernel maps those code pages into the
-//! process when they run (with their neighbours: it faults pages in around
-//! the one asked for), and they stay in its resident set for good, about
+//! validation, loading state. The kernel maps those code pages into the
+//! process as they run (with their neighbours: it maps pages in around the
+//! one asked for), and they stay in its resident set for good, about
 //! 1.5 MiB of the 8.7 MiB an idle Switchyard held (loadtests/RESULTS.md,
-//! "Idle RSS: start-up code let go").
+//! "Busy connections keep their buffers; start-up code let go").
 //!
-//! [`release_program_text`] unmaps the executable's code pages once start-up
-//! is over. Nothing is lost: the pages are clean copies of the executable
-//! file, still in the page cache, and the next instruction fetched from one
+//! [`release_program_text`] drops the executable's code pages from the
+//! process's page tables once start-up is over; the mappings themselves
+//! stay. Nothing is lost: the pages are clean copies of the executable file,
+//! which stay in the page cache, and the next instruction fetched from one
 //! maps it again (a minor fault). What the request path runs comes back on
-//! the first requests; what only start-up ran stays out.
+//! the first requests; what only start-up ran stays out. (Out of the
+//! resident set, not out of memory: the page cache keeps those pages, and a
+//! container's memory charge with them, but as clean unmapped file pages
+//! the kernel reclaims first, where it protects mapped code.)
 //!
-//! This is the workspace's only `unsafe` code (STYLE.md: "isolated and
-//! commented", with the benchmark above as the need).
+//! This is the workspace's only `unsafe` code, isolated here as the
+//! project's style guide asks, with the benchmark above as the need.
 
 use std::fs;
-use std::io;
 use std::path::Path;
 
 /// What [`release_program_text`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Released {
-    /// Bytes of code mappings handed back.
+    /// Bytes of code mappings whose pages were dropped.
     pub bytes: usize,
-    /// Code mappings left alone because they held private copies of pages
-    /// (a debugger's breakpoint or a uprobe writes one): dropping those
-    /// would silently remove the breakpoint.
-    pub skipped: usize,
+    /// Code mappings left alone: they hold private copies of pages (a
+    /// debugger's breakpoint or a uprobe writes one; dropping it would
+    /// silently remove the breakpoint), or /proc did not say whether they do.
+    pub kept: usize,
+    /// Mappings the kernel refused to drop, or 1 if /proc could not be read.
+    pub failed: usize,
 }
 
-/// Unmaps the pages of the executable's own code mappings (`r-xp`, backed
-/// by the file `/proc/self/exe` names) that are clean copies of the file.
-/// On systems without `/proc` it does nothing.
-pub fn release_program_text() -> io::Result<Released> {
-    let exe = fs::read_link("/proc/self/exe")?;
-    let smaps = fs::read_to_string("/proc/self/smaps")?;
+/// Drops the pages of the executable's own code mappings (`r-xp`, backed by
+/// the file `/proc/self/exe` names) that are all clean copies of the file.
+/// Without `/proc` it does nothing, and says so in `failed`.
+pub fn release_program_text() -> Released {
     let mut released = Released::default();
+    let (Ok(exe), Ok(smaps)) = (
+        fs::read_link("/proc/self/exe"),
+        fs::read("/proc/self/smaps"),
+    ) else {
+        released.failed = 1;
+        return released;
+    };
+    // Paths need not be UTF-8; compared the same lossy way on both sides.
+    let smaps = String::from_utf8_lossy(&smaps);
     for mapping in code_mappings(&smaps, &exe) {
-        if mapping.private_copies_kib > 0 {
-            released.skipped += 1;
-            continue;
+        if !mapping.only_file_pages() {
+            released.kept += 1;
+        } else if madvise_dontneed(mapping.start, mapping.end - mapping.start) {
+            released.bytes += mapping.end - mapping.start;
+        } else {
+            released.failed += 1;
         }
-        madvise_dontneed(mapping.start, mapping.end - mapping.start)?;
-        released.bytes += mapping.end - mapping.start;
     }
-    Ok(released)
+    released
 }
 
 /// One executable mapping of `/proc/self/smaps`.
@@ -53,21 +66,33 @@ pub fn release_program_text() -> io::Result<Released> {
 struct CodeMapping {
     start: usize,
     end: usize,
-    private_copies_kib: u64,
+    /// `Anonymous:`: pages of the mapping that are private copies in memory.
+    anonymous_kib: Option<u64>,
+    /// `Swap:`: private copies swapped out.
+    swap_kib: Option<u64>,
 }
 
-/// The `r-xp` mappings of `exe` in `smaps`, with their `Anonymous` size:
-/// the pages of the mapping that are private copies, not the file's.
-/// (`Private_Dirty` would not do: it also counts file pages the page cache
-/// has not yet written back, as for an executable just copied.)
+impl CodeMapping {
+    /// Every page is the file's own: /proc said so for both the private
+    /// copies in memory and those swapped out. (`Private_Dirty` would not
+    /// do: it also counts file pages the page cache has not yet written
+    /// back, as for an executable just copied.)
+    fn only_file_pages(&self) -> bool {
+        self.anonymous_kib == Some(0) && self.swap_kib == Some(0)
+    }
+}
+
+/// The `r-xp` mappings of `exe` in `smaps`.
 fn code_mappings(smaps: &str, exe: &Path) -> Vec<CodeMapping> {
+    let exe = exe.to_string_lossy();
     let mut found = Vec::new();
     let mut current: Option<CodeMapping> = None;
     for line in smaps.lines() {
         let mut fields = line.split_whitespace();
         let Some(first) = fields.next() else { continue };
+        // A mapping's header: "start-end perms offset dev inode   path"; no
+        // field line's name has a '-' in it.
         if let Some((start, end)) = first.split_once('-') {
-            // A mapping's header line: "start-end perms offset dev inode path".
             found.extend(current.take());
             let perms = fields.next();
             // The path is the rest of the line, spaces and all (a deleted
@@ -82,98 +107,125 @@ fn code_mappings(smaps: &str, exe: &Path) -> Vec<CodeMapping> {
                 usize::from_str_radix(end, 16),
             );
             if let (Some("r-xp"), Some(path), (Ok(start), Ok(end))) = (perms, path, range) {
-                if Path::new(path) == exe && end > start {
+                if path == exe && end > start {
                     current = Some(CodeMapping {
                         start,
                         end,
-                        private_copies_kib: 0,
+                        anonymous_kib: None,
+                        swap_kib: None,
                     });
                 }
             }
-        } else if first == "Anonymous:" {
-            if let (Some(mapping), Some(kib)) = (current.as_mut(), fields.next()) {
-                // Unreadable counts as dirty: when unsure, leave it mapped.
-                mapping.private_copies_kib = kib.parse().unwrap_or(u64::MAX);
-            }
+            continue;
+        }
+        let Some(mapping) = current.as_mut() else {
+            continue;
+        };
+        // Unreadable stays `None`: when unsure, the mapping is left alone.
+        let kib = fields.next().and_then(|v| v.parse().ok());
+        match first {
+            "Anonymous:" => mapping.anonymous_kib = kib,
+            "Swap:" => mapping.swap_kib = kib,
+            _ => {}
         }
     }
     found.extend(current);
     found
 }
 
+/// Drops the page-table entries of `start..start + len`; false if the
+/// kernel refused.
 #[cfg(target_os = "linux")]
-fn madvise_dontneed(start: usize, len: usize) -> io::Result<()> {
+fn madvise_dontneed(start: usize, len: usize) -> bool {
     // SAFETY: `start..start + len` is a whole mapping of this process, read
     // from /proc/self/smaps a moment ago: a private, read-only, executable
-    // mapping of the executable file, with no private copy of any page
-    // (`Anonymous` 0, checked by the caller). MADV_DONTNEED on such a
-    // mapping drops the page-table entries only; every later access maps the
-    // same bytes again from the file's page cache, so no thread, including
-    // this one, running code in the range can observe a difference except
-    // the time of a minor fault. Code is never unmapped from under a
-    // running thread: the mapping itself stays. The executable cannot be
-    // written to while it runs (ETXTBSY); replacing it by rename leaves this
-    // process on the old file.
+    // mapping of the executable file with no private copy of any page, in
+    // memory or in swap (checked by the caller). For such a mapping
+    // MADV_DONTNEED only drops page-table entries, exactly what the kernel
+    // does when it reclaims clean file pages, which it may do at any time
+    // anyway: every later access maps the same bytes again from the file,
+    // so no thread, this one included, running code in the range can tell
+    // except by the time of a minor fault. The mapping itself stays. (A
+    // breakpoint set in the moment between reading smaps and this call
+    // would be lost; a debugger attaching at start-up is the one case, and
+    // it can set breakpoints after the "serving" log line.)
     #[allow(unsafe_code)]
     let done = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTNEED) };
-    if done == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    done == 0
 }
 
 #[cfg(not(target_os = "linux"))]
-fn madvise_dontneed(_start: usize, _len: usize) -> io::Result<()> {
-    Ok(())
+fn madvise_dontneed(_start: usize, _len: usize) -> bool {
+    false
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const SMAPS: &str = "\
-55d0c6e00000-55d0c6f00000 r--p 00000000 fd:01 1234 /usr/bin/switchyard
-Rss:                 832 kB
-Private_Dirty:         0 kB
-55d0c6f00000-55d0c7700000 r-xp 00100000 fd:01 1234 /usr/bin/switchyard
-Rss:                5160 kB
-Private_Dirty:         0 kB
-55d0c7700000-55d0c7733000 r--p 00900000 fd:01 1234 /usr/bin/switchyard
-Private_Dirty:       204 kB
-7f0000000000-7f0000100000 r-xp 00028000 fd:01 99 /usr/lib/x86_64-linux-gnu/libc.so.6
-Private_Dirty:         0 kB
-7f0000200000-7f0000300000 r-xp 00000000 fd:01 1234 /usr/bin/switchyard (deleted)
-Private_Dirty:         0 kB
-7f0000400000-7f0000401000 r-xp 00001000 fd:01 1234 /usr/bin/switchyard
-Private_Dirty:         4 kB
-Anonymous:             4 kB
-";
+    const EXE: &str = "/usr/local/bin/switchyard";
 
-    #[test]
-    fn only_the_executables_own_code_mappings_are_found_with_their_private_copies() {
-        let found = code_mappings(SMAPS, Path::new("/usr/bin/switchyard"));
-        assert_eq!(
-            found,
-            vec![
-                CodeMapping {
-                    start: 0x55d0c6f00000,
-                    end: 0x55d0c7700000,
-                    private_copies_kib: 0
-                },
-                CodeMapping {
-                    start: 0x7f0000400000,
-                    end: 0x7f0000401000,
-                    private_copies_kib: 4
-                },
-            ]
-        );
+    /// As the kernel writes it: the path after padding.
+    fn header(range: &str, perms: &str, path: &str) -> String {
+        format!("{range} {perms} 00000000 fd:01 1234                       {path}\n")
+    }
+
+    fn fields(anonymous: &str, swap: &str) -> String {
+        format!(
+            "Rss:                 832 kB\nPrivate_Dirty:       832 kB\nAnonymous:      {anonymous} kB\nSwap:           {swap} kB\nVmFlags: rd ex mr mw me dw sd\n"
+        )
     }
 
     #[test]
-    fn a_mapping_whose_private_copies_cannot_be_read_counts_as_copied() {
-        let smaps = "1000-2000 r-xp 0 fd:01 1 /bin/x\nAnonymous: ? kB\n";
-        let found = code_mappings(smaps, Path::new("/bin/x"));
-        assert_eq!(found[0].private_copies_kib, u64::MAX);
+    fn the_executables_own_code_mappings_are_found_with_their_private_copies() {
+        let smaps = [
+            header("55d0c6e00000-55d0c6f00000", "r--p", EXE) + &fields("0", "0"),
+            header("55d0c6f00000-55d0c7700000", "r-xp", EXE) + &fields("0", "0"),
+            header("55d0c7700000-55d0c7733000", "r--p", EXE) + &fields("204", "0"),
+            header("7f0000000000-7f0000100000", "r-xp", "/usr/lib/libc.so.6") + &fields("0", "0"),
+            header(
+                "7f0000200000-7f0000300000",
+                "r-xp",
+                &format!("{EXE} (deleted)"),
+            ) + &fields("0", "0"),
+            header("7f0000400000-7f0000401000", "r-xp", EXE) + &fields("4", "0"),
+            header("7f0000500000-7f0000501000", "r-xp", EXE) + &fields("0", "4"),
+        ]
+        .concat();
+        let found = code_mappings(&smaps, Path::new(EXE));
+        let summary: Vec<_> = found
+            .iter()
+            .map(|m| (m.start, m.only_file_pages()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (0x55d0c6f00000, true),
+                (0x7f0000400000, false), // a private copy in memory
+                (0x7f0000500000, false), // a private copy swapped out
+            ]
+        );
+        assert_eq!(found[0].end, 0x55d0c7700000);
+    }
+
+    #[test]
+    fn a_deleted_executable_is_found_by_the_name_proc_gives_it() {
+        let deleted = format!("{EXE} (deleted)");
+        let smaps = header("1000-2000", "r-xp", &deleted) + &fields("0", "0");
+        let found = code_mappings(&smaps, Path::new(&deleted));
+        assert_eq!(found.len(), 1);
+        assert!(found[0].only_file_pages());
+    }
+
+    #[test]
+    fn a_mapping_proc_says_too_little_about_is_left_alone() {
+        for smaps in [
+            header("1000-2000", "r-xp", EXE) + "Anonymous: ? kB\nSwap: 0 kB\n",
+            header("1000-2000", "r-xp", EXE) + "Swap: 0 kB\n",
+            header("1000-2000", "r-xp", EXE) + "Anonymous: 0 kB\n",
+        ] {
+            let found = code_mappings(&smaps, Path::new(EXE));
+            assert!(!found[0].only_file_pages(), "{smaps}");
+        }
     }
 }

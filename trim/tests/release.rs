@@ -38,10 +38,10 @@ fn released_code_leaves_the_resident_set_and_runs_on() {
         return;
     }
     let before = resident_code_kib();
-    let released = switchyard_trim::release_program_text().expect("release");
+    let released = switchyard_trim::release_program_text();
     let after = resident_code_kib();
     assert!(released.bytes > 0, "{released:?}");
-    assert_eq!(released.skipped, 0, "{released:?}");
+    assert_eq!((released.kept, released.failed), (0, 0), "{released:?}");
     // Only what ran since (returning, reading smaps, with the pages the
     // kernel maps around each fault) is mapped again. Without the release
     // nothing would leave, and reading smaps maps more.
@@ -50,6 +50,6 @@ fn released_code_leaves_the_resident_set_and_runs_on() {
         "resident code {before} KiB before, {after} KiB after"
     );
     // And the code still runs: the same functions, called again.
-    let again = switchyard_trim::release_program_text().expect("second release");
-    assert!(again.bytes > 0);
+    let again = switchyard_trim::release_program_text();
+    assert!(again.bytes > 0, "{again:?}");
 }

@@ -83,10 +83,10 @@ where
         }
     }
 
-    /// Switchyard patch (vendor/PATCHES.md): keep the read buffer and the
-    /// cached header map between messages, as stock hyper does. For a
-    /// connection whose owner takes it apart when it idles (`park_when_idle`),
-    /// which releases them anyway.
+    /// Switchyard patch (vendor/PATCHES.md): keep the read buffer (when it
+    /// can be reused without allocating) and the cached header map between
+    /// messages. For a connection whose owner takes it apart when it idles
+    /// (`park_when_idle`), which releases them anyway.
     #[cfg(feature = "server")]
     pub(crate) fn keep_buffers_when_idle(&mut self) {
         self.release_when_idle = false;
@@ -266,8 +266,15 @@ where
                 .max()
                 .saturating_sub(self.read_buf.len()),
         );
-        // Switchyard patch: see vendor/PATCHES.md.
-        if self.release_when_idle && self.read_buf.is_empty() && next <= LAZY_READ_LEN {
+        // Switchyard patch: see vendor/PATCHES.md. A connection that keeps
+        // its buffer between messages reads straight into it when that
+        // costs no allocation (the last message's bytes are no longer
+        // referenced); otherwise, as while a request is in flight and its
+        // head still in use, into the stack.
+        if self.read_buf.is_empty()
+            && next <= LAZY_READ_LEN
+            && (self.release_when_idle || !self.read_buf.try_reclaim(next))
+        {
             return self.poll_read_from_io_lazily(cx, next);
         }
         if self.read_buf_remaining_mut() < next {
