@@ -22,6 +22,11 @@ pub(crate) const MINIMUM_MAX_BUFFER_SIZE: usize = INIT_BUFFER_SIZE;
 /// stack (Switchyard patch: see vendor/PATCHES.md).
 const LAZY_READ_LEN: usize = INIT_BUFFER_SIZE;
 
+/// With the write strategy hyper picks for vectored IO (`Queue`), a buffer
+/// of at most this many bytes is copied after the head instead of queued
+/// when nothing is queued yet (Switchyard patch: see vendor/PATCHES.md).
+const SMALL_BUF_COPY: usize = 1024;
+
 /// The default maximum read buffer size. If the buffer gets this big and
 /// a message is still not complete, a `TooLarge` error is triggered.
 // Note: if this changes, update server::conn::Http::max_buf_size docs.
@@ -366,7 +371,11 @@ where
         } else if self.write_buf.remaining() == 0 {
             Pin::new(&mut self.io).poll_flush(cx)
         } else {
-            if let WriteStrategy::Flatten = self.write_buf.strategy {
+            // Switchyard patch (vendor/PATCHES.md): with nothing queued,
+            // everything is in the one buffer, and a plain write does.
+            if matches!(self.write_buf.strategy, WriteStrategy::Flatten)
+                || !self.write_buf.queue.has_remaining()
+            {
                 return self.poll_flush_flattened(cx);
             }
 
@@ -615,6 +624,9 @@ pub(super) struct WriteBuf<B> {
     /// Deque of user buffers if strategy is `Queue`.
     queue: BufList<B>,
     strategy: WriteStrategy,
+    /// Switchyard patch (vendor/PATCHES.md): with `Queue`, buffers of at most
+    /// this many bytes are copied after the head while nothing is queued.
+    small_copy: usize,
 }
 
 impl<B: Buf> WriteBuf<B> {
@@ -625,17 +637,32 @@ impl<B: Buf> WriteBuf<B> {
             max_buf_size: DEFAULT_MAX_BUFFER_SIZE,
             queue: BufList::new(),
             strategy,
+            small_copy: SMALL_BUF_COPY,
         }
     }
 
     fn set_strategy(&mut self, strategy: WriteStrategy) {
         self.strategy = strategy;
+        // Switchyard patch: a strategy chosen explicitly (`writev`) is kept
+        // to the letter.
+        self.small_copy = 0;
     }
 
     pub(super) fn buffer<BB: Buf + Into<B>>(&mut self, mut buf: BB) {
         debug_assert!(buf.has_remaining());
-        match self.strategy {
-            WriteStrategy::Flatten => {
+        // Switchyard patch (vendor/PATCHES.md): a small buffer with nothing
+        // queued yet is copied after the head, as `Flatten` does, rather than
+        // queued: a short body then goes out with its head in one plain
+        // write, without the queue's bookkeeping. Larger ones are queued and
+        // written from where they are.
+        let flatten = match self.strategy {
+            WriteStrategy::Flatten => true,
+            WriteStrategy::Queue => {
+                buf.remaining() <= self.small_copy && !self.queue.has_remaining()
+            }
+        };
+        match flatten {
+            true => {
                 let head = self.headers_mut();
 
                 head.maybe_unshift(buf.remaining());
@@ -658,7 +685,7 @@ impl<B: Buf> WriteBuf<B> {
                     buf.advance(adv);
                 }
             }
-            WriteStrategy::Queue => {
+            false => {
                 trace!(
                     self.len = self.remaining(),
                     buf.len = buf.remaining(),
