@@ -23,9 +23,12 @@ pub(crate) const MINIMUM_MAX_BUFFER_SIZE: usize = INIT_BUFFER_SIZE;
 const LAZY_READ_LEN: usize = INIT_BUFFER_SIZE;
 
 /// With the write strategy hyper picks for vectored IO (`Queue`), a buffer
-/// of at most this many bytes is copied after the head instead of queued
-/// when nothing is queued yet (Switchyard patch: see vendor/PATCHES.md).
-const SMALL_BUF_COPY: usize = 1024;
+/// is copied after what the head's buffer holds, instead of queued, while
+/// nothing is queued and the head's buffer then holds at most this many
+/// unwritten bytes (Switchyard patch: see vendor/PATCHES.md). The bound
+/// keeps a stream of small chunks to a slow reader from growing that buffer:
+/// past it they are queued, and the queue's own limits apply.
+const SMALL_BUF_COPY: usize = 2048;
 
 /// The default maximum read buffer size. If the buffer gets this big and
 /// a message is still not complete, a `TooLarge` error is triggered.
@@ -371,11 +374,10 @@ where
         } else if self.write_buf.remaining() == 0 {
             Pin::new(&mut self.io).poll_flush(cx)
         } else {
-            // Switchyard patch (vendor/PATCHES.md): with nothing queued,
-            // everything is in the one buffer, and a plain write does.
-            if matches!(self.write_buf.strategy, WriteStrategy::Flatten)
-                || !self.write_buf.queue.has_remaining()
-            {
+            // Switchyard patch (vendor/PATCHES.md): with nothing queued (as
+            // always with `Flatten`), everything is in the one buffer, and a
+            // plain write does.
+            if !self.write_buf.queue.has_remaining() {
                 return self.poll_flush_flattened(cx);
             }
 
@@ -624,8 +626,9 @@ pub(super) struct WriteBuf<B> {
     /// Deque of user buffers if strategy is `Queue`.
     queue: BufList<B>,
     strategy: WriteStrategy,
-    /// Switchyard patch (vendor/PATCHES.md): with `Queue`, buffers of at most
-    /// this many bytes are copied after the head while nothing is queued.
+    /// Switchyard patch (vendor/PATCHES.md): with `Queue`, while nothing is
+    /// queued, buffers are copied into `headers` as long as it then holds
+    /// at most this many unwritten bytes.
     small_copy: usize,
 }
 
@@ -650,15 +653,17 @@ impl<B: Buf> WriteBuf<B> {
 
     pub(super) fn buffer<BB: Buf + Into<B>>(&mut self, mut buf: BB) {
         debug_assert!(buf.has_remaining());
-        // Switchyard patch (vendor/PATCHES.md): a small buffer with nothing
-        // queued yet is copied after the head, as `Flatten` does, rather than
-        // queued: a short body then goes out with its head in one plain
+        // Switchyard patch (vendor/PATCHES.md): with nothing queued yet, a
+        // buffer that fits within `small_copy` bytes together with what the
+        // head's buffer holds is copied there, as `Flatten` does, rather
+        // than queued: a short body then goes out with its head in one plain
         // write, without the queue's bookkeeping. Larger ones are queued and
         // written from where they are.
         let flatten = match self.strategy {
             WriteStrategy::Flatten => true,
             WriteStrategy::Queue => {
-                buf.remaining() <= self.small_copy && !self.queue.has_remaining()
+                !self.queue.has_remaining()
+                    && self.headers.remaining() + buf.remaining() <= self.small_copy
             }
         };
         match flatten {
@@ -1033,6 +1038,32 @@ mod tests {
         write_buf.buffer(Cursor::new(vec![b'X'; cap]));
         assert_eq!(write_buf.remaining(), cap + rem1);
         assert_eq!(write_buf.headers.pos, 0);
+    }
+
+    // Switchyard patch (vendor/PATCHES.md, change 9).
+    #[test]
+    fn small_bufs_are_copied_after_the_head_up_to_a_bound_then_queued_in_order() {
+        let mut write_buf = WriteBuf::<Cursor<Vec<u8>>>::new(WriteStrategy::Queue);
+        write_buf.headers.bytes.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\n");
+        write_buf.buffer(Cursor::new(b"ok\n".to_vec()));
+        assert_eq!(write_buf.queue.bufs_cnt(), 0, "a short body goes with its head");
+
+        let mut expected = b"HTTP/1.1 200 OK\r\n\r\nok\n".to_vec();
+        for i in 0..40u8 {
+            let chunk = vec![b'a' + i % 26; 100];
+            expected.extend_from_slice(&chunk);
+            write_buf.buffer(Cursor::new(chunk));
+        }
+        assert!(write_buf.headers.remaining() <= SMALL_BUF_COPY);
+        assert!(write_buf.queue.bufs_cnt() > 0, "past the bound, chunks are queued");
+
+        let mut written = Vec::new();
+        while write_buf.has_remaining() {
+            let chunk = write_buf.chunk().to_vec();
+            write_buf.advance(chunk.len());
+            written.extend_from_slice(&chunk);
+        }
+        assert_eq!(written, expected, "bytes leave in the order they were given");
     }
 
     #[cfg(not(miri))]
