@@ -596,18 +596,8 @@ impl<I: Park> Park for Sniffed<I> {
         if self.at < self.len {
             return Err(self);
         }
-        let Self {
-            inner,
-            first,
-            at,
-            len,
-        } = self;
-        inner.into_tcp().map_err(|inner| Self {
-            inner,
-            first,
-            at,
-            len,
-        })
+        // Nothing read ahead is left to give back.
+        self.inner.into_tcp().map_err(Self::whole)
     }
 }
 
