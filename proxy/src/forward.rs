@@ -16,20 +16,26 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use std::task::{ready, Waker};
+
 use arc_swap::ArcSwap;
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use crossbeam_queue::ArrayQueue;
-use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{Request, Response, Version};
+use http::uri::{Authority, Scheme, Uri};
+use http::{Request, Response};
 use http_body_util::{LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use switchyard_control::config::{Timeouts, UpstreamTlsConfig};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
 use tower_service::Service;
 
+use crate::h1::{self, ChunkedDecoder, Decoded, Framing, RequestFraming, ResponseHead};
 use crate::respond::ProxyError;
 
 /// A request body on its way upstream, bounded by `limits.max_request_body_bytes`.
@@ -76,7 +82,7 @@ struct Pool {
 }
 
 struct Idle {
-    sender: SendRequest<UpstreamBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -181,12 +187,17 @@ impl Upstreams {
     pub async fn send(
         &self,
         endpoint: &Endpoint,
-        mut req: Request<UpstreamBody>,
+        req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, ProxyError> {
-        *req.version_mut() = Version::HTTP_11;
-        *req.uri_mut() = origin_form(req.uri())?;
-        let pool = &endpoint.pool;
-        match tokio::time::timeout(self.timeouts.request.0, pool.send(req, &self.timeouts)).await {
+        let (mut parts, body) = req.into_parts();
+        let target = origin_form(&parts.uri)?;
+        let request = Head {
+            method: &parts.method,
+            target,
+            headers: &mut parts.headers,
+        };
+        let sent = endpoint.pool.send(request, body, &self.timeouts);
+        match tokio::time::timeout(self.timeouts.request.0, sent).await {
             Err(_elapsed) => Err(ProxyError::UpstreamTimeout),
             Ok(sent) => sent,
         }
@@ -196,161 +207,651 @@ impl Upstreams {
 impl Pool {
     async fn send(
         self: &Arc<Self>,
-        req: Request<UpstreamBody>,
+        mut request: Head<'_>,
+        body: UpstreamBody,
         timeouts: &Timeouts,
     ) -> Result<Response<PooledBody>, ProxyError> {
-        let mut req = req;
+        let asked_upgrade = crate::headers::is_upgrade(request.headers);
+        let mut upload = Upload::new(request.method, body);
         // A pooled connection the upstream closed just as it was taken
-        // fails before the request is written; then the request goes on a
-        // new connection (it was not sent, so this is safe for any method).
-        while let Some(mut sender) = self.checkout().await {
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.pooled(resp, sender)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(classify(e.error())),
-                },
+        // fails before anything of the request was read by anyone; then the
+        // request goes on another connection.
+        while let Some(conn) = self.checkout() {
+            match exchange(conn, &mut request, upload, true).await {
+                Ok(exchanged) => return self.respond(exchanged, asked_upgrade),
+                Err(Failed::Unsent(_, unsent)) => upload = unsent,
+                Err(Failed::Sent(e)) => return Err(e),
             }
         }
-        let mut sender = self.connect(timeouts).await?;
-        match sender.send_request(req).await {
-            Ok(resp) => Ok(self.pooled(resp, sender)),
-            Err(e) => Err(classify(&e)),
+        let conn = self.connect(timeouts).await?;
+        match exchange(conn, &mut request, upload, false).await {
+            Ok(exchanged) => self.respond(exchanged, asked_upgrade),
+            Err(Failed::Unsent(e, _) | Failed::Sent(e)) => Err(e),
         }
     }
 
-    /// An idle connection that is still open and ready, oldest first (the
-    /// queue is FIFO, which also spreads use over the idle connections).
-    async fn checkout(&self) -> Option<SendRequest<UpstreamBody>> {
+    /// An idle connection that is still open and has nothing unread, oldest
+    /// first (the queue is FIFO, which also spreads use over the idle
+    /// connections).
+    fn checkout(&self) -> Option<Conn> {
         loop {
-            let Idle { mut sender, since } = self.idle.pop()?;
-            if sender.is_closed() || since.elapsed() > self.idle_timeout {
-                continue;
-            }
-            // Given back as soon as its last response ended; hyper may not
-            // have marked it ready yet.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
+            let Idle { mut conn, since } = self.idle.pop()?;
+            if since.elapsed() <= self.idle_timeout && conn.is_quiet() {
+                return Some(conn);
             }
         }
     }
 
-    async fn connect(&self, timeouts: &Timeouts) -> Result<SendRequest<UpstreamBody>, ProxyError> {
+    async fn connect(&self, timeouts: &Timeouts) -> Result<Conn, ProxyError> {
         // The connectors bound the TCP connect by `timeouts.connect`; this
         // also bounds the TLS handshake.
         let dial = async {
             match &self.connect {
-                Connect::Plain(c) => {
-                    let io = c
-                        .clone()
-                        .call(self.target.clone())
-                        .await
-                        .map_err(|e| connect_error(&e))?;
-                    handshake(io).await.map_err(|e| classify(&e))
-                }
-                Connect::Tls(c) => {
-                    let io = c
-                        .clone()
-                        .call(self.target.clone())
-                        .await
-                        .map_err(|e| connect_error(&*e))?;
-                    handshake(io).await.map_err(|e| classify(&e))
-                }
+                Connect::Plain(c) => c
+                    .clone()
+                    .call(self.target.clone())
+                    .await
+                    .map(|io| Io::Plain(io.into_inner()))
+                    .map_err(|e| connect_error(&e)),
+                Connect::Tls(c) => c
+                    .clone()
+                    .call(self.target.clone())
+                    .await
+                    .map(|io| Io::Tls(Box::new(TokioIo::new(io))))
+                    .map_err(|e| connect_error(&*e)),
                 Connect::Unusable(why) => Err(ProxyError::UpstreamConnect(why.to_string())),
             }
         };
         match tokio::time::timeout(timeouts.connect.0 * 2, dial).await {
-            Ok(connected) => connected,
+            Ok(connected) => connected.map(Conn::new),
             Err(_) => Err(ProxyError::UpstreamConnectTimeout),
         }
     }
 
-    fn pooled(
+    fn respond(
         self: &Arc<Self>,
-        resp: Response<Incoming>,
-        sender: SendRequest<UpstreamBody>,
-    ) -> Response<PooledBody> {
-        let (parts, inner) = resp.into_parts();
-        let mut body = PooledBody {
-            inner,
-            give_back: Some((self.clone(), sender)),
-        };
-        if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
-            // The connection now carries the tunnel: never back to the pool.
-            body.give_back = None;
-        } else if body.inner.is_end_stream() {
-            body.release();
+        exchanged: Exchanged,
+        asked_upgrade: bool,
+    ) -> Result<Response<PooledBody>, ProxyError> {
+        let Exchanged { conn, head, upload } = exchanged;
+        let upgraded = head.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        if upgraded && !asked_upgrade {
+            return Err(ProxyError::UpstreamReset(
+                "101 Switching Protocols to a request that asked for no upgrade".into(),
+            ));
         }
-        Response::from_parts(parts, body)
+        let mut body = PooledBody {
+            conn: Some(conn),
+            pool: self.clone(),
+            decoder: match head.framing {
+                Framing::Empty => Decoder::Length(0),
+                Framing::Length(n) => Decoder::Length(n),
+                Framing::Chunked => Decoder::Chunked(ChunkedDecoder::default()),
+                Framing::Close => Decoder::Close,
+            },
+            upload: upload.map(Box::new),
+            reusable: head.reusable && !upgraded,
+            upgraded,
+        };
+        if !upgraded && body.decoder.is_end() {
+            body.finish();
+        }
+        let mut resp = Response::new(body);
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = head.headers;
+        Ok(resp)
     }
 
-    fn put(&self, sender: SendRequest<UpstreamBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put(&self, conn: Conn) {
         // Full: this connection closes.
         let _ = self.idle.push(Idle {
-            sender,
+            conn: conn.idle(),
             since: Instant::now(),
         });
     }
 }
 
-/// HTTP/1.1 over `io`, with the connection driven (upgrades included) by
-/// its own task.
-async fn handshake<I>(io: I) -> Result<SendRequest<UpstreamBody>, hyper::Error>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (sender, conn) = http1::Builder::new().handshake(io).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
+// === One connection ===
+
+/// An upstream connection's transport.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>>),
 }
 
-/// An upstream response body that gives its connection back to the pool
-/// once read to its end. Dropped early, the connection closes instead: what
-/// is left of the response would have to be read first.
+/// A connection to an upstream, with the bytes read and not yet used, and
+/// those still to write.
+struct Conn {
+    io: Io,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+}
+
+/// Bytes asked of the kernel per read at least (more for a long body).
+const READ_SIZE: usize = 8 * 1024;
+
+/// At most this much of a body with a known length is read in one go.
+const MAX_READ_SIZE: usize = 64 * 1024;
+
+/// A request body frame this small is copied after the head (or the frame
+/// before it), so head and body leave in one write.
+const COALESCE: usize = 4 * 1024;
+
+impl Conn {
+    fn new(io: Io) -> Self {
+        Self {
+            io,
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
+        }
+    }
+
+    /// Ready for the pool: the read buffer goes back to the allocator while
+    /// the connection idles. The write buffer, the size of one request head,
+    /// is kept for the next.
+    fn idle(mut self) -> Self {
+        self.read_buf = BytesMut::new();
+        self
+    }
+
+    /// Whether nothing arrived (no close, no stray bytes) since the last
+    /// response was read. Asks the socket only if the runtime saw it become
+    /// readable, so an idle connection costs no system call here.
+    fn is_quiet(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut probe = BytesMut::with_capacity(64);
+        matches!(
+            poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut probe),
+            Poll::Pending
+        )
+    }
+
+    /// Reads more of the response into `read_buf`: at least `READ_SIZE`
+    /// bytes of room, up to `want`. `Ok(0)`: the upstream closed.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        let want = want.clamp(READ_SIZE, MAX_READ_SIZE);
+        if self.read_buf.capacity() - self.read_buf.len() < want / 2 {
+            self.read_buf.reserve(want);
+        }
+        poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf)
+    }
+
+    /// Parses the next final response head, skipping 1xx ones other than
+    /// 101. `saw_bytes` turns true once anything of a response has arrived.
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        request: &mut Head<'_>,
+        saw_bytes: &mut bool,
+    ) -> Poll<Result<ResponseHead, ProxyError>> {
+        loop {
+            if !self.read_buf.is_empty() {
+                *saw_bytes = true;
+                // Once a response has begun, the request will not be sent
+                // again, and its header map takes the response's fields.
+                match h1::parse_response(&mut self.read_buf, request.method, request.headers) {
+                    Ok(Some(head))
+                        if head.status.is_informational()
+                            && head.status != http::StatusCode::SWITCHING_PROTOCOLS =>
+                    {
+                        continue
+                    }
+                    Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Err(ProxyError::UpstreamReset(e.to_string()))),
+                }
+            }
+            match ready!(self.poll_fill(cx, READ_SIZE)) {
+                Ok(0) if *saw_bytes => {
+                    return Poll::Ready(Err(ProxyError::UpstreamReset(
+                        "upstream closed the connection in the response head".into(),
+                    )))
+                }
+                Ok(0) => {
+                    return Poll::Ready(Err(ProxyError::UpstreamReset(
+                        "upstream closed the connection without a response".into(),
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(ProxyError::UpstreamReset(e.to_string()))),
+            }
+        }
+    }
+}
+
+/// The request body on its way up, written as the client sends it.
+struct Upload {
+    body: UpstreamBody,
+    framing: RequestFraming,
+    chunked: bool,
+    /// Length still to come of a `Content-Length` body.
+    left: u64,
+    /// A large body frame being written (small ones go through `write_buf`).
+    pending: Bytes,
+    /// The body has ended; only what is buffered is left to write.
+    ended: bool,
+    /// Whether anything of the body was taken from the client yet.
+    touched: bool,
+}
+
+enum UploadError {
+    /// The client's body failed: the request cannot be completed.
+    Body(ProxyError),
+    /// Writing to the upstream failed.
+    Io(io::Error),
+}
+
+impl Upload {
+    fn new(method: &http::Method, body: UpstreamBody) -> Self {
+        let framing = RequestFraming::for_body(method, body.size_hint().exact());
+        Self {
+            framing,
+            ended: framing == RequestFraming::None || body.is_end_stream(),
+            chunked: framing == RequestFraming::Chunked,
+            left: match framing {
+                RequestFraming::Length(n) => n,
+                _ => 0,
+            },
+            body,
+            pending: Bytes::new(),
+            touched: false,
+        }
+    }
+
+    /// Takes what body frames are ready (a few KiB at most) into `out`, then
+    /// writes; done when the body has ended and all of it is written.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut Io,
+        out: &mut BytesMut,
+    ) -> Poll<Result<(), UploadError>> {
+        loop {
+            while !self.ended && self.pending.is_empty() && out.len() < COALESCE {
+                self.touched = true;
+                match Pin::new(&mut self.body).poll_frame(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(None) => self.end(out)?,
+                    Poll::Ready(Some(Err(e))) => {
+                        return Poll::Ready(Err(UploadError::Body(body_error(&*e))))
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        // Trailers are not passed on (docs/decisions.md).
+                        if let Ok(data) = frame.into_data() {
+                            self.take(data, out)?;
+                        }
+                        if self.body.is_end_stream() {
+                            self.end(out)?;
+                        }
+                    }
+                }
+            }
+            if out.is_empty() && self.pending.is_empty() {
+                if !self.ended {
+                    return Poll::Pending;
+                }
+                return Pin::new(&mut *io).poll_flush(cx).map_err(UploadError::Io);
+            }
+            ready!(poll_write_all(io, cx, out)).map_err(UploadError::Io)?;
+            ready!(poll_write_all(io, cx, &mut self.pending)).map_err(UploadError::Io)?;
+        }
+    }
+
+    /// The same untouched body, to be sent again from its start.
+    fn restart(self) -> Self {
+        Self {
+            ended: self.framing == RequestFraming::None || self.body.is_end_stream(),
+            pending: Bytes::new(),
+            ..self
+        }
+    }
+
+    fn take(&mut self, data: Bytes, out: &mut BytesMut) -> Result<(), UploadError> {
+        if self.chunked {
+            h1::write_chunk(out, &data);
+            return Ok(());
+        }
+        self.left = self
+            .left
+            .checked_sub(data.len() as u64)
+            .ok_or(UploadError::Body(ProxyError::DownstreamMalformed(
+                "request body longer than its content-length",
+            )))?;
+        if data.len() <= COALESCE {
+            out.extend_from_slice(&data);
+        } else {
+            self.pending = data;
+        }
+        Ok(())
+    }
+
+    fn end(&mut self, out: &mut BytesMut) -> Result<(), UploadError> {
+        self.ended = true;
+        if self.chunked {
+            out.extend_from_slice(h1::LAST_CHUNK);
+        } else if self.left != 0 {
+            return Err(UploadError::Body(ProxyError::DownstreamMalformed(
+                "request body shorter than its content-length",
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn poll_write_all<B: Buf>(io: &mut Io, cx: &mut Context<'_>, buf: &mut B) -> Poll<io::Result<()>> {
+    while buf.has_remaining() {
+        let n = ready!(Pin::new(&mut *io).poll_write(cx, buf.chunk()))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        buf.advance(n);
+    }
+    Poll::Ready(Ok(()))
+}
+
+/// What of the request the exchange writes: its head.
+struct Head<'a> {
+    method: &'a http::Method,
+    /// Origin-form: path and query.
+    target: &'a str,
+    /// Taken over by the response's fields once a response begins (one map
+    /// per connection, request after request, instead of a new one each).
+    headers: &'a mut http::HeaderMap,
+}
+
+/// A request sent and its response head read.
+struct Exchanged {
+    conn: Conn,
+    head: ResponseHead,
+    /// The rest of the request body, when the response came first.
+    upload: Option<Upload>,
+}
+
+enum Failed {
+    /// Nothing of the request can have been acted on: it may go again, on
+    /// another connection, with its body (untouched) given back.
+    Unsent(ProxyError, Upload),
+    Sent(ProxyError),
+}
+
+/// Writes the request on `conn` and reads the response head, writing the
+/// body meanwhile: an upstream may answer before it has read all of it.
+async fn exchange(
+    mut conn: Conn,
+    request: &mut Head<'_>,
+    upload: Upload,
+    reused: bool,
+) -> Result<Exchanged, Failed> {
+    h1::write_request_head(
+        &mut conn.write_buf,
+        request.method,
+        request.target,
+        request.headers,
+        upload.framing,
+    );
+    // Asking again is safe only if the upstream cannot have acted on the
+    // request: it saw none of it, or it is idempotent and without a body,
+    // and no response began (RFC 9110 §9.2.2).
+    let idempotent = request.method.is_idempotent() && upload.ended && !upload.touched;
+    let mut upload = upload;
+    let mut uploaded = false;
+    let mut write_failed = false;
+    let mut saw_bytes = false;
+    let head = std::future::poll_fn(|cx| {
+        if !uploaded && !write_failed {
+            match upload.poll(cx, &mut conn.io, &mut conn.write_buf) {
+                Poll::Ready(Ok(())) => uploaded = true,
+                Poll::Ready(Err(UploadError::Body(e))) => return Poll::Ready(Err(e)),
+                // The response may still be readable (a 413 sent before
+                // closing): read on, and fail if there is none.
+                Poll::Ready(Err(UploadError::Io(e))) => {
+                    tracing::debug!(error = %e, "writing the request upstream failed");
+                    write_failed = true;
+                }
+                Poll::Pending => {}
+            }
+        }
+        conn.poll_head(cx, request, &mut saw_bytes)
+    })
+    .await;
+    match head {
+        Ok(mut head) => {
+            // A connection whose request did not all go out is not reused.
+            head.reusable &= !write_failed;
+            Ok(Exchanged {
+                conn,
+                head,
+                upload: (!uploaded && !write_failed).then_some(upload),
+            })
+        }
+        Err(e) if reused && !saw_bytes && !upload.touched && (write_failed || idempotent) => {
+            Err(Failed::Unsent(e, upload.restart()))
+        }
+        Err(e) => Err(Failed::Sent(e)),
+    }
+}
+
+/// An upstream response body, read off its connection as the client takes
+/// it. Read to its end, the connection goes back to the pool (if both sides
+/// allow); dropped early, it closes: what is left of the response would have
+/// to be read first.
 pub struct PooledBody {
-    inner: Incoming,
-    give_back: Option<(Arc<Pool>, SendRequest<UpstreamBody>)>,
+    /// `None` once the body has ended or failed.
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+    decoder: Decoder,
+    /// The rest of the request body, when the response came first (rare:
+    /// boxed, so the body stays small to move).
+    upload: Option<Box<Upload>>,
+    reusable: bool,
+    /// A 101: the connection is the tunnel's, taken by `take_tunnel`.
+    upgraded: bool,
+}
+
+enum Decoder {
+    /// Bytes left.
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    /// Until the upstream closes.
+    Close,
+}
+
+impl Decoder {
+    fn is_end(&self) -> bool {
+        matches!(self, Self::Length(0))
+    }
+}
+
+/// An upgraded upstream connection and what it sent after its 101.
+pub struct Tunnel {
+    io: Io,
+    early: BytesMut,
 }
 
 impl PooledBody {
-    fn release(&mut self) {
-        if let Some((pool, sender)) = self.give_back.take() {
-            pool.put(sender);
+    /// The upstream side of a 101 response's tunnel.
+    pub fn take_tunnel(&mut self) -> Option<Tunnel> {
+        if !self.upgraded {
+            return None;
         }
+        let conn = self.conn.take()?;
+        Some(Tunnel {
+            io: conn.io,
+            early: conn.read_buf,
+        })
+    }
+
+    /// The body has ended: its connection goes back to the pool if nothing
+    /// about it is left over.
+    fn finish(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if self.reusable
+            && !self.upgraded
+            && self.upload.is_none()
+            && conn.read_buf.is_empty()
+            && conn.write_buf.is_empty()
+        {
+            self.pool.put(conn);
+        }
+    }
+
+    fn fail(&mut self, e: impl Into<io::Error>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.conn = None;
+        Poll::Ready(Some(Err(e.into())))
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Err(_))) => self.give_back = None,
-            _ if self.inner.is_end_stream() => self.release(),
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        if this.upgraded {
+            return Poll::Ready(None);
         }
-        polled
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if let Some(upload) = this.upload.as_mut() {
+                match upload.poll(cx, &mut conn.io, &mut conn.write_buf) {
+                    Poll::Ready(Ok(())) => this.upload = None,
+                    Poll::Ready(Err(e)) => {
+                        if let UploadError::Io(e) = e {
+                            tracing::debug!(error = %e, "writing the request upstream failed");
+                        }
+                        this.upload = None;
+                        this.reusable = false;
+                        conn.write_buf.clear();
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            let data = match &mut this.decoder {
+                Decoder::Length(0) => None,
+                Decoder::Length(left) if !conn.read_buf.is_empty() => {
+                    let n = usize::try_from(*left)
+                        .unwrap_or(usize::MAX)
+                        .min(conn.read_buf.len());
+                    *left -= n as u64;
+                    Some(conn.read_buf.split_to(n).freeze())
+                }
+                Decoder::Close if !conn.read_buf.is_empty() => Some(conn.read_buf.split().freeze()),
+                Decoder::Chunked(chunks) => match chunks.decode(&mut conn.read_buf) {
+                    Ok(Decoded::Data(data)) => Some(data),
+                    Ok(Decoded::Done) => None,
+                    Ok(Decoded::NeedMore) => Some(Bytes::new()),
+                    Err(e) => return this.fail(io::Error::new(io::ErrorKind::InvalidData, e)),
+                },
+                Decoder::Length(_) | Decoder::Close => Some(Bytes::new()),
+            };
+            match data {
+                None => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Some(data) if !data.is_empty() => {
+                    if this.decoder.is_end() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                // Nothing buffered: read.
+                Some(_) => {}
+            }
+            let want = match this.decoder {
+                Decoder::Length(left) => usize::try_from(left).unwrap_or(usize::MAX),
+                _ => READ_SIZE,
+            };
+            match ready!(conn.poll_fill(cx, want)) {
+                Ok(0) if matches!(this.decoder, Decoder::Close) => {
+                    this.reusable = false;
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    return this.fail(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "upstream closed the connection mid-body",
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => return this.fail(e),
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.conn.is_none() || self.upgraded || self.decoder.is_end()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self.decoder {
+            Decoder::Length(left) => SizeHint::with_exact(left),
+            _ if self.is_end_stream() => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+// === Transport ===
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_flush(cx),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Tunnel {
+    /// Copies both ways between `client` and the upstream until either
+    /// side closes, starting with what the upstream sent after its 101.
+    pub async fn join<C>(mut self, client: &mut C) -> io::Result<(u64, u64)>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        client.write_all(&self.early).await?;
+        self.early.clear();
+        tokio::io::copy_bidirectional(client, &mut self.io).await
     }
 }
 
@@ -365,23 +866,15 @@ fn connector(timeouts: &Timeouts) -> HttpConnector {
 }
 
 /// The target as the upstream gets it: path and query only.
-fn origin_form(uri: &Uri) -> Result<Uri, ProxyError> {
-    let path = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    if !path.as_str().starts_with('/') {
+fn origin_form(uri: &Uri) -> Result<&str, ProxyError> {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    if !path.starts_with('/') {
         // `OPTIONS *` and other non-path targets are not proxied.
         return Err(ProxyError::DownstreamMalformed(
             "request target is not a path",
         ));
     }
-    Uri::from_parts({
-        let mut parts = http::uri::Parts::default();
-        parts.path_and_query = Some(path);
-        parts
-    })
-    .map_err(|_| ProxyError::DownstreamMalformed("bad request target"))
+    Ok(path)
 }
 
 /// A failed connect (refused, unreachable, timed out, TLS verification).
@@ -393,8 +886,8 @@ fn connect_error(err: &(dyn StdError + 'static)) -> ProxyError {
     }
 }
 
-/// A failure after the connection was made.
-fn classify(err: &hyper::Error) -> ProxyError {
+/// The client's request body failed on its way up.
+fn body_error(err: &(dyn StdError + 'static)) -> ProxyError {
     if caused_by::<LengthLimitError>(err) {
         // The client's streamed body passed `limits.max_request_body_bytes`.
         return ProxyError::DownstreamBodyTooLarge;
@@ -438,7 +931,7 @@ mod tests {
     use super::*;
 
     fn target(uri: &str) -> Result<String, ProxyError> {
-        origin_form(&uri.parse().unwrap()).map(|u| u.to_string())
+        origin_form(&uri.parse().unwrap()).map(str::to_owned)
     }
 
     #[test]

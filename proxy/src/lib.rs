@@ -6,6 +6,7 @@ pub mod cli;
 pub mod demo;
 pub mod flags;
 pub mod forward;
+pub mod h1;
 pub mod headers;
 pub mod listen;
 pub mod lot;

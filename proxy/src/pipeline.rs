@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use crate::forward::{Endpoint, Upstreams};
+use crate::forward::{Endpoint, Tunnel, Upstreams};
 use crate::headers::{self, Forwarding};
 use crate::record::Recording;
 use crate::respond::{ProxyBody, ProxyError};
@@ -123,9 +123,9 @@ async fn proxy(
     };
     recording.finish(resp.status(), None);
 
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+    if let Some(upstream) = resp.body_mut().take_tunnel() {
         if let Some(client) = client_upgrade {
-            tunnel(client, hyper::upgrade::on(&mut resp));
+            tunnel(client, upstream);
         }
     }
     headers::rewrite_response(resp.status(), resp.headers_mut());
@@ -217,18 +217,16 @@ fn check_head_size(snapshot: &Snapshot, parts: &Parts) -> Result<(), ProxyError>
 }
 
 /// After a 101, bytes flow both ways until either side closes.
-fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
+fn tunnel(client: OnUpgrade, upstream: Tunnel) {
     tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(pair) => pair,
+        let client = match client.await {
+            Ok(client) => client,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade failed");
                 return;
             }
         };
-        let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        if let Err(e) = upstream.join(&mut TokioIo::new(client)).await {
             tracing::debug!(error = %e, "upgraded connection ended with an error");
         }
     });
