@@ -86,6 +86,14 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    /// Not idle past `timeout`, and nothing arrived (no close, no stray
+    /// bytes) since its last response was read.
+    fn usable(&mut self, timeout: Duration) -> bool {
+        self.since.elapsed() <= timeout && self.conn.is_quiet()
+    }
+}
+
 /// An endpoint as configured (`host:port` or `https://host:port`) and its
 /// backend's TLS settings: what one pool serves.
 type PoolKey = (String, Option<UpstreamTlsConfig>);
@@ -133,6 +141,14 @@ impl Upstreams {
         });
         let pool = self.pools.load().get(&key).cloned().unwrap_or(pool);
         Endpoint { authority, pool }
+    }
+
+    /// Closes idle connections the upstream has closed or that idled past
+    /// `timeouts.idle` (run every second by the proxy).
+    pub fn sweep(&self) {
+        for pool in self.pools.load().values() {
+            pool.sweep();
+        }
     }
 
     fn pool(&self, secure: bool, authority: &Authority, tls: Option<&UpstreamTlsConfig>) -> Pool {
@@ -235,9 +251,22 @@ impl Pool {
     /// connections).
     fn checkout(&self) -> Option<Conn> {
         loop {
-            let Idle { mut conn, since } = self.idle.pop()?;
-            if since.elapsed() <= self.idle_timeout && conn.is_quiet() {
-                return Some(conn);
+            let mut idle = self.idle.pop()?;
+            if idle.usable(self.idle_timeout) {
+                return Some(idle.conn);
+            }
+        }
+    }
+
+    /// Closes the idle connections that are no longer usable.
+    fn sweep(&self) {
+        for _ in 0..self.idle.len() {
+            let Some(mut idle) = self.idle.pop() else {
+                return;
+            };
+            if idle.usable(self.idle_timeout) {
+                // Full (requests gave connections back meanwhile): closes.
+                let _ = self.idle.push(idle);
             }
         }
     }
@@ -359,11 +388,11 @@ impl Conn {
     /// readable, so an idle connection costs no system call here.
     fn is_quiet(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        let mut probe = BytesMut::with_capacity(64);
-        matches!(
-            poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut probe),
-            Poll::Pending
-        )
+        let mut byte = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut byte);
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut probe)
+            .is_pending()
     }
 
     /// Reads more of the response into `read_buf`: at least `READ_SIZE`

@@ -117,6 +117,20 @@ async fn watch_loop(
     }
 }
 
+/// How often idle upstream connections are looked over: a connection the
+/// upstream closed is let go within this long, rather than waiting in
+/// CLOSE_WAIT for the next request to find it.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+async fn sweep_upstreams(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        shared.upstreams.sweep();
+    }
+}
+
 /// The metrics registry `config` asks for.
 pub fn metrics_for(config: &Config) -> Arc<Metrics> {
     Arc::new(Metrics::new(
@@ -257,6 +271,7 @@ impl Proxy {
             ))),
             _ => None,
         };
+        let sweeper = tokio::spawn(sweep_upstreams(self.shared.clone()));
         let health = self.health.clone();
         let config = self.config;
         let drained = listen::serve(
@@ -275,6 +290,7 @@ impl Proxy {
         if let Some(watch) = certificate_watch {
             watch.abort();
         }
+        sweeper.abort();
         let _ = driver_stop.send(true);
         let _ = driver.await;
         let _ = admin_stop.send(true);
