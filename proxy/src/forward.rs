@@ -231,11 +231,11 @@ impl Pool {
         let mut upload = Upload::new(request.method, body);
         // A pooled connection the upstream closed just as it was taken
         // fails before anything of the request was read by anyone; then the
-        // request goes on another connection.
-        while let Some(conn) = self.checkout() {
+        // request goes once more, on a new connection.
+        if let Some(conn) = self.checkout() {
             match exchange(conn, &mut request, upload, true).await {
                 Ok(exchanged) => return self.respond(exchanged, asked_upgrade),
-                Err(Failed::Unsent(_, unsent)) => upload = unsent,
+                Err(Failed::Unsent(_, unsent)) => upload = unsent.restart(request.method),
                 Err(Failed::Sent(e)) => return Err(e),
             }
         }
@@ -309,6 +309,12 @@ impl Pool {
                 "101 Switching Protocols to a request that asked for no upgrade".into(),
             ));
         }
+        if upgraded && (upload.is_some() || !conn.write_buf.is_empty()) {
+            // What was not sent would be lost in the tunnel.
+            return Err(ProxyError::UpstreamReset(
+                "101 Switching Protocols before the request was sent".into(),
+            ));
+        }
         let mut body = PooledBody {
             conn: Some(conn),
             pool: self.clone(),
@@ -362,6 +368,12 @@ const READ_SIZE: usize = 8 * 1024;
 /// At most this much of a body with a known length is read in one go.
 const MAX_READ_SIZE: usize = 64 * 1024;
 
+/// An idle connection keeps a write buffer up to this size.
+const KEEP_WRITE_BUF: usize = 8 * 1024;
+
+/// Informational (1xx) answers read before a final one at most.
+const MAX_INFORMATIONAL: usize = 16;
+
 /// A request body frame this small is copied after the head (or the frame
 /// before it), so head and body leave in one write.
 const COALESCE: usize = 4 * 1024;
@@ -376,10 +388,13 @@ impl Conn {
     }
 
     /// Ready for the pool: the read buffer goes back to the allocator while
-    /// the connection idles. The write buffer, the size of one request head,
-    /// is kept for the next.
+    /// the connection idles. The write buffer, about the size of a request
+    /// head, is kept for the next, unless a large head or body made it grow.
     fn idle(mut self) -> Self {
         self.read_buf = BytesMut::new();
+        if self.write_buf.capacity() > KEEP_WRITE_BUF {
+            self.write_buf = BytesMut::new();
+        }
         self
     }
 
@@ -413,6 +428,7 @@ impl Conn {
         request: &mut Head<'_>,
         saw_bytes: &mut bool,
     ) -> Poll<Result<ResponseHead, ProxyError>> {
+        let mut informational = 0;
         loop {
             if !self.read_buf.is_empty() {
                 *saw_bytes = true;
@@ -423,7 +439,13 @@ impl Conn {
                         if head.status.is_informational()
                             && head.status != http::StatusCode::SWITCHING_PROTOCOLS =>
                     {
-                        continue
+                        informational += 1;
+                        if informational > MAX_INFORMATIONAL {
+                            return Poll::Ready(Err(ProxyError::UpstreamReset(
+                                "too many informational responses".into(),
+                            )));
+                        }
+                        continue;
                     }
                     Ok(Some(head)) => return Poll::Ready(Ok(head)),
                     Ok(None) => {}
@@ -472,10 +494,18 @@ enum UploadError {
 
 impl Upload {
     fn new(method: &http::Method, body: UpstreamBody) -> Self {
-        let framing = RequestFraming::for_body(method, body.size_hint().exact());
+        // An HTTP/2 body can end after hyper sized it: ended is length 0.
+        let exact = if body.is_end_stream() {
+            Some(0)
+        } else {
+            body.size_hint().exact()
+        };
+        let framing = RequestFraming::for_body(method, exact);
         Self {
             framing,
-            ended: framing == RequestFraming::None || body.is_end_stream(),
+            // A `GET` of unknown length is polled to its end: data there is
+            // refused, not dropped.
+            ended: exact == Some(0),
             chunked: framing == RequestFraming::Chunked,
             left: match framing {
                 RequestFraming::Length(n) => n,
@@ -516,10 +546,14 @@ impl Upload {
                 }
             }
             if out.is_empty() && self.pending.is_empty() {
+                // TLS holds written bytes until flushed: flush before
+                // waiting for more of the body, not only at its end.
+                ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(UploadError::Io)?;
                 if !self.ended {
+                    // The body's waker is registered: its frame was pending.
                     return Poll::Pending;
                 }
-                return Pin::new(&mut *io).poll_flush(cx).map_err(UploadError::Io);
+                return Poll::Ready(Ok(()));
             }
             ready!(poll_write_all(io, cx, out)).map_err(UploadError::Io)?;
             ready!(poll_write_all(io, cx, &mut self.pending)).map_err(UploadError::Io)?;
@@ -527,18 +561,19 @@ impl Upload {
     }
 
     /// The same untouched body, to be sent again from its start.
-    fn restart(self) -> Self {
-        Self {
-            ended: self.framing == RequestFraming::None || self.body.is_end_stream(),
-            pending: Bytes::new(),
-            ..self
-        }
+    fn restart(self, method: &http::Method) -> Self {
+        Self::new(method, self.body)
     }
 
     fn take(&mut self, data: Bytes, out: &mut BytesMut) -> Result<(), UploadError> {
         if self.chunked {
             h1::write_chunk(out, &data);
             return Ok(());
+        }
+        if self.framing == RequestFraming::None && !data.is_empty() {
+            return Err(UploadError::Body(ProxyError::DownstreamMalformed(
+                "a GET or HEAD body of unknown length",
+            )));
         }
         self.left = self
             .left
@@ -654,7 +689,7 @@ async fn exchange(
             })
         }
         Err(e) if reused && !saw_bytes && !upload.touched && (write_failed || idempotent) => {
-            Err(Failed::Unsent(e, upload.restart()))
+            Err(Failed::Unsent(e, upload))
         }
         Err(e) => Err(Failed::Sent(e)),
     }
@@ -683,6 +718,8 @@ enum Decoder {
     Chunked(ChunkedDecoder),
     /// Until the upstream closes.
     Close,
+    /// Reading failed; the error was returned.
+    Failed,
 }
 
 impl Decoder {
@@ -728,6 +765,7 @@ impl PooledBody {
 
     fn fail(&mut self, e: impl Into<io::Error>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         self.conn = None;
+        self.decoder = Decoder::Failed;
         Poll::Ready(Some(Err(e.into())))
     }
 }
@@ -743,6 +781,10 @@ impl Body for PooledBody {
         let this = self.get_mut();
         if this.upgraded {
             return Poll::Ready(None);
+        }
+        if matches!(this.decoder, Decoder::Failed) {
+            // Not `None`, which would read as the body's clean end.
+            return Poll::Ready(Some(Err(io::Error::other("upstream response body failed"))));
         }
         loop {
             let Some(conn) = this.conn.as_mut() else {
@@ -779,6 +821,7 @@ impl Body for PooledBody {
                     Err(e) => return this.fail(io::Error::new(io::ErrorKind::InvalidData, e)),
                 },
                 Decoder::Length(_) | Decoder::Close => Some(Bytes::new()),
+                Decoder::Failed => unreachable!("returned above"),
             };
             match data {
                 None => {
@@ -817,12 +860,16 @@ impl Body for PooledBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none() || self.upgraded || self.decoder.is_end()
+        match self.decoder {
+            Decoder::Failed => false,
+            _ => self.conn.is_none() || self.upgraded || self.decoder.is_end(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.decoder {
             Decoder::Length(left) => SizeHint::with_exact(left),
+            Decoder::Failed => SizeHint::default(),
             _ if self.is_end_stream() => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
@@ -879,6 +926,7 @@ impl Tunnel {
         C: AsyncRead + AsyncWrite + Unpin,
     {
         client.write_all(&self.early).await?;
+        client.flush().await?;
         self.early.clear();
         tokio::io::copy_bidirectional(client, &mut self.io).await
     }

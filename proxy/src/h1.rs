@@ -3,9 +3,11 @@
 //! decoded. No I/O here: `forward.rs` moves the bytes.
 //!
 //! Strict where a lenient reading could let two parties disagree on where a
-//! message ends: line ends are CRLF, `Content-Length` is digits only and one
-//! value, `Transfer-Encoding` other than a final `chunked` reads to the close,
-//! and any doubt about a connection's framing means it is not reused.
+//! message ends: chunked framing's lines end in CRLF, `Content-Length` is
+//! digits only and one value, `Transfer-Encoding` other than a final
+//! `chunked` reads to the close, and any doubt about a connection's framing
+//! means it is not reused. (Heads are parsed by httparse, which also takes a
+//! bare LF; the proxy writes every field out again itself.)
 
 use std::mem::MaybeUninit;
 
@@ -53,12 +55,16 @@ pub enum RequestFraming {
 
 impl RequestFraming {
     /// The framing for a body whose exact size is `exact` when known. A body
-    /// of unknown size is chunked; an empty one is announced only where the
-    /// method is expected to carry one (RFC 9110 §8.6).
+    /// of unknown size is chunked, except on `GET` and `HEAD`, which have
+    /// none (as hyper's client did: a bodiless HTTP/2 `GET` whose end came
+    /// in a frame of its own would otherwise go up as a chunked `GET`, which
+    /// some servers refuse). An empty body is announced only where the method
+    /// is expected to carry one (RFC 9110 §8.6).
     pub fn for_body(method: &Method, exact: Option<u64>) -> Self {
         match exact {
             Some(0) if !matches!(*method, Method::POST | Method::PUT | Method::PATCH) => Self::None,
             Some(n) => Self::Length(n),
+            None if matches!(*method, Method::GET | Method::HEAD) => Self::None,
             None => Self::Chunked,
         }
     }
@@ -248,7 +254,17 @@ fn response_framing(
         });
     }
     match content_length(headers)? {
-        Some(n) => Ok((Framing::Length(n), reusable)),
+        Some(n) => {
+            // `7, 7` or two fields of 7: the client gets one plain value.
+            let mut fields = headers.get_all(CONTENT_LENGTH).iter();
+            let first = fields.next();
+            let plain =
+                fields.next().is_none() && first.is_some_and(|v| !v.as_bytes().contains(&b','));
+            if !plain {
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+            }
+            Ok((Framing::Length(n), reusable))
+        }
         None => Ok((Framing::Close, false)),
     }
 }
@@ -592,10 +608,15 @@ mod tests {
             framing("HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n"),
             Ok((Length(7), true))
         );
-        assert_eq!(
-            framing("HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\ncontent-length: 7\r\n\r\n"),
-            Ok((Length(7), true))
-        );
+        let repeated = head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\ncontent-length: 7\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((repeated.framing, repeated.reusable), (Length(7), true));
+        let lengths: Vec<_> = repeated.headers.get_all(CONTENT_LENGTH).iter().collect();
+        assert_eq!(lengths, ["7"], "one plain value is passed on");
         assert_eq!(
             framing("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"),
             Ok((Chunked, true))

@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use http::header::{HeaderValue, HOST, SET_COOKIE};
 use http::request::Parts;
 
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -88,6 +88,12 @@ async fn proxy(
     conn: ConnInfo,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Ok(unrouted(
+            shared,
+            ProxyError::DownstreamMalformed("CONNECT is not proxied"),
+        ));
+    }
     let client_upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let declared = hyper::body::Body::size_hint(req.body()).lower();
     if declared > shared.max_body {

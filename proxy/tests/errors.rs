@@ -106,6 +106,16 @@ async fn malformed_requests_are_400() {
     .await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     assert!(reply.contains("malformed request"), "{reply}");
+    // A tunnel request is not a request to forward: it would reach the
+    // upstream as `CONNECT /`, and a 2xx would turn the connection into a
+    // tunnel.
+    let reply = raw_exchange(
+        proxy.addr,
+        b"CONNECT shop.test:443 HTTP/1.1\r\nhost: shop.test:443\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("malformed request"), "{reply}");
     assert_eq!(
         blue.arrived.load(std::sync::atomic::Ordering::SeqCst),
         0,

@@ -198,15 +198,20 @@ async fn fetch(proxy: &Running, method: &str, path: &str) -> (StatusCode, Result
         .header("x-user-id", "u1")
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let resp = body_client().request(req).await.expect("response head");
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-        .map_err(|e| e.to_string());
-    (status, body)
+    // Bounded: a framing bug shows as a hang, which must fail, not stall.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let resp = body_client().request(req).await.expect("response head");
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+            .map_err(|e| e.to_string());
+        (status, body)
+    })
+    .await
+    .expect("an answer within 30 s")
 }
 
 #[tokio::test]
@@ -233,7 +238,7 @@ async fn chunked_answers_arrive_whole_and_keep_the_connection() {
 }
 
 #[tokio::test]
-async fn an_answer_without_a_length_is_read_to_the_close_and_its_connection_not_reused() {
+async fn an_answer_without_a_length_is_read_to_the_close() {
     let upstream = RawUpstream::start(|nth, _| {
         Answer::WriteAndClose(format!("HTTP/1.1 200 OK\r\n\r\nuntil the close #{nth}").into_bytes())
     })
@@ -500,13 +505,35 @@ impl hyper::body::Body for Pieces {
     }
 }
 
+/// A request body fed by the test, piece by piece.
+struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Fed {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|piece| piece.map(|p| Ok(Frame::data(p))))
+    }
+}
+
+/// The upstream answers a POST as soon as its head is in, while the client
+/// is still sending the body: the answer reaches the client, and the
+/// connection, whose request never ended, is not used again.
 #[tokio::test]
-async fn an_answer_before_the_body_was_read_reaches_the_client() {
-    // `RawUpstream` reads whole bodies; this one answers after the head.
-    let early = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let early_addr = early.local_addr().unwrap();
+async fn an_answer_before_the_body_was_sent_reaches_the_client() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let accepted = connections.clone();
     tokio::spawn(async move {
-        while let Ok((mut stream, _)) = early.accept().await {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 while find(&buf, b"\r\n\r\n").is_none() {
@@ -514,27 +541,85 @@ async fn an_answer_before_the_body_was_read_reaches_the_client() {
                         return;
                     }
                 }
+                if !buf.starts_with(b"POST ") {
+                    let _ = stream.write_all(&ok("next")).await;
+                    return;
+                }
                 let _ = stream
-                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo long")
+                    .write_all(
+                        b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo long",
+                    )
                     .await;
-                // Reads on for a while, as a server draining would.
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    while fill(&mut stream, &mut buf).await.is_some() {}
-                })
-                .await;
+                // Reads on, as a server draining the body would; never
+                // answers a second request on this connection.
+                while fill(&mut stream, &mut buf).await.is_some() {}
             });
         }
     });
-    let proxy = Running::start(&config("", &[("early", early_addr, 100.0)])).await;
-    let req = Request::post(proxy.url("/"))
-        .body(Full::new(Bytes::from(vec![b'x'; 32 * 1024])))
+    let proxy = Running::start(&config("", &[("early", addr, 100.0)])).await;
+    let (feed, fed) = tokio::sync::mpsc::channel(4);
+    feed.send(Bytes::from(vec![b'x'; 1000])).await.unwrap();
+    let req = Request::post(proxy.url("/")).body(Fed(fed)).unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .expect("the early answer, while the body is still open")
         .unwrap();
-    let resp = body_client().request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(
         resp.into_body().collect().await.unwrap().to_bytes(),
         "too long"
     );
+    drop(feed);
+    let (status, body) = fetch(&proxy, "GET", "/").await;
+    assert_eq!((status, body.unwrap().as_str()), (StatusCode::OK, "next"));
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    proxy.stop().await;
+}
+
+/// HTTP/2 requests whose end comes in an empty DATA frame of its own, after
+/// the headers: the upstream gets complete HTTP/1.1 requests (a `GET` with
+/// no body at all), and the connection stays usable.
+#[tokio::test]
+async fn http2_requests_ended_by_a_frame_of_their_own_go_up_complete() {
+    let upstream =
+        RawUpstream::start(|_, req| Answer::Write(ok(&req.body.len().to_string()))).await;
+    let proxy = proxy_to(&upstream).await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    for method in ["GET", "POST", "GET"] {
+        let mut h2 = h2.clone().ready().await.unwrap();
+        let req = Request::builder()
+            .method(method)
+            .uri(proxy.url("/"))
+            .header("x-user-id", "u1")
+            .body(())
+            .unwrap();
+        let (resp, mut stream) = h2.send_request(req, false).unwrap();
+        stream.send_data(Bytes::new(), true).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(30), resp)
+            .await
+            .expect("an answer within 30 s")
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{method}");
+        let mut body = resp.into_body();
+        let mut text = Vec::new();
+        while let Some(data) = body.data().await {
+            text.extend_from_slice(&data.unwrap());
+        }
+        assert_eq!(text, b"0", "{method}");
+    }
+    let received = upstream.received();
+    assert_eq!(received.len(), 3);
+    for r in &received {
+        let head = r.head.to_ascii_lowercase();
+        if head.starts_with("get ") {
+            assert!(!r.chunked && !head.contains("content-length"), "{head}");
+        }
+    }
+    assert_eq!(upstream.connections(), 1, "every request was whole");
     proxy.stop().await;
 }
 
