@@ -204,16 +204,31 @@ pub fn parse_response(
     map.clear();
     map.reserve(fields);
     let mut headers = std::mem::take(map);
+    let mut close = false;
     for &(name_at, name_len, value_at, value_len) in &spans[..fields] {
         let name = &head[name_at as usize..(name_at + name_len) as usize];
         let name =
             HeaderName::from_bytes(name).map_err(|_| BadResponse::Head("bad header name"))?;
         let value = head.slice(value_at as usize..(value_at + value_len) as usize);
+        // This hop's own connection management is used up here: a
+        // `Connection` field that only says `close`, `keep-alive` or
+        // `upgrade`, and `Keep-Alive`, would only be removed again before
+        // the client sees the response. One that names other fields stays,
+        // so that those are removed with it (headers.rs).
+        if name == CONNECTION {
+            let (says_close, names_fields) = connection_tokens(&value);
+            close |= says_close;
+            if !names_fields {
+                continue;
+            }
+        } else if name.as_str() == "keep-alive" {
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| BadResponse::Head("bad header value"))?;
         headers.append(name, value);
     }
-    let (framing, reusable) = response_framing(method, status, version, &mut headers)?;
+    let (framing, reusable) = response_framing(method, status, version, close, &mut headers)?;
     Ok(Some(ResponseHead {
         status,
         version,
@@ -229,9 +244,10 @@ fn response_framing(
     method: &Method,
     status: StatusCode,
     version: Version,
+    close: bool,
     headers: &mut HeaderMap,
 ) -> Result<(Framing, bool), BadResponse> {
-    let mut reusable = version == Version::HTTP_11 && !has_token(headers, CONNECTION, "close");
+    let mut reusable = version == Version::HTTP_11 && !close;
     if *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -307,12 +323,22 @@ fn chunked_is_final(headers: &HeaderMap) -> bool {
     last_chunked && chunked == 1
 }
 
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+/// Whether a `Connection` value says `close`, and whether it names any
+/// field (a token other than `close`, `keep-alive` and `upgrade`).
+fn connection_tokens(value: &[u8]) -> (bool, bool) {
+    let mut close = false;
+    let mut names = false;
+    for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+        if token.eq_ignore_ascii_case(b"close") {
+            close = true;
+        } else if !token.is_empty()
+            && !token.eq_ignore_ascii_case(b"keep-alive")
+            && !token.eq_ignore_ascii_case(b"upgrade")
+        {
+            names = true;
+        }
+    }
+    (close, names)
 }
 
 // === The chunked body ===
@@ -667,6 +693,31 @@ mod tests {
         assert_eq!(
             h.headers[CONTENT_LENGTH], "9",
             "a HEAD answer keeps its length"
+        );
+    }
+
+    #[test]
+    fn this_hops_connection_fields_are_used_up_unless_they_name_others() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nconnection: Close\r\ncontent-length: 0\r\nx-a: b\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!h.reusable, "close in any Connection field counts");
+        assert!(!h.headers.contains_key(CONNECTION));
+        assert!(!h.headers.contains_key("keep-alive"));
+        assert_eq!(h.headers["x-a"], "b");
+        let h = head(
+            "HTTP/1.1 200 OK\r\nconnection: keep-alive, x-secret\r\nx-secret: s\r\ncontent-length: 0\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(h.reusable);
+        assert_eq!(
+            h.headers[CONNECTION], "keep-alive, x-secret",
+            "kept, so that the field it names is removed with it"
         );
     }
 
