@@ -21,8 +21,9 @@ use std::task::{ready, Waker};
 use arc_swap::ArcSwap;
 use bytes::{Buf, Bytes, BytesMut};
 use crossbeam_queue::ArrayQueue;
+use http::request::Parts;
 use http::uri::{Authority, Scheme, Uri};
-use http::{Request, Response};
+use http::Response;
 use http_body_util::{LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
@@ -82,7 +83,7 @@ struct Pool {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -198,19 +199,23 @@ impl Upstreams {
         )
     }
 
-    /// Sends `req` (whose URI is origin-form) to `endpoint` and waits for the
-    /// response headers, at most `timeouts.request`.
+    /// Sends the request (`parts` and `body`; `upgrade`: it asks to switch
+    /// protocols) to `endpoint` and waits for the response headers, at most
+    /// `timeouts.request`. The response's fields go into the request's
+    /// header map, which `parts` no longer holds afterwards.
     pub async fn send(
         &self,
         endpoint: &Endpoint,
-        req: Request<UpstreamBody>,
+        parts: &mut Parts,
+        body: UpstreamBody,
+        upgrade: bool,
     ) -> Result<Response<PooledBody>, ProxyError> {
-        let (mut parts, body) = req.into_parts();
         let target = origin_form(&parts.uri)?;
         let request = Head {
             method: &parts.method,
             target,
             headers: &mut parts.headers,
+            upgrade,
         };
         let sent = endpoint.pool.send(request, body, &self.timeouts);
         match tokio::time::timeout(self.timeouts.request.0, sent).await {
@@ -227,7 +232,7 @@ impl Pool {
         body: UpstreamBody,
         timeouts: &Timeouts,
     ) -> Result<Response<PooledBody>, ProxyError> {
-        let asked_upgrade = crate::headers::is_upgrade(request.headers);
+        let asked_upgrade = request.upgrade;
         let mut upload = Upload::new(request.method, body);
         // A pooled connection the upstream closed just as it was taken
         // fails before anything of the request was read by anyone; then the
@@ -249,7 +254,7 @@ impl Pool {
     /// An idle connection that is still open and has nothing unread, oldest
     /// first (the queue is FIFO, which also spreads use over the idle
     /// connections).
-    fn checkout(&self) -> Option<Conn> {
+    fn checkout(&self) -> Option<Box<Conn>> {
         loop {
             let mut idle = self.idle.pop()?;
             if idle.usable(self.idle_timeout) {
@@ -271,7 +276,7 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, timeouts: &Timeouts) -> Result<Conn, ProxyError> {
+    async fn connect(&self, timeouts: &Timeouts) -> Result<Box<Conn>, ProxyError> {
         // The connectors bound the TCP connect by `timeouts.connect`; this
         // also bounds the TLS handshake.
         let dial = async {
@@ -292,7 +297,7 @@ impl Pool {
             }
         };
         match tokio::time::timeout(timeouts.connect.0 * 2, dial).await {
-            Ok(connected) => connected.map(Conn::new),
+            Ok(connected) => connected.map(|io| Box::new(Conn::new(io))),
             Err(_) => Err(ProxyError::UpstreamConnectTimeout),
         }
     }
@@ -337,10 +342,11 @@ impl Pool {
         Ok(resp)
     }
 
-    fn put(&self, conn: Conn) {
+    fn put(&self, mut conn: Box<Conn>) {
+        conn.idle();
         // Full: this connection closes.
         let _ = self.idle.push(Idle {
-            conn: conn.idle(),
+            conn,
             since: Instant::now(),
         });
     }
@@ -348,7 +354,8 @@ impl Pool {
 
 // === One connection ===
 
-/// An upstream connection's transport.
+/// An upstream connection's transport (boxed with its buffers in `Conn`, so
+/// that what moves with each request and response is one pointer).
 enum Io {
     Plain(TcpStream),
     Tls(Box<TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>>),
@@ -390,12 +397,11 @@ impl Conn {
     /// Ready for the pool: the read buffer goes back to the allocator while
     /// the connection idles. The write buffer, about the size of a request
     /// head, is kept for the next, unless a large head or body made it grow.
-    fn idle(mut self) -> Self {
+    fn idle(&mut self) {
         self.read_buf = BytesMut::new();
         if self.write_buf.capacity() > KEEP_WRITE_BUF {
             self.write_buf = BytesMut::new();
         }
-        self
     }
 
     /// Whether nothing arrived (no close, no stray bytes) since the last
@@ -621,11 +627,13 @@ struct Head<'a> {
     /// Taken over by the response's fields once a response begins (one map
     /// per connection, request after request, instead of a new one each).
     headers: &'a mut http::HeaderMap,
+    /// The request asks to switch protocols (a 101 is welcome).
+    upgrade: bool,
 }
 
 /// A request sent and its response head read.
 struct Exchanged {
-    conn: Conn,
+    conn: Box<Conn>,
     head: ResponseHead,
     /// The rest of the request body, when the response came first.
     upload: Option<Upload>,
@@ -641,7 +649,7 @@ enum Failed {
 /// Writes the request on `conn` and reads the response head, writing the
 /// body meanwhile: an upstream may answer before it has read all of it.
 async fn exchange(
-    mut conn: Conn,
+    mut conn: Box<Conn>,
     request: &mut Head<'_>,
     upload: Upload,
     reused: bool,
@@ -701,7 +709,7 @@ async fn exchange(
 /// to be read first.
 pub struct PooledBody {
     /// `None` once the body has ended or failed.
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     pool: Arc<Pool>,
     decoder: Decoder,
     /// The rest of the request body, when the response came first (rare:

@@ -113,9 +113,10 @@ async fn proxy(
     };
     let sent = match keep_host(&mut parts) {
         Ok(()) => {
+            let upgrade = client_upgrade.is_some();
             shared
                 .upstreams
-                .send(&endpoint, Request::from_parts(parts, body))
+                .send(&endpoint, &mut parts, body, upgrade)
                 .await
         }
         Err(e) => Err(e),
