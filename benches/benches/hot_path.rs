@@ -1,6 +1,8 @@
 //! Micro-benchmarks of the per-request work the proxy adds: bucket hashing,
-//! route + split + header rewrite for a typical request, and recording the
-//! golden signals. Run: `cargo bench -p switchyard-benches`.
+//! route + split + header rewrite for a typical request, recording the
+//! golden signals, and the upstream client's wire format (request head
+//! written, response head parsed, a chunked body decoded). Run:
+//! `cargo bench -p switchyard-benches`.
 
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -122,5 +124,67 @@ fn record(c: &mut Criterion) {
     c.bench_function("clock: Instant::now", |b| b.iter(std::time::Instant::now));
 }
 
-criterion_group!(benches, bench, record);
+fn upstream_wire(c: &mut Criterion) {
+    use bytes::BytesMut;
+    use switchyard_proxy::h1::{self, ChunkedDecoder, Decoded, RequestFraming};
+
+    let (parts, ()) = Request::get("/api/v1/courses?page=2")
+        .header("host", "app.example.com")
+        .header("x-user-id", "user-123456")
+        .header("accept", "application/json")
+        .header("x-forwarded-for", "10.1.2.3")
+        .header("x-request-id", "0123456789abcdef0123456789abcdef")
+        .body(())
+        .unwrap()
+        .into_parts();
+    let mut out = BytesMut::with_capacity(1024);
+    c.bench_function("upstream: request head written", |b| {
+        b.iter(|| {
+            out.clear();
+            h1::write_request_head(
+                &mut out,
+                &parts.method,
+                black_box("/api/v1/courses?page=2"),
+                &parts.headers,
+                RequestFraming::None,
+            );
+            out.len()
+        })
+    });
+
+    // nginx's answer in the compare suite, give or take the date.
+    let head: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 27 Nov 2026 08:00:00 GMT\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n";
+    let mut map = http::HeaderMap::with_capacity(16);
+    c.bench_function("upstream: response head parsed", |b| {
+        b.iter(|| {
+            let mut buf = BytesMut::from(black_box(head));
+            let parsed = h1::parse_response(&mut buf, &http::Method::GET, &mut map)
+                .unwrap()
+                .unwrap();
+            map = parsed.headers;
+            parsed.status
+        })
+    });
+
+    let mut chunked = Vec::new();
+    for _ in 0..16 {
+        chunked.extend_from_slice(b"400\r\n");
+        chunked.extend_from_slice(&[b'x'; 1024]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    c.bench_function("upstream: 16 KiB chunked body decoded", |b| {
+        b.iter(|| {
+            let mut buf = BytesMut::from(black_box(&chunked[..]));
+            let mut decoder = ChunkedDecoder::default();
+            let mut total = 0;
+            while let Decoded::Data(data) = decoder.decode(&mut buf).unwrap() {
+                total += data.len();
+            }
+            total
+        })
+    });
+}
+
+criterion_group!(benches, bench, record, upstream_wire);
 criterion_main!(benches);

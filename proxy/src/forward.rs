@@ -240,7 +240,10 @@ impl Pool {
         if let Some(conn) = self.checkout() {
             match exchange(conn, &mut request, upload, true).await {
                 Ok(exchanged) => return self.respond(exchanged, asked_upgrade),
-                Err(Failed::Unsent(_, unsent)) => upload = unsent.restart(request.method),
+                Err(Failed::Unsent(e, unsent)) => {
+                    tracing::debug!(error = %e, "pooled connection dropped the request; sending it once more");
+                    upload = unsent.restart(request.method);
+                }
                 Err(Failed::Sent(e)) => return Err(e),
             }
         }
@@ -378,6 +381,15 @@ const MAX_READ_SIZE: usize = 64 * 1024;
 /// An idle connection keeps a write buffer up to this size.
 const KEEP_WRITE_BUF: usize = 8 * 1024;
 
+/// Lets go of a written-out buffer whose allocation grew past
+/// `KEEP_WRITE_BUF` (`capacity()` of a written-out buffer is only what is
+/// left past the written bytes, so the allocation is asked instead).
+fn shrink_write_buf(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.try_reclaim(KEEP_WRITE_BUF + 1) {
+        *buf = BytesMut::new();
+    }
+}
+
 /// Informational (1xx) answers read before a final one at most.
 const MAX_INFORMATIONAL: usize = 16;
 
@@ -399,9 +411,7 @@ impl Conn {
     /// head, is kept for the next, unless a large head or body made it grow.
     fn idle(&mut self) {
         self.read_buf = BytesMut::new();
-        if self.write_buf.capacity() > KEEP_WRITE_BUF {
-            self.write_buf = BytesMut::new();
-        }
+        shrink_write_buf(&mut self.write_buf);
     }
 
     /// Whether nothing arrived (no close, no stray bytes) since the last
@@ -433,8 +443,8 @@ impl Conn {
         cx: &mut Context<'_>,
         request: &mut Head<'_>,
         saw_bytes: &mut bool,
+        informational: &mut usize,
     ) -> Poll<Result<ResponseHead, ProxyError>> {
-        let mut informational = 0;
         loop {
             if !self.read_buf.is_empty() {
                 *saw_bytes = true;
@@ -445,8 +455,8 @@ impl Conn {
                         if head.status.is_informational()
                             && head.status != http::StatusCode::SWITCHING_PROTOCOLS =>
                     {
-                        informational += 1;
-                        if informational > MAX_INFORMATIONAL {
+                        *informational += 1;
+                        if *informational > MAX_INFORMATIONAL {
                             return Poll::Ready(Err(ProxyError::UpstreamReset(
                                 "too many informational responses".into(),
                             )));
@@ -624,8 +634,8 @@ struct Head<'a> {
     method: &'a http::Method,
     /// Origin-form: path and query.
     target: &'a str,
-    /// Taken over by the response's fields once a response begins (one map
-    /// per connection, request after request, instead of a new one each).
+    /// Taken over by the response's fields once a response begins: the
+    /// response goes out in the map the request came in, not a new one.
     headers: &'a mut http::HeaderMap,
     /// The request asks to switch protocols (a 101 is welcome).
     upgrade: bool,
@@ -669,6 +679,7 @@ async fn exchange(
     let mut uploaded = false;
     let mut write_failed = false;
     let mut saw_bytes = false;
+    let mut informational = 0;
     let head = std::future::poll_fn(|cx| {
         if !uploaded && !write_failed {
             match upload.poll(cx, &mut conn.io, &mut conn.write_buf) {
@@ -683,7 +694,7 @@ async fn exchange(
                 Poll::Pending => {}
             }
         }
-        conn.poll_head(cx, request, &mut saw_bytes)
+        conn.poll_head(cx, request, &mut saw_bytes, &mut informational)
     })
     .await;
     match head {
@@ -1017,6 +1028,25 @@ mod tests {
 
     fn target(uri: &str) -> Result<String, ProxyError> {
         origin_form(&uri.parse().unwrap()).map(str::to_owned)
+    }
+
+    #[test]
+    fn an_idle_write_buffer_is_kept_only_if_small() {
+        let mut small = BytesMut::with_capacity(1024);
+        small.extend_from_slice(&[b'h'; 600]);
+        small.advance(600);
+        shrink_write_buf(&mut small);
+        assert!(small.try_reclaim(1024), "a head-sized buffer is kept");
+
+        let mut large = BytesMut::with_capacity(20 * 1024);
+        large.extend_from_slice(&[b'h'; 20 * 1024]);
+        large.advance(20 * 1024);
+        assert!(
+            large.capacity() < KEEP_WRITE_BUF,
+            "capacity() hides the allocation"
+        );
+        shrink_write_buf(&mut large);
+        assert_eq!(large.capacity(), 0, "a 20 KiB allocation is let go");
     }
 
     #[test]

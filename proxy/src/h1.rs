@@ -253,6 +253,10 @@ fn response_framing(
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
+        // The length only informs here; a readable one is tidied all the same.
+        if let Ok(Some(n)) = content_length(headers) {
+            plain_length(headers, n);
+        }
         return Ok((Framing::Empty, reusable));
     }
     if headers.contains_key(TRANSFER_ENCODING) {
@@ -271,17 +275,20 @@ fn response_framing(
     }
     match content_length(headers)? {
         Some(n) => {
-            // `7, 7` or two fields of 7: the client gets one plain value.
-            let mut fields = headers.get_all(CONTENT_LENGTH).iter();
-            let first = fields.next();
-            let plain =
-                fields.next().is_none() && first.is_some_and(|v| !v.as_bytes().contains(&b','));
-            if !plain {
-                headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
-            }
+            plain_length(headers, n);
             Ok((Framing::Length(n), reusable))
         }
         None => Ok((Framing::Close, false)),
+    }
+}
+
+/// `7, 7` or two fields of 7: the client gets one plain `Content-Length`.
+fn plain_length(headers: &mut HeaderMap, n: u64) {
+    let mut fields = headers.get_all(CONTENT_LENGTH).iter();
+    let first = fields.next();
+    let plain = fields.next().is_none() && first.is_some_and(|v| !v.as_bytes().contains(&b','));
+    if !plain {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
     }
 }
 
@@ -694,6 +701,14 @@ mod tests {
             h.headers[CONTENT_LENGTH], "9",
             "a HEAD answer keeps its length"
         );
+        let h = head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 9, 9\r\n\r\n",
+            &Method::HEAD,
+        )
+        .unwrap()
+        .unwrap();
+        let lengths: Vec<_> = h.headers.get_all(CONTENT_LENGTH).iter().collect();
+        assert_eq!(lengths, ["9"]);
     }
 
     #[test]
@@ -719,6 +734,18 @@ mod tests {
             h.headers[CONNECTION], "keep-alive, x-secret",
             "kept, so that the field it names is removed with it"
         );
+
+        // One field says close, another names a field: both take effect.
+        let mut h = head(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nx-secret: s\r\nConnection: X-Secret\r\ncontent-length: 0\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!h.reusable);
+        crate::headers::rewrite_response(h.status, &mut h.headers);
+        assert!(h.headers.get("x-secret").is_none(), "{:?}", h.headers);
+        assert!(h.headers.get(CONNECTION).is_none());
     }
 
     #[test]

@@ -120,14 +120,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Headers the sender listed in `Connection` are hop-by-hop too. The
     // usual options (`keep-alive`, `close`, `upgrade`) name nothing more to
     // remove, and are skipped without making a header name of them.
+    // Bytes, not text: a value with one non-ASCII token still names the
+    // others.
     let listed: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|token| !token.eq_ignore_ascii_case("close") && !is_hop_by_hop_name(token))
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| !token.eq_ignore_ascii_case(b"close") && !is_hop_by_hop_name(token))
+        .filter_map(|token| HeaderName::from_bytes(token).ok())
         .collect();
     for name in &listed {
         headers.remove(name);
@@ -164,17 +165,18 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 }
 
 /// Whether `name`, as a client wrote it (in any case), is in `HOP_BY_HOP`.
-fn is_hop_by_hop_name(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| h.as_bytes().eq_ignore_ascii_case(name))
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// `a, b` from every copy of `name`, then `, last`.
@@ -335,6 +337,20 @@ mod tests {
             },
         );
         assert!(!h.contains_key("x-switchyard-backend"));
+    }
+
+    #[test]
+    fn a_non_ascii_token_does_not_hide_the_fields_connection_names() {
+        let mut resp = HeaderMap::new();
+        resp.append(
+            CONNECTION,
+            HeaderValue::from_bytes(b"x-secret, caf\xc3\xa9").unwrap(),
+        );
+        resp.append("x-secret", HeaderValue::from_static("s"));
+        resp.append("x-kept", HeaderValue::from_static("k"));
+        rewrite_response(StatusCode::OK, &mut resp);
+        assert!(!resp.contains_key("x-secret"), "{resp:?}");
+        assert_eq!(resp["x-kept"], "k");
     }
 
     #[test]

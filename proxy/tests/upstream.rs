@@ -39,6 +39,10 @@ enum Answer {
     WriteAndClose(Vec<u8>),
     /// Closes without a word.
     Close,
+    /// Waits at the barrier, then writes these bytes.
+    AfterBarrier(Arc<tokio::sync::Barrier>, Vec<u8>),
+    /// Writes each piece in a segment of its own (a short pause between).
+    Pieces(Vec<Vec<u8>>),
 }
 
 type Script = dyn Fn(usize, &Received) -> Answer + Send + Sync;
@@ -103,6 +107,20 @@ async fn serve(mut stream: TcpStream, script: Arc<Script>, log: Arc<Mutex<Vec<Re
                 return;
             }
             Answer::Close => return,
+            Answer::AfterBarrier(barrier, bytes) => {
+                barrier.wait().await;
+                if stream.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            Answer::Pieces(pieces) => {
+                for piece in pieces {
+                    if stream.write_all(&piece).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
         }
     }
 }
@@ -589,6 +607,21 @@ async fn http2_requests_ended_by_a_frame_of_their_own_go_up_complete() {
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
     let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(conn);
+    // The end on the headers themselves, without a length: no body.
+    for method in ["POST", "DELETE"] {
+        let mut h2 = h2.clone().ready().await.unwrap();
+        let req = Request::builder()
+            .method(method)
+            .uri(proxy.url("/"))
+            .body(())
+            .unwrap();
+        let (resp, _) = h2.send_request(req, true).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(30), resp)
+            .await
+            .expect("an answer within 30 s")
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{method}");
+    }
     for method in ["GET", "POST", "GET"] {
         let mut h2 = h2.clone().ready().await.unwrap();
         let req = Request::builder()
@@ -612,7 +645,7 @@ async fn http2_requests_ended_by_a_frame_of_their_own_go_up_complete() {
         assert_eq!(text, b"0", "{method}");
     }
     let received = upstream.received();
-    assert_eq!(received.len(), 3);
+    assert_eq!(received.len(), 5);
     for r in &received {
         let head = r.head.to_ascii_lowercase();
         if head.starts_with("get ") {
@@ -724,5 +757,48 @@ async fn an_idle_connection_the_upstream_closes_is_let_go() {
         closed_rx.await.unwrap(),
         "the proxy kept the upstream's closed connection open"
     );
+    proxy.stop().await;
+}
+
+/// The one retry is one: with two pooled connections, a request dropped by
+/// the first goes to a new connection, not to the second pooled one.
+#[tokio::test]
+async fn a_dropped_request_is_sent_again_once_on_a_new_connection() {
+    let both = Arc::new(tokio::sync::Barrier::new(2));
+    let upstream = RawUpstream::start(move |nth, _| match nth {
+        // Held until both arrived: two connections in the pool.
+        1 | 2 => Answer::AfterBarrier(both.clone(), ok("pooled")),
+        3 => Answer::Close,
+        _ => Answer::Write(ok("again")),
+    })
+    .await;
+    let proxy = proxy_to(&upstream).await;
+    let (a, b) = tokio::join!(fetch(&proxy, "GET", "/"), fetch(&proxy, "GET", "/"));
+    assert_eq!((a.0, b.0), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(upstream.connections(), 2);
+    let (status, body) = fetch(&proxy, "GET", "/").await;
+    assert_eq!((status, body.unwrap().as_str()), (StatusCode::OK, "again"));
+    assert_eq!(
+        upstream.connections(),
+        3,
+        "sent again on a new connection, not on the other pooled one"
+    );
+    proxy.stop().await;
+}
+
+/// Informational answers are bounded: an upstream sending them without end
+/// (each in its own segment) gets a 502, not a request held until its
+/// timeout.
+#[tokio::test]
+async fn endless_informational_answers_are_a_502() {
+    let upstream = RawUpstream::start(|_, _| {
+        let mut pieces = vec![b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(); 17];
+        pieces.push(ok("too late"));
+        Answer::Pieces(pieces)
+    })
+    .await;
+    let proxy = proxy_to(&upstream).await;
+    let (status, _) = fetch(&proxy, "GET", "/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
     proxy.stop().await;
 }
