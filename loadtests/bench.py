@@ -422,7 +422,7 @@ def suite_weights(args):
     proc, port, admin = start_switchyard(args.binary, workdir, origin, True, state_dir=workdir / "state", with_admin=True)
     os.sched_setaffinity(0, {1})
     changes = {"ok": 0, "failed": 0, "statuses": {}}
-    stop = threading.Event()
+    halt = threading.Event()
     splits = [
         '{"blue": 90, "green": 5, "canary": 5}',
         '{"blue": 50, "green": 25, "canary": 25}',
@@ -434,7 +434,7 @@ def suite_weights(args):
         conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
         start = time.monotonic()
         n = 0
-        while not stop.is_set():
+        while not halt.is_set():
             due = start + n / args.rate
             delay = due - time.monotonic()
             if delay > 0:
@@ -456,7 +456,7 @@ def suite_weights(args):
         started = time.monotonic()
         r = run_wrk(port, workdir, args.duration, args.connections)
         elapsed = time.monotonic() - started
-        stop.set()
+        halt.set()
         thread.join(timeout=15)
         events = sum(1 for _ in open(workdir / "state" / "events.jsonl"))
     finally:
