@@ -446,13 +446,13 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Future = Handled;
 
     fn call(&self, req: Request<Incoming>) -> Handled {
-        let (shared, info) = (self.shared.clone(), self.info.clone());
         let open = self.activity.clone().map(RequestGuard::enter);
-        Box::pin(async move {
-            let resp = pipeline::handle(&shared, info, req).await;
-            drop(open);
-            Ok(resp)
-        })
+        Box::pin(pipeline::handle(
+            self.shared.clone(),
+            self.info.clone(),
+            req,
+            open,
+        ))
     }
 }
 

@@ -14,6 +14,7 @@
 //! All routing decisions are made under one `load()` of the snapshot, in a
 //! synchronous block; the guard is dropped before the first `.await`.
 
+use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -58,36 +59,23 @@ pub struct ConnInfo {
 }
 
 /// Proxies one request; every failure becomes the response for its kind.
-pub async fn handle(
-    shared: &Shared,
-    conn: ConnInfo,
-    req: Request<Incoming>,
-) -> Response<ProxyBody> {
-    let Some(_admitted) = shared.admission.enter() else {
-        return unrouted(shared, ProxyError::Overloaded);
-    };
-    match proxy(shared, conn, req).await {
-        Ok(resp) => resp,
-        Err(e) => {
-            tracing::debug!(error = %e, "request failed");
-            e.into_response()
-        }
-    }
-}
-
-/// Answers a request that never reached a backend, counting why.
-fn unrouted(shared: &Shared, e: ProxyError) -> Response<ProxyBody> {
-    if let Some(reason) = e.unrouted() {
-        shared.metrics.unrouted(reason);
-    }
-    e.into_response()
-}
-
-async fn proxy(
-    shared: &Shared,
+/// `open` (the connection's count of open requests) is held until the
+/// response head is ready.
+///
+/// One `async fn` from admission to the response head, boxed as it is by
+/// the connection: a nested future would be moved whole (its largest state,
+/// about a kilobyte) into its caller's at every call.
+pub async fn handle<G: Send>(
+    shared: Arc<Shared>,
     conn: ConnInfo,
     mut req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, ProxyError> {
+    open: G,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let _open = open;
+    let shared = &*shared;
+    let Some(_admitted) = shared.admission.enter() else {
+        return Ok(unrouted(shared, ProxyError::Overloaded));
+    };
     if req.method() == Method::CONNECT {
         return Ok(unrouted(
             shared,
@@ -125,7 +113,8 @@ async fn proxy(
         Ok(resp) => resp,
         Err(e) => {
             recording.finish(e.status(), e.failure_reason());
-            return Err(e);
+            tracing::debug!(error = %e, "request failed");
+            return Ok(e.into_response());
         }
     };
     recording.finish(resp.status(), None);
@@ -140,6 +129,14 @@ async fn proxy(
         resp.headers_mut().append(SET_COOKIE, cookie);
     }
     Ok(resp.map(Either::Left))
+}
+
+/// Answers a request that never reached a backend, counting why.
+fn unrouted(shared: &Shared, e: ProxyError) -> Response<ProxyBody> {
+    if let Some(reason) = e.unrouted() {
+        shared.metrics.unrouted(reason);
+    }
+    e.into_response()
 }
 
 /// Route, split and rewrite under one snapshot: synchronous, so the snapshot
