@@ -7,6 +7,11 @@
 //! anything up, and gives it back when the response body has been read to
 //! its end. Pools are kept across snapshots (by endpoint and TLS setting), so
 //! a weight change does not drop pooled connections.
+//!
+//! HTTP/1.1 is spoken here, in the request's own task: `exchange` writes the
+//! request (its body as it comes) and reads the response head; the response
+//! body (`PooledBody`) is read off the socket as the client takes it. The
+//! wire format is `h1.rs`'s.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
