@@ -38,6 +38,7 @@ use rustls::pki_types::ServerName;
 use switchyard_control::config::{Timeouts, UpstreamTlsConfig};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 use tokio_util::io::poll_read_buf;
 use tower_service::Service;
 
@@ -293,13 +294,13 @@ impl Pool {
                     .clone()
                     .call(self.target.clone())
                     .await
-                    .map(|io| Io::Plain(io.into_inner()))
+                    .map(|io| Either::Left(io.into_inner()))
                     .map_err(|e| connect_error(&e)),
                 Connect::Tls(c) => c
                     .clone()
                     .call(self.target.clone())
                     .await
-                    .map(|io| Io::Tls(Box::new(TokioIo::new(io))))
+                    .map(|io| Either::Right(Box::new(TokioIo::new(io))))
                     .map_err(|e| connect_error(&*e)),
                 Connect::Unusable(why) => Err(ProxyError::UpstreamConnect(why.to_string())),
             }
@@ -338,7 +339,7 @@ impl Pool {
                 Framing::Close => Decoder::Close,
             },
             upload: upload.map(Box::new),
-            reusable: head.reusable && !upgraded,
+            reusable: head.reusable,
             upgraded,
         };
         if !upgraded && body.decoder.is_end() {
@@ -362,12 +363,9 @@ impl Pool {
 
 // === One connection ===
 
-/// An upstream connection's transport (boxed with its buffers in `Conn`, so
-/// that what moves with each request and response is one pointer).
-enum Io {
-    Plain(TcpStream),
-    Tls(Box<TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>>),
-}
+/// An upstream connection's transport: plain TCP, or TLS (boxed: a TLS
+/// session is large, and most connections are plain).
+type Io = Either<TcpStream, Box<TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>>>;
 
 /// A connection to an upstream, with the bytes read and not yet used, and
 /// those still to write.
@@ -495,7 +493,6 @@ impl Conn {
 struct Upload {
     body: UpstreamBody,
     framing: RequestFraming,
-    chunked: bool,
     /// Length still to come of a `Content-Length` body.
     left: u64,
     /// A large body frame being written (small ones go through `write_buf`).
@@ -527,7 +524,6 @@ impl Upload {
             // A `GET` of unknown length is polled to its end: data there is
             // refused, not dropped.
             ended: exact == Some(0),
-            chunked: framing == RequestFraming::Chunked,
             left: match framing {
                 RequestFraming::Length(n) => n,
                 _ => 0,
@@ -587,7 +583,7 @@ impl Upload {
     }
 
     fn take(&mut self, data: Bytes, out: &mut BytesMut) -> Result<(), UploadError> {
-        if self.chunked {
+        if self.framing == RequestFraming::Chunked {
             h1::write_chunk(out, &data);
             return Ok(());
         }
@@ -612,7 +608,7 @@ impl Upload {
 
     fn end(&mut self, out: &mut BytesMut) -> Result<(), UploadError> {
         self.ended = true;
-        if self.chunked {
+        if self.framing == RequestFraming::Chunked {
             out.extend_from_slice(h1::LAST_CHUNK);
         } else if self.left != 0 {
             return Err(UploadError::Body(ProxyError::DownstreamMalformed(
@@ -666,7 +662,7 @@ enum Failed {
 async fn exchange(
     mut conn: Box<Conn>,
     request: &mut Head<'_>,
-    upload: Upload,
+    mut upload: Upload,
     reused: bool,
 ) -> Result<Exchanged, Failed> {
     h1::write_request_head(
@@ -680,7 +676,6 @@ async fn exchange(
     // request: it saw none of it, or it is idempotent and without a body,
     // and no response began (RFC 9110 §9.2.2).
     let idempotent = request.method.is_idempotent() && upload.ended && !upload.touched;
-    let mut upload = upload;
     let mut uploaded = false;
     let mut write_failed = false;
     let mut saw_bytes = false;
@@ -896,48 +891,6 @@ impl Body for PooledBody {
             Decoder::Failed => SizeHint::default(),
             _ if self.is_end_stream() => SizeHint::with_exact(0),
             _ => SizeHint::default(),
-        }
-    }
-}
-
-// === Transport ===
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(io) => Pin::new(io).poll_read(cx, buf),
-            Io::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(io) => Pin::new(io).poll_write(cx, buf),
-            Io::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(io) => Pin::new(io).poll_flush(cx),
-            Io::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(io) => Pin::new(io).poll_shutdown(cx),
-            Io::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -15,6 +15,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
+use crate::headers::list_items;
+
 /// The largest response head read before the response counts as broken.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
@@ -144,7 +146,6 @@ pub enum Framing {
 #[derive(Debug)]
 pub struct ResponseHead {
     pub status: StatusCode,
-    pub version: Version,
     pub headers: HeaderMap,
     pub framing: Framing,
     /// Whether the connection may carry another request after this one.
@@ -231,7 +232,6 @@ pub fn parse_response(
     let (framing, reusable) = response_framing(method, status, version, close, &mut headers)?;
     Ok(Some(ResponseHead {
         status,
-        version,
         headers,
         framing,
         reusable,
@@ -315,15 +315,13 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, BadResponse> {
 
 /// Whether `chunked` is the last transfer coding, and named only once.
 fn chunked_is_final(headers: &HeaderMap) -> bool {
-    let mut codings = headers
+    let codings = headers
         .get_all(TRANSFER_ENCODING)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(|c| c.trim_ascii())
-        .filter(|c| !c.is_empty());
+        .flat_map(|v| list_items(v.as_bytes()));
     let mut chunked = 0;
     let mut last_chunked = false;
-    for coding in codings.by_ref() {
+    for coding in codings {
         last_chunked = coding.eq_ignore_ascii_case(b"chunked");
         chunked += usize::from(last_chunked);
     }
@@ -335,11 +333,10 @@ fn chunked_is_final(headers: &HeaderMap) -> bool {
 fn connection_tokens(value: &[u8]) -> (bool, bool) {
     let mut close = false;
     let mut names = false;
-    for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+    for token in list_items(value) {
         if token.eq_ignore_ascii_case(b"close") {
             close = true;
-        } else if !token.is_empty()
-            && !token.eq_ignore_ascii_case(b"keep-alive")
+        } else if !token.eq_ignore_ascii_case(b"keep-alive")
             && !token.eq_ignore_ascii_case(b"upgrade")
         {
             names = true;

@@ -120,13 +120,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Headers the sender listed in `Connection` are hop-by-hop too. The
     // usual options (`keep-alive`, `close`, `upgrade`) name nothing more to
     // remove, and are skipped without making a header name of them.
-    // Bytes, not text: a value with one non-ASCII token still names the
-    // others.
     let listed: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii)
+        .flat_map(|v| list_items(v.as_bytes()))
         .filter(|token| !token.eq_ignore_ascii_case(b"close") && !is_hop_by_hop_name(token))
         .filter_map(|token| HeaderName::from_bytes(token).ok())
         .collect();
@@ -175,8 +172,18 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(CONNECTION)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        .flat_map(|v| list_items(v.as_bytes()))
+        .any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The members of a comma-separated field value (`Connection`,
+/// `Transfer-Encoding`, ...), trimmed, empty ones skipped. Bytes, not text:
+/// one non-ASCII member does not hide the others.
+pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|item| !item.is_empty())
 }
 
 /// `a, b` from every copy of `name`, then `, last`.
