@@ -5,6 +5,7 @@
     python3 loadtests/bench.py weights     # 100 weight changes/s under load: no failed request
     python3 loadtests/bench.py rollout     # a canary fails under load: time to rollback, requests lost
     python3 loadtests/bench.py compare     # nginx, haproxy, Switchyard and the origin itself, side by side
+    python3 loadtests/bench.py instructions  # user-space instructions per request of each proxy (callgrind)
     python3 loadtests/bench.py tls         # TLS termination: Switchyard against nginx, keep-alive and handshakes
     python3 loadtests/bench.py memory      # idle RSS and RSS with 10,000 idle keep-alive connections, against nginx and haproxy
 
@@ -54,6 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtests" / "RESULTS.md"
 BIN = ROOT / "target" / "release" / "switchyard"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROXY_CORE, GENERATOR_CORE = 0, 1  # the proxy under test; the origin and the load generators
+GENERATOR_SATURATED = 0.95    # the generator's core this busy: a throughput figure is bounded by it
 IDLE_TIMEOUT_S = 120          # every server keeps an idle keep-alive client this long
 MAX_IDLE_CONNECTIONS = 10000  # the most the idle-connection test may hold
 MAX_CONNECTIONS = 12000       # every server's connection limit: those, upstream ones and spare
@@ -149,17 +152,45 @@ def peak_rss_kib(pid):
     return status_kib(pid, "VmHWM")
 
 
+def core_ticks(core):
+    """(busy, all) clock ticks of one core since boot, from /proc/stat;
+    idle and iowait are the not-busy ones."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        fields = line.split()
+        if fields[0] == f"cpu{core}":
+            ticks = [int(f) for f in fields[1:]]
+            return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+    return 0, 0
+
+
+def core_busy(core):
+    """Starts watching `core`; the returned function gives the share of the
+    time since then that the core was busy (0 to 1), or None if the machine
+    has no such core."""
+    busy, every = core_ticks(core)
+    def since():
+        busy2, every2 = core_ticks(core)
+        return (busy2 - busy) / (every2 - every) if every2 > every else None
+    return since
+
+
 def with_cpu(pid, run):
     """Runs `run()` (a load generator returning a dict with `total`) and adds
     the CPU time `pid` spent meanwhile per request (utime+stime from
     /proc/<pid>/stat), and the kernel's part of it (stime); None when there
-    is no process to watch."""
+    is no process to watch. Also how busy the load generator's core was:
+    when it is saturated, the throughput measured is the generator's and the
+    origin's, not the proxy's."""
     if not pid:
+        busy = core_busy(GENERATOR_CORE)
         r = run()
+        r["generator_core_busy"] = busy()
         r["cpu_us_per_req"] = r["kernel_us_per_req"] = None
         return r
     user, kernel = cpu_split(pid)
+    busy = core_busy(GENERATOR_CORE)
     r = run()
+    r["generator_core_busy"] = busy()
     user2, kernel2 = cpu_split(pid)
     per_req = lambda ticks: ticks / CLK_TCK * 1e6 / max(r["total"], 1)
     r["cpu_us_per_req"] = per_req(user2 - user + kernel2 - kernel)
@@ -183,12 +214,12 @@ http {{
 """
 
 
-def start_nginx(workdir, name, core, servers, http_extra="", ports=()):
+def start_nginx(workdir, name, core, servers, http_extra="", ports=(), wrapper=()):
     conf = workdir / f"{name}.conf"
     conf.write_text(nginx_conf(workdir, name, servers, http_extra))
-    proc = spawn(["taskset", "-c", core, nginx_bin(), "-c", conf, "-p", workdir])
+    proc = spawn(["taskset", "-c", core, *wrapper, nginx_bin(), "-c", conf, "-p", workdir])
     for port in ports:
-        wait_port(port)
+        wait_port(port, timeout=60 if wrapper else 10)
     return proc
 
 
@@ -294,19 +325,29 @@ def measure(workdir, origin, variant, enabled, args):
     return r
 
 
+CALLGRIND = ("valgrind", "--tool=callgrind", "--instr-atstart=no")
+
+
 def instructions_per_request(binary, workdir, origin, enabled, requests=2000, warmup=200):
-    """Instructions the proxy executes per request, counted by callgrind:
+    """Instructions Switchyard executes per request (see `count_instructions`)."""
+    def start(wrapper):
+        proc, port = start_switchyard(binary, workdir, origin, enabled, wrapper=wrapper)
+        return Running(proc, port, port)
+    return count_instructions(start, workdir, requests, warmup)
+
+
+def count_instructions(start, workdir, requests=2000, warmup=200):
+    """Instructions a proxy executes per request, counted by callgrind:
     repeatable whatever else the machine does, unlike wall-clock figures on a
-    shared VM. Counting is switched on only around `requests` sequential
-    keep-alive requests (after a warm-up), so start-up is not included."""
-    out = workdir / f"callgrind-{enabled}-{time.monotonic_ns()}.out"
-    proc, port = start_switchyard(
-        binary, workdir, origin, enabled,
-        wrapper=("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"),
-    )
+    shared VM. `start(wrapper)` starts the proxy under `wrapper` and returns
+    its Running. Counting is switched on only around `requests` sequential
+    keep-alive requests (after a warm-up), so start-up is not included. Only
+    user space is counted: the kernel's work for the sockets is not."""
+    out = workdir / f"callgrind-{time.monotonic_ns()}.out"
+    running = start((*CALLGRIND, f"--callgrind-out-file={out}"))
     try:
         import http.client
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)
 
         def burst(n, offset):
             for i in range(n):
@@ -317,12 +358,12 @@ def instructions_per_request(binary, workdir, origin, enabled, requests=2000, wa
                     raise RuntimeError(f"status {resp.status} under callgrind")
 
         burst(warmup, 0)
-        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-i", "on", str(running.pid)], check=True, capture_output=True)
         burst(requests, warmup)
-        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-i", "off", str(running.pid)], check=True, capture_output=True)
         conn.close()
     finally:
-        stop(proc, timeout=120)
+        stop(running.proc, timeout=120)
     total = 0
     for f in workdir.glob(out.name + "*"):
         for m in re.findall(r"^(?:summary|totals):\s+(\d+)", f.read_text(errors="replace"), re.M):
@@ -616,9 +657,13 @@ class Peer:
     name: str
     start: object  # (workdir, origin) -> Running
     is_proxy: bool = True
+    # A TCP forwarder that parses nothing: what the kernel's part of proxying
+    # costs, the least any proxy could. Not in the memory tests (each idle
+    # client would hold an origin connection) and no goal is set against it.
+    floor: bool = False
 
 
-def start_nginx_proxy(workdir, origin, tls=""):
+def start_nginx_proxy(workdir, origin, tls="", wrapper=()):
     """nginx as a reverse proxy: one worker, upstream keep-alive. With `tls`
     (the server's ssl_* directives), one port terminating TLS, HTTP/1.1 and
     h2 chosen by ALPN."""
@@ -635,15 +680,15 @@ def start_nginx_proxy(workdir, origin, tls=""):
       proxy_max_temp_file_size 0;
     }}
   }}""", http_extra=f"  upstream origin {{ server 127.0.0.1:{origin.port}; keepalive 64; keepalive_requests 1000000; }}",
-        ports=(port, h2_port))
+        ports=(port, h2_port), wrapper=wrapper)
     return Running(proc, port, h2_port)
 
 
-def start_haproxy(workdir, origin):
-    """haproxy: one thread, `http-reuse always`."""
-    port, h2_port = free_port(), free_port()
-    conf = workdir / f"haproxy-{port}.cfg"
-    conf.write_text(f"""global
+def haproxy_conf(port, h2_port, origin, tcp=False):
+    """haproxy, one thread: an HTTP proxy with `http-reuse always`; with
+    `tcp`, a TCP forwarder instead (each client connection gets an origin
+    connection of its own, bytes copied both ways, nothing parsed)."""
+    common = f"""global
   nbthread 1
   maxconn {MAX_CONNECTIONS}
   # It wants two descriptors per connection (client and server side) and will not start
@@ -651,11 +696,25 @@ def start_haproxy(workdir, origin):
   # a handful of shared connections, so the idle clients still fit.
   no strict-limits
 defaults
-  mode http
   maxconn {MAX_CONNECTIONS}
   timeout connect 1s
   timeout client {IDLE_TIMEOUT_S}s
   timeout server 30s
+"""
+    if tcp:
+        return common + f"""  mode tcp
+frontend proxy
+  bind 127.0.0.1:{port}
+  default_backend origin
+frontend proxy_h2
+  bind 127.0.0.1:{h2_port}
+  default_backend origin_h2
+backend origin
+  server origin 127.0.0.1:{origin.port}
+backend origin_h2
+  server origin 127.0.0.1:{origin.h2_port}
+"""
+    return common + f"""  mode http
   timeout http-keep-alive {IDLE_TIMEOUT_S}s
   option forwardfor
   http-reuse always
@@ -665,11 +724,18 @@ frontend proxy
   default_backend origin
 backend origin
   server origin 127.0.0.1:{origin.port}
-""")
+"""
+
+
+def start_haproxy(workdir, origin, tcp=False, wrapper=()):
+    """haproxy as configured by `haproxy_conf`, pinned to the proxy core."""
+    port, h2_port = free_port(), free_port()
+    conf = workdir / f"haproxy-{port}.cfg"
+    conf.write_text(haproxy_conf(port, h2_port, origin, tcp))
     with open(workdir / f"haproxy-{port}.log", "w") as log:
-        proc = spawn(["taskset", "-c", "0", haproxy_bin(), "-db", "-f", conf], stderr=log)
+        proc = spawn(["taskset", "-c", "0", *wrapper, haproxy_bin(), "-db", "-f", conf], stderr=log)
     for p in (port, h2_port):
-        wait_port(p)
+        wait_port(p, timeout=60 if wrapper else 10)
     return Running(proc, port, h2_port)
 
 
@@ -677,11 +743,14 @@ def switchyard_peer(binary, features, tls=""):
     """Switchyard (one worker thread) with the three-backend sticky split;
     `features`: metrics and five flags on, otherwise both off; `tls`: a
     `tls:` section (then h1 and h2 by ALPN on the one port)."""
-    def start(workdir, origin):
+    def start(workdir, origin, wrapper=()):
         extra = SWITCHYARD_LIMITS_YAML + ("\n" + FLAGS_YAML if features else "") + ("\n" + tls if tls else "")
-        proc, port = start_switchyard(binary, workdir, origin.port, features, extra=extra)
+        proc, port = start_switchyard(binary, workdir, origin.port, features, extra=extra, wrapper=wrapper)
         return Running(proc, port, port)  # h1 and h2c on one port
     return start
+
+
+FLOOR = "haproxy, TCP only (floor)"
 
 
 def compare_peers(args):
@@ -689,6 +758,7 @@ def compare_peers(args):
         Peer("origin direct (ceiling)", lambda workdir, origin: origin, is_proxy=False),
         Peer("nginx", start_nginx_proxy),
         Peer("haproxy", start_haproxy),
+        Peer(FLOOR, lambda workdir, origin, wrapper=(): start_haproxy(workdir, origin, tcp=True, wrapper=wrapper), floor=True),
         Peer("switchyard", switchyard_peer(args.binary, features=True)),
         Peer("switchyard, metrics+flags off", switchyard_peer(args.binary, features=False)),
     ]
@@ -1016,7 +1086,7 @@ def suite_compare(args):
             for peer in order:
                 load_phase(peer, origin, workdir, args, loads, tally, where)
             for peer in order:
-                if peer.is_proxy:
+                if peer.is_proxy and not peer.floor:
                     memory_phase(peer, origin, workdir, args, tally, where)
     finally:
         stop(origin_proc)
@@ -1031,6 +1101,11 @@ def suite_compare(args):
 def cell(tally, peer, what, key, fmt):
     values = tally.values(peer, what, key)
     return summary(values, fmt) if values else "—"
+
+
+def percent_cell(tally, peer, what):
+    values = [100 * v for v in tally.values(peer, what, "generator_core_busy")]
+    return summary(values, "{:.0f} %") if values else "—"
 
 
 def ratio_goal(tally, text, what, key, peer, reference, limit, at_most=True):
@@ -1061,6 +1136,18 @@ def memory_goals(tally):
     ]
 
 
+def generator_bound(tally, peers, goal):
+    """A throughput goal whose runs had the load generator's core saturated
+    says so: such a figure is the generator's and the origin's limit (they
+    share a core), not the proxies'."""
+    busy = [tally.median(p, "saturation", "generator_core_busy") for p in peers]
+    if None in busy or min(busy) < GENERATOR_SATURATED:
+        return goal
+    text, measured, verdict = goal
+    return text, (f"{measured}; the load generator's core was {100 * min(busy):.0f}–{100 * max(busy):.0f} % busy: "
+                  f"the throughput measured is bounded by the load generator and the origin, not by the proxies"), verdict
+
+
 def compare_goals(tally):
     sy, off, ng, hp = "switchyard", "switchyard, metrics+flags off", "nginx", "haproxy"
     best_peer = max((ng, hp), key=lambda p: tally.median(p, "saturation", "rps") or 0)
@@ -1069,8 +1156,9 @@ def compare_goals(tally):
                    "fixed rate", "cpu_us_per_req", sy, ng, 0.8),
         ratio_goal(tally, "CPU per request at the fixed rate ≤ 0.8× haproxy's",
                    "fixed rate", "cpu_us_per_req", sy, hp, 0.8),
-        ratio_goal(tally, f"saturation throughput ≥ 1.1× the better of nginx and haproxy ({best_peer})",
-                   "saturation", "rps", sy, best_peer, 1.1, at_most=False),
+        generator_bound(tally, (sy, best_peer), ratio_goal(
+            tally, f"saturation throughput ≥ 1.1× the better of nginx and haproxy ({best_peer})",
+            "saturation", "rps", sy, best_peer, 1.1, at_most=False)),
         ratio_goal(tally, "p99 at the fixed rate ≤ nginx's", "fixed rate", "p99_ms", sy, ng, 1.0),
         *memory_goals(tally),
         ratio_goal(tally, "metrics and flags cost < 5 % of throughput: req/s with them ≥ 0.95× without "
@@ -1103,7 +1191,31 @@ def cpu_floor(tally):
         return ""
     return ("Where the CPU goes (µs per request, medians; kernel = stime, user = utime):\n\n"
             "| load | Switchyard kernel | Switchyard user | peer kernel | peer user | what the goal allows |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(rows))
+            "|---|---|---|---|---|---|\n" + "\n".join(rows) + tcp_floor(tally))
+
+
+def tcp_floor(tally):
+    """The TCP forwarder's CPU per request against nginx's: when even a
+    proxy that parses nothing costs more than a goal allows, no HTTP proxy
+    can meet that goal on this machine."""
+    lines = []
+    for what, factor in (("fixed rate", 0.8), ("saturation", None)):
+        floor = tally.median(FLOOR, what, "cpu_us_per_req")
+        kernel = tally.median(FLOOR, what, "kernel_us_per_req")
+        ref = tally.median("nginx", what, "cpu_us_per_req")
+        if None in (floor, kernel, ref):
+            continue
+        verdict = ""
+        if factor is not None:
+            verdict = (f": above the {factor}× nginx's the goal asks, so no HTTP proxy can reach it here"
+                       if floor > factor * ref else f": under the {factor}× nginx's the goal asks")
+        lines.append(f"- {what}: {floor:.2f} µs per request ({kernel:.2f} of it the kernel's), "
+                     f"{floor / ref:.2f}× nginx's {ref:.2f}{verdict}.")
+    if not lines:
+        return ""
+    return ("\n\nThe least a proxy can cost here: haproxy in `mode tcp` copies bytes between each client "
+            "connection and an origin connection of its own, parsing nothing (the same four socket calls per "
+            "request as an HTTP proxy with upstream keep-alive):\n\n" + "\n".join(lines))
 
 
 def compare_section(args, peers, tally, rate, elapsed, load_before):
@@ -1115,14 +1227,14 @@ def compare_section(args, peers, tally, rate, elapsed, load_before):
             f"{c('fixed rate', 'p99_ms', '{:.2f}')} | {c('fixed rate', 'p999_ms', '{:.2f}')} | "
             f"{c('fixed rate', 'cpu_us_per_req', '{:.2f}')} | {c('fixed rate', 'kernel_us_per_req', '{:.2f}')} | "
             f"{c('saturation', 'cpu_us_per_req', '{:.2f}')} | "
-            f"{c('memory', 'peak_rss_mib', '{:.1f}')} |"
+            f"{c('memory', 'peak_rss_mib', '{:.1f}')} | {percent_cell(tally, peer.name, 'saturation')} |"
         )
         extra_rows.append(
             f"| {peer.name} | {c('h2', 'rps', '{:.0f}')} | {c('h2', 'cpu_us_per_req', '{:.2f}')} | "
             + " | ".join(f"{c(label, 'rps', '{:.0f}')} | {c(label, 'cpu_us_per_req', '{:.2f}')}" for label in BODIES)
             + " |"
         )
-        if peer.is_proxy:
+        if peer.is_proxy and not peer.floor:
             memory_rows.append(
                 f"| {peer.name} | {c('idle', 'idle_rss_mib', '{:.1f}')} | {c('connections', 'conns_rss_mib', '{:.1f}')} |"
             )
@@ -1137,7 +1249,8 @@ def compare_section(args, peers, tally, rate, elapsed, load_before):
   Switchyard (`workers: 1`, a three-backend sticky split 90/5/5 by `x-user-id` with all three backends on the
   origin, metrics on, five flags sent upstream in `x-feature-flags`) and the same binary with metrics and
   flags off. The origin (nginx, one worker, a 3-byte 200) and every load generator on core 1. "origin direct"
-  is the origin without a proxy: the ceiling.
+  is the origin without a proxy: the ceiling. "{FLOOR}" is haproxy forwarding TCP, parsing nothing:
+  the floor, what the kernel's part of any proxy costs (no goal is set against it, no memory test).
 - Per round, in an order that reverses every round, each peer is started fresh, warmed up ({args.warmup} s), then
   measured back to back for {args.duration} s each: saturation (wrk, 1 thread, {args.connections} connections,
   a new `x-user-id` per request); open loop at a fixed **{rate} req/s** (about half of nginx's saturation
@@ -1153,8 +1266,8 @@ def compare_section(args, peers, tally, rate, elapsed, load_before):
 - The whole run took {elapsed / 60:.1f} minutes; load average {load_before:.2f} at the start,
   {os.getloadavg()[0]:.2f} at the end. {tally.interference()}
 
-| peer | req/s at saturation | p50 ms | p99 ms | p99.9 ms | CPU µs/req at {rate} req/s | of which kernel | CPU µs/req at saturation | peak RSS MiB |
-|---|---|---|---|---|---|---|---|---|
+| peer | req/s at saturation | p50 ms | p99 ms | p99.9 ms | CPU µs/req at {rate} req/s | of which kernel | CPU µs/req at saturation | peak RSS MiB | load generator's core busy at saturation |
+|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(main_rows)}
 
 | peer | h2 req/s | h2 CPU µs/req | {body_heads} |
@@ -1177,6 +1290,55 @@ Goals (ratios of medians from this run):
 """
 
 
+# === instructions: user-space work per request, counted by callgrind ===
+
+def suite_instructions(args):
+    """Each proxy of the compare suite under callgrind, one after another:
+    instructions per request, the one figure here that does not move with
+    the machine's noise. The kernel's work is not in it (see the compare
+    suite's CPU split for that)."""
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        sys.exit("not installed: valgrind (Debian: apt-get install valgrind)")
+    workdir = Path(tempfile.mkdtemp(prefix="switchyard-instructions-"))
+    h2_port = free_port()
+    origin_proc, port = start_origin(workdir, h2_port=h2_port)
+    origin = Running(None, port, h2_port)
+    peers = [peer for peer in compare_peers(args) if peer.is_proxy]
+    counts = {}
+    started = time.monotonic()
+    try:
+        for rnd in range(args.rounds):
+            for peer in peers:
+                start = lambda wrapper, peer=peer: peer.start(workdir, origin, wrapper=wrapper)
+                n = count_instructions(start, workdir, requests=args.requests)
+                counts.setdefault(peer.name, []).append(n)
+                print(f"round {rnd + 1} {peer.name}: {n:.0f} instructions/request", flush=True)
+    finally:
+        stop(origin_proc)
+    nginx = statistics.median(counts["nginx"])
+    rows = "\n".join(f"| {name} | {summary(values, '{:,.0f}')} | {statistics.median(values) / nginx:.2f}× |"
+                     for name, values in counts.items())
+    section = f"""## Instructions per request: nginx, haproxy, Switchyard
+
+{provenance(args, [[nginx_bin(), '-v'], [haproxy_bin(), '-v'], ['valgrind', '--version']])}
+- Setup: the compare suite's proxies, configured as there (nginx and haproxy one worker/thread with upstream
+  keep-alive; Switchyard with the three-backend sticky split, metrics on and five flags sent upstream, and
+  the same binary with metrics and flags off; haproxy forwarding TCP as the floor), each in turn under
+  `valgrind --tool=callgrind` on core 0, in front of the same origin (nginx on core 1).
+- Counting is switched on (`callgrind_control -i on`) only around {args.requests} sequential keep-alive
+  requests from one client, each with a new `x-user-id`, after 200 of warm-up: start-up is not counted.
+  User-space instructions only: the kernel's work for the sockets is the same for every HTTP proxy and is
+  not in these figures. {args.rounds} round(s); cells: median (min–max).
+- The run took {(time.monotonic() - started) / 60:.1f} minutes.
+
+| proxy | instructions per request | against nginx |
+|---|---|---|
+{rows}
+"""
+    write_section("## Instructions per request: nginx, haproxy, Switchyard", section)
+    print(section)
+
+
 # === memory: idle RSS and RSS with many idle keep-alive connections ===
 
 def suite_memory(args):
@@ -1193,7 +1355,7 @@ def suite_memory(args):
         peers = tls_peers(args, cert, key)
         tls = ssl.create_default_context(cafile=str(cert))
     else:
-        peers = [peer for peer in compare_peers(args) if peer.is_proxy]
+        peers = [peer for peer in compare_peers(args) if peer.is_proxy and not peer.floor]
     tally = Tally(quiet_wait_s=args.quiet_wait)
     started = time.monotonic()
     try:
@@ -1519,6 +1681,7 @@ SUITES = {
     "weights": (suite_weights, 5, 10),
     "rollout": (suite_rollout, 5, 10),
     "compare": (suite_compare, 3, 6),
+    "instructions": (suite_instructions, 1, 0),
     "memory": (suite_memory, 3, 0),
     "tls": (suite_tls, 3, 10),
 }
@@ -1540,6 +1703,9 @@ def require_tools(suite):
         needed.update({"haproxy": "haproxy", "h2load": "nghttp2-client"})
     if suite == "memory":
         needed = {"haproxy": "haproxy", "taskset": "util-linux", "openssl": "openssl"}
+    if suite == "instructions":
+        needed = {"haproxy": "haproxy", "taskset": "util-linux", "valgrind": "valgrind",
+                  "callgrind_control": "valgrind"}
     if suite == "tls":
         needed.update({"h2load": "nghttp2-client", "hey": "hey", "openssl": "openssl"})
     missing = [f"{tool} (Debian: apt-get install {pkg})" for tool, pkg in needed.items() if not shutil.which(tool)]
@@ -1561,6 +1727,8 @@ def main():
                         help="for development: 1 round of 2 s measurements (explicit --rounds/--duration win)")
     parser.add_argument("--connections", type=int, default=64, help="concurrent requests of the load generators")
     parser.add_argument("--rate", type=int, default=100, help="weights suite: changes per second")
+    parser.add_argument("--requests", type=int, default=2000,
+                        help="instructions suite: requests counted per proxy")
     parser.add_argument("--interval", type=int, default=1, help="rollout suite: analysis interval, seconds")
     parser.add_argument("--warmup", type=int, default=1, help="compare suite: warm-up seconds per process")
     parser.add_argument("--open-rate", type=int,

@@ -14,11 +14,28 @@ pub const BUCKETS: u32 = 10_000;
 
 /// The bucket (`0..BUCKETS`) of `key` under `salt`. Allocates nothing.
 pub fn bucket(salt: &str, key: &[u8]) -> u32 {
-    let mut h = Murmur3::new(0);
-    h.write(salt.as_bytes());
-    h.write(b":");
-    h.write(key);
-    ((u64::from(h.finish()) * u64::from(BUCKETS)) >> 32) as u32
+    Salt::new(salt).bucket(key)
+}
+
+/// A salt hashed once: the hash state after `salt:`, so each request hashes
+/// only its key. Routes and flags keep one.
+#[derive(Debug, Clone)]
+pub struct Salt(Murmur3);
+
+impl Salt {
+    pub fn new(salt: &str) -> Self {
+        let mut h = Murmur3::new(0);
+        h.write(salt.as_bytes());
+        h.write(b":");
+        Salt(h)
+    }
+
+    /// The bucket (`0..BUCKETS`) of `key` under this salt.
+    pub fn bucket(&self, key: &[u8]) -> u32 {
+        let mut h = self.0.clone();
+        h.write(key);
+        ((u64::from(h.finish()) * u64::from(BUCKETS)) >> 32) as u32
+    }
 }
 
 /// Incremental MurmurHash3 x86_32, so `salt:key` is hashed without building the

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::bucket::{bucket, BUCKETS};
+use crate::bucket::{Salt, BUCKETS};
 use crate::config::FlagConfig;
 
 /// Why a flag evaluated as it did (OFREP's reason codes).
@@ -39,6 +39,8 @@ impl Reason {
 #[derive(Debug, Clone)]
 pub struct CompiledFlag {
     pub name: Box<str>,
+    /// The name, hashed once as the bucket's salt.
+    salt: Salt,
     enabled: bool,
     /// Rollout in buckets (hundredths of a percent).
     rollout: u32,
@@ -50,6 +52,7 @@ impl CompiledFlag {
     pub fn new(flag: &FlagConfig) -> CompiledFlag {
         CompiledFlag {
             name: flag.name.as_str().into(),
+            salt: Salt::new(&flag.name),
             enabled: flag.enabled,
             rollout: flag.rollout_percentage.basis_points(),
             groups: flag
@@ -93,7 +96,7 @@ impl CompiledFlag {
         match self.rollout {
             0 if self.groups.is_empty() && self.overrides.is_empty() => (false, Reason::Static),
             BUCKETS if self.overrides.is_empty() => (true, Reason::Static),
-            pct => (bucket(&self.name, key) < pct, Reason::Split),
+            pct => (self.salt.bucket(key) < pct, Reason::Split),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! one header (`x-feature-flags: a,b`), and route rules can act on them.
 //! Evaluation itself is `switchyard_control::flags`, shared with OFREP.
 
+use bytes::Bytes;
 use http::header::HeaderValue;
 use http::request::Parts;
 use switchyard_control::flags::parse_groups;
@@ -37,20 +38,32 @@ pub fn evaluate(snapshot: &Snapshot, parts: &Parts, key: &[u8]) -> Evaluated {
         None => Vec::new(),
     };
     let mut on = Vec::with_capacity(snapshot.flags.len());
-    let mut names = String::new();
+    let mut len = 0;
     for f in snapshot.flags.iter() {
         let (value, _) = f.flag.evaluate(key, groups.iter().copied());
         if let Some(counters) = &f.counters {
             counters.count(value);
         }
         if value {
-            if !names.is_empty() {
-                names.push(',');
-            }
-            names.push_str(&f.flag.name);
+            len += f.flag.name.len() + 1;
         }
         on.push(value);
     }
-    let header = HeaderValue::from_str(&names).ok();
-    Evaluated { on, header }
+    Evaluated {
+        header: header(snapshot, &on, len.saturating_sub(1)),
+        on,
+    }
+}
+
+/// `a,b`: the names of the flags that are on, in `len` bytes allocated once
+/// (a vector whose length is its capacity becomes `Bytes` without a copy).
+fn header(snapshot: &Snapshot, on: &[bool], len: usize) -> Option<HeaderValue> {
+    let mut names = Vec::with_capacity(len);
+    for (f, _) in snapshot.flags.iter().zip(on).filter(|(_, on)| **on) {
+        if !names.is_empty() {
+            names.push(b',');
+        }
+        names.extend_from_slice(f.flag.name.as_bytes());
+    }
+    HeaderValue::from_maybe_shared(Bytes::from(names)).ok()
 }

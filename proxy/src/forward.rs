@@ -272,12 +272,16 @@ impl Pool {
         }
     }
 
-    /// Closes the idle connections that are no longer usable.
+    /// Closes the idle connections that are no longer usable; those idle
+    /// for `KEEP_BUFFERS_IDLE` give their buffers back.
     fn sweep(&self) {
         for _ in 0..self.idle.len() {
             let Some(mut idle) = self.idle.pop() else {
                 return;
             };
+            if idle.since.elapsed() >= KEEP_BUFFERS_IDLE {
+                idle.conn.release_buffers();
+            }
             if idle.usable(self.idle_timeout) {
                 // Full (requests gave connections back meanwhile): closes.
                 let _ = self.idle.push(idle);
@@ -381,14 +385,19 @@ const READ_SIZE: usize = 8 * 1024;
 /// At most this much of a body with a known length is read in one go.
 const MAX_READ_SIZE: usize = 64 * 1024;
 
-/// An idle connection keeps a write buffer up to this size.
+/// A connection back in the pool keeps a write buffer up to this size.
 const KEEP_WRITE_BUF: usize = 8 * 1024;
 
-/// Lets go of a written-out buffer whose allocation grew past
-/// `KEEP_WRITE_BUF` (`capacity()` of a written-out buffer is only what is
-/// left past the written bytes, so the allocation is asked instead).
-fn shrink_write_buf(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.try_reclaim(KEEP_WRITE_BUF + 1) {
+/// A connection idle in the pool this long gives its buffers back.
+const KEEP_BUFFERS_IDLE: Duration = Duration::from_secs(1);
+
+/// Lets go of a used-up buffer whose allocation grew past `keep`
+/// (`capacity()` of a used-up buffer is only what is left past the used
+/// bytes, so the allocation is asked instead). A buffer still shared (the
+/// last response's head, while the client side holds it) is kept: its
+/// allocation is not freed by dropping this handle anyway.
+fn shrink(buf: &mut BytesMut, keep: usize) {
+    if buf.is_empty() && buf.try_reclaim(keep + 1) {
         *buf = BytesMut::new();
     }
 }
@@ -409,12 +418,19 @@ impl Conn {
         }
     }
 
-    /// Ready for the pool: the read buffer goes back to the allocator while
-    /// the connection idles. The write buffer, about the size of a request
-    /// head, is kept for the next, unless a large head or body made it grow.
+    /// Ready for the pool: both buffers are kept for the next request (a
+    /// busy connection would otherwise allocate a read buffer per response),
+    /// unless a large head or body made them grow. The sweeper takes them
+    /// from connections that idle on (`release_buffers`).
     fn idle(&mut self) {
+        shrink(&mut self.read_buf, READ_SIZE);
+        shrink(&mut self.write_buf, KEEP_WRITE_BUF);
+    }
+
+    /// Gives both buffers back to the allocator.
+    fn release_buffers(&mut self) {
         self.read_buf = BytesMut::new();
-        shrink_write_buf(&mut self.write_buf);
+        self.write_buf = BytesMut::new();
     }
 
     /// Whether nothing arrived (no close, no stray bytes) since the last
@@ -989,11 +1005,11 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_write_buffer_is_kept_only_if_small() {
+    fn an_idle_buffer_is_kept_only_if_small() {
         let mut small = BytesMut::with_capacity(1024);
         small.extend_from_slice(&[b'h'; 600]);
         small.advance(600);
-        shrink_write_buf(&mut small);
+        shrink(&mut small, KEEP_WRITE_BUF);
         assert!(small.try_reclaim(1024), "a head-sized buffer is kept");
 
         let mut large = BytesMut::with_capacity(20 * 1024);
@@ -1003,8 +1019,50 @@ mod tests {
             large.capacity() < KEEP_WRITE_BUF,
             "capacity() hides the allocation"
         );
-        shrink_write_buf(&mut large);
+        shrink(&mut large, KEEP_WRITE_BUF);
         assert_eq!(large.capacity(), 0, "a 20 KiB allocation is let go");
+
+        // A read buffer whose last head is still referenced elsewhere: kept,
+        // and reused once that reference is gone.
+        let mut read = BytesMut::with_capacity(READ_SIZE);
+        read.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\n");
+        let head = read.split().freeze();
+        shrink(&mut read, READ_SIZE);
+        assert!(!read.try_reclaim(READ_SIZE), "shared while the head lives");
+        drop(head);
+        assert!(read.try_reclaim(READ_SIZE), "then reused in place");
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_takes_the_buffers_of_connections_that_idle_on() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stream, _accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let timeouts = Timeouts::default();
+        let pool = Pool {
+            target: format!("http://{addr}/").parse().unwrap(),
+            connect: Connect::Plain(connector(&timeouts)),
+            idle: ArrayQueue::new(2),
+            idle_timeout: Duration::from_secs(60),
+        };
+        let mut conn = Box::new(Conn::new(Either::Left(stream.unwrap())));
+        conn.read_buf.reserve(READ_SIZE);
+        conn.write_buf.reserve(1024);
+        pool.put(conn);
+
+        pool.sweep();
+        let idle = pool.idle.pop().expect("a fresh idle connection stays");
+        assert!(
+            idle.conn.read_buf.capacity() >= READ_SIZE,
+            "kept while fresh"
+        );
+        let since = Instant::now() - KEEP_BUFFERS_IDLE;
+        pool.idle.push(Idle { since, ..idle }).ok().unwrap();
+
+        pool.sweep();
+        let idle = pool.idle.pop().expect("still open, still pooled");
+        assert_eq!(idle.conn.read_buf.capacity(), 0, "read buffer given back");
+        assert_eq!(idle.conn.write_buf.capacity(), 0, "write buffer given back");
     }
 
     #[test]

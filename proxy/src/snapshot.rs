@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::forward::{Endpoint, Upstreams};
 use http::header::HeaderValue;
 use http::HeaderName;
-use switchyard_control::bucket::BUCKETS;
+use switchyard_control::bucket::{Salt, BUCKETS};
 use switchyard_control::config::{normalized_prefix, Config, Fallback, RouteConfig, Weight};
 use switchyard_control::flags::CompiledFlag;
 use switchyard_control::metrics::{BackendStats, FlagCounters, Metrics};
@@ -67,7 +67,7 @@ pub struct Route {
     /// Normalized: no trailing `/` unless it is `/` itself.
     pub path_prefix: Box<str>,
     pub headers: Box<[(HeaderName, HeaderValue)]>,
-    pub salt: Box<str>,
+    pub salt: Salt,
     pub backends: Box<[Backend]>,
     /// Flag rules, tried before the weighted split.
     pub rules: Box<[Rule]>,
@@ -236,7 +236,7 @@ fn build_route(
                 (header_name(&h.name), value)
             })
             .collect(),
-        salt: rc.salt().into(),
+        salt: Salt::new(rc.salt()),
         backends,
         rules: rc
             .rules

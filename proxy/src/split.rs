@@ -6,7 +6,6 @@ use std::net::IpAddr;
 
 use http::header::{HeaderValue, COOKIE};
 use http::request::Parts;
-use switchyard_control::bucket::bucket;
 use switchyard_control::config::Fallback;
 
 use crate::headers::first_forwarded_for;
@@ -86,7 +85,7 @@ pub fn choose(
     {
         return Ok(rule.backend);
     }
-    Ok(route.backend_for_bucket(bucket(&route.salt, key)))
+    Ok(route.backend_for_bucket(route.salt.bucket(key)))
 }
 
 /// The user key from the configured headers, then cookies (the anonymous
@@ -158,7 +157,7 @@ mod tests {
     use super::*;
     use crate::snapshot::Snapshot;
     use http::Request;
-    use switchyard_control::bucket::BUCKETS;
+    use switchyard_control::bucket::{bucket, BUCKETS};
     use switchyard_control::config::Config;
     use switchyard_control::metrics::Metrics;
 

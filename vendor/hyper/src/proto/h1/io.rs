@@ -335,8 +335,12 @@ where
         next: usize,
     ) -> Poll<io::Result<usize>> {
         // Let go of the allocation an empty buffer may still share with the
-        // last message.
-        self.read_buf = BytesMut::new();
+        // last message. A connection that keeps its buffers keeps the handle
+        // (Switchyard patch, vendor/PATCHES.md): once the message in flight
+        // lets go of its head, the allocation is reused for the next one.
+        if self.release_when_idle {
+            self.read_buf = BytesMut::new();
+        }
         let mut scratch = [MaybeUninit::<u8>::uninit(); LAZY_READ_LEN];
         let mut buf = ReadBuf::uninit(&mut scratch[..next]);
         match Pin::new(&mut self.io).poll_read(cx, buf.unfilled()) {
