@@ -12,7 +12,7 @@ use http::Request;
 use switchyard_control::bucket::bucket;
 use switchyard_control::config::Config;
 use switchyard_control::metrics::Metrics;
-use switchyard_proxy::headers::{rewrite_request, Forwarding};
+use switchyard_proxy::headers::{rewrite_request, Added, Forwarding};
 use switchyard_proxy::snapshot::Snapshot;
 use switchyard_proxy::{flags, route, split};
 
@@ -80,7 +80,7 @@ fn bench(c: &mut Criterion) {
                     let user = split::user_key(&snapshot, parts, peer);
                     split::choose(&snapshot, route, parts, &user.key, &[]).unwrap()
                 };
-                rewrite_request(
+                let added = rewrite_request(
                     &mut parts.headers,
                     &Forwarding {
                         peer: &peer_header,
@@ -89,7 +89,7 @@ fn bench(c: &mut Criterion) {
                         proxy_only: &[],
                     },
                 );
-                chosen
+                (chosen, added)
             },
             criterion::BatchSize::SmallInput,
         )
@@ -146,6 +146,7 @@ fn upstream_wire(c: &mut Criterion) {
                 &parts.method,
                 black_box("/api/v1/courses?page=2"),
                 &parts.headers,
+                &Added::default(),
                 RequestFraming::None,
             );
             out.len()

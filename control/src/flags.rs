@@ -6,8 +6,6 @@
 //! membership of a target group turns it on; otherwise on iff the user's
 //! bucket, salted with the flag name, is below `rollout_percentage`.
 
-use std::collections::HashMap;
-
 use crate::bucket::{Salt, BUCKETS};
 use crate::config::FlagConfig;
 
@@ -45,7 +43,9 @@ pub struct CompiledFlag {
     /// Rollout in buckets (hundredths of a percent).
     rollout: u32,
     groups: Box<[Box<str>]>,
-    overrides: HashMap<Box<[u8]>, bool>,
+    /// Per-user answers, sorted by user (the config's map is ordered):
+    /// found by binary search, no hashing of the user's key per request.
+    overrides: Box<[(Box<[u8]>, bool)]>,
 }
 
 impl CompiledFlag {
@@ -60,11 +60,15 @@ impl CompiledFlag {
                 .iter()
                 .map(|g| g.as_str().into())
                 .collect(),
-            overrides: flag
-                .overrides
-                .iter()
-                .map(|(user, on)| (user.as_bytes().into(), *on))
-                .collect(),
+            overrides: {
+                let mut overrides: Vec<(Box<[u8]>, bool)> = flag
+                    .overrides
+                    .iter()
+                    .map(|(user, on)| (user.as_bytes().into(), *on))
+                    .collect();
+                overrides.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                overrides.into()
+            },
         }
     }
 
@@ -83,8 +87,11 @@ impl CompiledFlag {
         if !self.enabled {
             return (false, Reason::Disabled);
         }
-        if let Some(on) = self.overrides.get(key) {
-            return (*on, Reason::TargetingMatch);
+        if let Ok(i) = self
+            .overrides
+            .binary_search_by(|(user, _)| (**user).cmp(key))
+        {
+            return (self.overrides[i].1, Reason::TargetingMatch);
         }
         if !self.groups.is_empty()
             && groups
@@ -119,6 +126,28 @@ mod tests {
             target_groups: groups.iter().map(|g| g.to_string()).collect(),
             overrides: overrides.iter().map(|(u, b)| (u.to_string(), *b)).collect(),
         })
+    }
+
+    #[test]
+    fn every_override_is_found_among_many() {
+        let users: Vec<(String, bool)> = (0..100)
+            .map(|i| (format!("user-{i}"), i % 3 == 0))
+            .collect();
+        let overrides: Vec<(&str, bool)> = users.iter().map(|(u, on)| (u.as_str(), *on)).collect();
+        let f = flag(true, 50.0, &[], &overrides);
+        for (user, on) in &users {
+            assert_eq!(
+                f.evaluate(user.as_bytes(), []),
+                (*on, Reason::TargetingMatch),
+                "{user}"
+            );
+        }
+        let (_, reason) = f.evaluate(b"user-100", []);
+        assert_eq!(
+            reason,
+            Reason::Split,
+            "not overridden: the percentage decides"
+        );
     }
 
     #[test]

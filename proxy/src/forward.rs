@@ -43,6 +43,7 @@ use tokio_util::io::poll_read_buf;
 use tower_service::Service;
 
 use crate::h1::{self, ChunkedDecoder, Decoded, Framing, RequestFraming, ResponseHead};
+use crate::headers::Added;
 use crate::respond::ProxyError;
 
 /// A request body on its way upstream, bounded by `limits.max_request_body_bytes`.
@@ -205,7 +206,8 @@ impl Upstreams {
         )
     }
 
-    /// Sends the request (`parts` and `body`; `upgrade`: it asks to switch
+    /// Sends the request (`parts`, the fields the proxy `added` and `body`;
+    /// `upgrade`: it asks to switch
     /// protocols) to `endpoint` and waits for the response headers, at most
     /// `timeouts.request`. The response's fields go into the request's
     /// header map, which `parts` no longer holds afterwards.
@@ -213,6 +215,7 @@ impl Upstreams {
         &self,
         endpoint: &Endpoint,
         parts: &mut Parts,
+        added: &Added,
         body: UpstreamBody,
         upgrade: bool,
     ) -> Result<Response<PooledBody>, ProxyError> {
@@ -221,6 +224,7 @@ impl Upstreams {
             method: &parts.method,
             target,
             headers: &mut parts.headers,
+            added,
             upgrade,
         };
         let sent = endpoint.pool.send(request, body, &self.timeouts);
@@ -654,6 +658,8 @@ struct Head<'a> {
     /// Taken over by the response's fields once a response begins: the
     /// response goes out in the map the request came in, not a new one.
     headers: &'a mut http::HeaderMap,
+    /// Fields the proxy adds, written after `headers`.
+    added: &'a Added,
     /// The request asks to switch protocols (a 101 is welcome).
     upgrade: bool,
 }
@@ -686,6 +692,7 @@ async fn exchange(
         request.method,
         request.target,
         request.headers,
+        request.added,
         upload.framing,
     );
     // Asking again is safe only if the upstream cannot have acted on the

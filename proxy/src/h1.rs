@@ -15,7 +15,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
-use crate::headers::list_items;
+use crate::headers::{list_items, Added};
 
 /// The largest response head read before the response counts as broken.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -81,11 +81,13 @@ pub fn write_request_head(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
+    added: &Added,
     framing: RequestFraming,
 ) {
     // One allocation for the whole head, not one per doubling.
     let fields: usize = headers
         .iter()
+        .chain(added.fields())
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum();
     buf.reserve(method.as_str().len() + target.len() + fields + 64);
@@ -93,7 +95,7 @@ pub fn write_request_head(
     buf.put_u8(b' ');
     buf.extend_from_slice(target.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    for (name, value) in headers.iter().chain(added.fields()) {
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
             continue;
         }
@@ -517,12 +519,14 @@ mod tests {
         headers.insert("host", HeaderValue::from_static("a"));
         headers.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
         headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        let none = Added::default();
         let mut buf = BytesMut::new();
         write_request_head(
             &mut buf,
             &Method::POST,
             "/p?q",
             &headers,
+            &none,
             RequestFraming::Length(5),
         );
         assert_eq!(
@@ -530,14 +534,31 @@ mod tests {
             b"POST /p?q HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\n"
         );
         buf.clear();
-        write_request_head(&mut buf, &Method::GET, "/", &headers, RequestFraming::None);
-        assert_eq!(&buf[..], b"GET / HTTP/1.1\r\nhost: a\r\n\r\n");
+        let mut added = Added::default();
+        added.flags = Some((
+            HeaderName::from_static("x-feature-flags"),
+            HeaderValue::from_static("a,b"),
+        ));
+        write_request_head(
+            &mut buf,
+            &Method::GET,
+            "/",
+            &headers,
+            &added,
+            RequestFraming::None,
+        );
+        assert_eq!(
+            &buf[..],
+            b"GET / HTTP/1.1\r\nhost: a\r\nx-feature-flags: a,b\r\n\r\n",
+            "the proxy's fields after the client's"
+        );
         buf.clear();
         write_request_head(
             &mut buf,
             &Method::PUT,
             "/",
             &HeaderMap::new(),
+            &none,
             RequestFraming::Chunked,
         );
         assert_eq!(

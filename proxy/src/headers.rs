@@ -13,9 +13,6 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Headers the request rewrite and the flag stage may add.
-const REQUEST_HEADERS_ADDED: usize = 4;
-
 /// A request id from a client is kept only if it is this short and printable.
 const MAX_REQUEST_ID: usize = 128;
 
@@ -40,53 +37,129 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE) && connection_has(headers, "upgrade")
 }
 
-/// Rewrites a request's headers for the upstream hop.
-pub fn rewrite_request(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
-    strip_hop_by_hop(headers, is_upgrade(headers));
-    // Room for what the proxy adds (forwarding headers, request id, flags):
-    // the map hyper parsed into is sized to the client's headers, and would
-    // otherwise grow on these inserts.
-    headers.reserve(REQUEST_HEADERS_ADDED);
-    for name in fwd.proxy_only {
-        headers.remove(name);
+/// Fields the proxy adds to a request. They are not inserted into the
+/// request's map: the upstream head writer puts them after the client's
+/// fields (where an insert would have put them too), which saves a hashed
+/// insert per field and per request. The client's own copies of these
+/// names are gone from the map by then.
+#[derive(Debug, Default)]
+pub struct Added {
+    forwarded_for: Option<HeaderValue>,
+    forwarded_proto: Option<HeaderValue>,
+    request_id: Option<HeaderValue>,
+    /// The flag header (`flag_header`) and the flags that are on.
+    pub flags: Option<(HeaderName, HeaderValue)>,
+}
+
+impl Added {
+    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        [
+            (&X_FORWARDED_FOR, self.forwarded_for.as_ref()),
+            (&X_FORWARDED_PROTO, self.forwarded_proto.as_ref()),
+            (&X_REQUEST_ID, self.request_id.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
+        .chain(self.flags.as_ref().map(|(name, value)| (name, value)))
+    }
+}
+
+/// Which of the names the request rewrite acts on a request carries, from
+/// one pass over its names instead of a hashed lookup per name: most
+/// requests carry none of them.
+#[derive(Default)]
+struct Present {
+    /// A bit per entry of `HOP_BY_HOP`.
+    hop_by_hop: u16,
+    forwarded: bool,
+    forwarded_for: bool,
+    forwarded_proto: bool,
+    request_id: bool,
+    proxy_only: bool,
+}
+
+impl Present {
+    fn of(headers: &HeaderMap, proxy_only: &[HeaderName]) -> Present {
+        let mut present = Present::default();
+        for name in headers.keys() {
+            if let Some(i) = hop_by_hop_index(name) {
+                present.hop_by_hop |= 1 << i;
+                continue;
+            }
+            match name.as_str() {
+                "forwarded" => present.forwarded = true,
+                "x-forwarded-for" => present.forwarded_for = true,
+                "x-forwarded-proto" => present.forwarded_proto = true,
+                "x-request-id" => present.request_id = true,
+                _ => present.proxy_only |= proxy_only.contains(name),
+            }
+        }
+        present
+    }
+}
+
+/// Rewrites a request's headers for the upstream hop: the map loses what
+/// must not go upstream; what the proxy adds is returned.
+pub fn rewrite_request(headers: &mut HeaderMap, fwd: &Forwarding<'_>) -> Added {
+    let present = Present::of(headers, fwd.proxy_only);
+    let upgrade = present.hop_by_hop & HOP_UPGRADE != 0 && connection_has(headers, "upgrade");
+    strip_hop_by_hop(headers, present.hop_by_hop, upgrade);
+    if present.proxy_only {
+        for name in fwd.proxy_only {
+            headers.remove(name);
+        }
     }
 
-    let peer = fwd.peer.clone();
+    let mut added = Added::default();
     if fwd.trust_forwarded_for {
-        let joined = join_values(headers, &X_FORWARDED_FOR, &peer);
-        headers.insert(X_FORWARDED_FOR.clone(), joined);
-        if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(
-                X_FORWARDED_PROTO.clone(),
-                HeaderValue::from_static(fwd.proto),
-            );
+        added.forwarded_for = Some(if present.forwarded_for {
+            let joined = join_values(headers, &X_FORWARDED_FOR, fwd.peer);
+            headers.remove(&X_FORWARDED_FOR);
+            joined
+        } else {
+            fwd.peer.clone()
+        });
+        if !present.forwarded_proto {
+            added.forwarded_proto = Some(HeaderValue::from_static(fwd.proto));
         }
     } else {
-        headers.remove(FORWARDED);
-        headers.insert(X_FORWARDED_FOR.clone(), peer);
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(fwd.proto),
-        );
+        for (there, name) in [
+            (present.forwarded, &FORWARDED),
+            (present.forwarded_for, &X_FORWARDED_FOR),
+            (present.forwarded_proto, &X_FORWARDED_PROTO),
+        ] {
+            if there {
+                headers.remove(name);
+            }
+        }
+        added.forwarded_for = Some(fwd.peer.clone());
+        added.forwarded_proto = Some(HeaderValue::from_static(fwd.proto));
     }
 
-    let keep_id = headers.get(&X_REQUEST_ID).is_some_and(|v| {
-        !v.is_empty()
-            && v.len() <= MAX_REQUEST_ID
-            && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
-    });
+    let keep_id = present.request_id
+        && headers.get(&X_REQUEST_ID).is_some_and(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_REQUEST_ID
+                && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        });
     if !keep_id {
+        if present.request_id {
+            headers.remove(&X_REQUEST_ID);
+        }
         let id = random_id();
-        headers.insert(
-            X_REQUEST_ID.clone(),
-            HeaderValue::from_bytes(id.as_bytes()).expect("hex is a valid header value"),
-        );
+        added.request_id =
+            Some(HeaderValue::from_bytes(id.as_bytes()).expect("hex is a valid header value"));
     }
+    added
 }
 
 /// Rewrites a response's headers for the client hop.
 pub fn rewrite_response(status: StatusCode, headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers, status == StatusCode::SWITCHING_PROTOCOLS);
+    let present = headers
+        .keys()
+        .filter_map(hop_by_hop_index)
+        .fold(0u16, |present, i| present | 1 << i);
+    strip_hop_by_hop(headers, present, status == StatusCode::SWITCHING_PROTOCOLS);
 }
 
 /// The first address in `x-forwarded-for`, if it parses.
@@ -100,17 +173,12 @@ pub fn first_forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
     first.trim().parse().ok()
 }
 
-/// Removes hop-by-hop headers. With `keep_upgrade` (a WebSocket handshake),
-/// `Upgrade` survives and `Connection: upgrade` is all that is left of
-/// `Connection`.
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // One pass over the names instead of a hashed lookup per hop-by-hop
-    // name: most messages carry none of them, or only `Connection`. Which
-    // ones are present is a bit per entry of `HOP_BY_HOP`, not a list.
-    let present = headers
-        .keys()
-        .filter_map(hop_by_hop_index)
-        .fold(0u16, |present, i| present | 1 << i);
+/// Removes hop-by-hop headers, those of `present` (a bit per entry of
+/// `HOP_BY_HOP`, found in one pass over the names instead of a hashed
+/// lookup per hop-by-hop name: most messages carry none of them, or only
+/// `Connection`). With `keep_upgrade` (a WebSocket handshake), `Upgrade`
+/// survives and `Connection: upgrade` is all that is left of `Connection`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, present: u16, keep_upgrade: bool) {
     if present == 0 {
         return;
     }
@@ -154,6 +222,9 @@ const HOP_BY_HOP: [&str; 9] = [
     "proxy-authenticate",
     "proxy-authorization",
 ];
+
+/// `Upgrade`'s bit in a set of `HOP_BY_HOP` entries.
+const HOP_UPGRADE: u16 = 1 << 4;
 
 /// Where `name` is in `HOP_BY_HOP`, if it is hop-by-hop.
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
@@ -214,6 +285,20 @@ mod tests {
 
     static PEER: HeaderValue = HeaderValue::from_static("10.0.0.9");
 
+    /// The request rewrite, with what it adds put in the map: the fields as
+    /// they go upstream.
+    fn rewrite(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
+        let added = rewrite_request(headers, fwd);
+        for (name, value) in added.fields() {
+            headers.append(name, value.clone());
+        }
+    }
+
+    #[test]
+    fn the_upgrade_bit_is_upgrades() {
+        assert_eq!(HOP_BY_HOP[HOP_UPGRADE.trailing_zeros() as usize], "upgrade");
+    }
+
     fn fwd(trust: bool) -> Forwarding<'static> {
         Forwarding {
             peer: &PEER,
@@ -240,7 +325,7 @@ mod tests {
         ] {
             let pairs = [(name, "a"), (name, "b"), ("x-app", "kept")];
             let mut req = map(&pairs);
-            rewrite_request(&mut req, &fwd(false));
+            rewrite(&mut req, &fwd(false));
             assert!(!req.contains_key(name), "request: {name} survived");
             assert_eq!(req["x-app"], "kept", "request with {name}");
             let mut resp = map(&pairs);
@@ -279,7 +364,7 @@ mod tests {
             ),
             ("x-app", "kept"),
         ]);
-        rewrite_request(&mut h, &fwd(false));
+        rewrite(&mut h, &fwd(false));
         for gone in [
             "connection",
             "keep-alive",
@@ -301,14 +386,14 @@ mod tests {
             ("forwarded", "for=1.2.3.4"),
         ];
         let mut h = map(&sent);
-        rewrite_request(&mut h, &fwd(false));
+        rewrite(&mut h, &fwd(false));
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert!(!h.contains_key("forwarded"));
 
         let mut h = map(&sent);
         h.append("x-forwarded-for", HeaderValue::from_static("5.6.7.8"));
-        rewrite_request(&mut h, &fwd(true));
+        rewrite(&mut h, &fwd(true));
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(first_forwarded_for(&h), Some(IpAddr::from([1, 2, 3, 4])));
@@ -317,17 +402,17 @@ mod tests {
     #[test]
     fn request_id_is_kept_or_generated() {
         let mut h = map(&[("x-request-id", "abc-123")]);
-        rewrite_request(&mut h, &fwd(false));
+        rewrite(&mut h, &fwd(false));
         assert_eq!(h["x-request-id"], "abc-123");
 
         for bad in ["", "has space", &"x".repeat(200)] {
             let mut h = map(&[("x-request-id", bad)]);
-            rewrite_request(&mut h, &fwd(false));
+            rewrite(&mut h, &fwd(false));
             let id = h["x-request-id"].to_str().unwrap();
             assert_eq!(id.len(), 32, "replaced {bad:?}");
         }
         let mut h = HeaderMap::new();
-        rewrite_request(&mut h, &fwd(false));
+        rewrite(&mut h, &fwd(false));
         assert_eq!(h["x-request-id"].len(), 32);
     }
 
@@ -367,7 +452,7 @@ mod tests {
             ("upgrade", "websocket"),
         ]);
         assert!(is_upgrade(&h));
-        rewrite_request(&mut h, &fwd(false));
+        rewrite(&mut h, &fwd(false));
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
 

@@ -30,7 +30,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::forward::{Endpoint, Tunnel, Upstreams};
-use crate::headers::{self, Forwarding};
+use crate::headers::{self, Added, Forwarding};
 use crate::record::Recording;
 use crate::respond::{ProxyBody, ProxyError};
 use crate::snapshot::Snapshot;
@@ -95,7 +95,7 @@ pub async fn handle<G: Send>(
         let snapshot = shared.snapshot.load();
         decide(&snapshot, &mut parts, conn)
     };
-    let (endpoint, set_cookie, recording) = match decided {
+    let (endpoint, added, set_cookie, recording) = match decided {
         Ok(d) => d,
         Err(e) => return Ok(unrouted(shared, e)),
     };
@@ -104,7 +104,7 @@ pub async fn handle<G: Send>(
             let upgrade = client_upgrade.is_some();
             shared
                 .upstreams
-                .send(&endpoint, &mut parts, body, upgrade)
+                .send(&endpoint, &mut parts, &added, body, upgrade)
                 .await
         }
         Err(e) => Err(e),
@@ -145,7 +145,7 @@ fn decide(
     snapshot: &Snapshot,
     parts: &mut Parts,
     conn: ConnInfo,
-) -> Result<(Endpoint, Option<HeaderValue>, Recording), ProxyError> {
+) -> Result<(Endpoint, Added, Option<HeaderValue>, Recording), ProxyError> {
     check_head_size(snapshot, parts)?;
     if route::has_dot_segment(parts.uri.path()) {
         return Err(ProxyError::DownstreamMalformed("dot segment in path"));
@@ -166,20 +166,18 @@ fn decide(
         );
         return Err(ProxyError::NoEndpoint);
     };
-    headers::rewrite_request(
+    let mut added = headers::rewrite_request(
         &mut parts.headers,
         &Forwarding {
             peer: &conn.peer_header,
             proto: conn.proto,
             trust_forwarded_for: snapshot.trust_forwarded_for,
+            // Client copies of the flag header are among these.
             proxy_only: &snapshot.proxy_only_headers,
         },
     );
-    // After the rewrite removed any client copy of the flag header.
-    if let Some(value) = flag_header {
-        parts.headers.insert(snapshot.flag_header.clone(), value);
-    }
-    Ok((endpoint, set_cookie, recording))
+    added.flags = flag_header.map(|value| (snapshot.flag_header.clone(), value));
+    Ok((endpoint, added, set_cookie, recording))
 }
 
 /// HTTP/2 requests carry the host in `:authority`; the HTTP/1.1 upstream
