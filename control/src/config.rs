@@ -903,7 +903,7 @@ impl Config {
             ));
         }
         if let Some(h) = &self.forced_backend_header {
-            check_header_name("forced_backend_header", h)?;
+            check_own_header_name("forced_backend_header", h)?;
         }
         if !self.admin.listen.ip().is_loopback() && self.admin.tokens.is_empty() {
             return Err(ConfigError::new(
@@ -934,8 +934,8 @@ impl Config {
                 ));
             }
         }
-        check_header_name("flag_header", &self.flag_header)?;
-        check_header_name("user_groups.header", &self.user_groups.header)?;
+        check_own_header_name("flag_header", &self.flag_header)?;
+        check_own_header_name("user_groups.header", &self.user_groups.header)?;
         if self.routes.is_empty() {
             return Err(ConfigError::new("routes", "at least one route is needed"));
         }
@@ -1278,6 +1278,41 @@ fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Fields whose meaning the proxy fixes: hop-by-hop ones (never forwarded),
+/// framing and `Host`, and the forwarding fields and request id the proxy
+/// writes itself.
+const MANAGED_HEADERS: [&str; 15] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "content-length",
+    "host",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-request-id",
+];
+
+/// A header the proxy reads from clients only to remove it, or sets
+/// itself (the forced-backend header, the flag header, the groups header):
+/// a valid name, and not one whose meaning the proxy already fixes.
+fn check_own_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    check_header_name(field, name)?;
+    if MANAGED_HEADERS.iter().any(|m| m.eq_ignore_ascii_case(name)) {
+        return Err(ConfigError::new(
+            field,
+            format!("`{name}` is a header the proxy manages itself; choose another name"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_cookie_name(field: &str, name: &str) -> Result<(), ConfigError> {
     // RFC 6265 cookie-name is an RFC 7230 token, the same alphabet as a header name.
     let token = !name.is_empty()
@@ -1613,6 +1648,18 @@ routes:
         assert!(e.reason.contains("colour"), "{e}");
         let e = err(&format!("flag_header: \"a b\"\n{GOOD}"));
         assert_eq!(e.field, "flag_header");
+        for (field, yaml) in [
+            ("flag_header", "flag_header: X-Request-Id"),
+            (
+                "forced_backend_header",
+                "forced_backend_header: x-forwarded-for",
+            ),
+            ("user_groups.header", "user_groups: { header: connection }"),
+        ] {
+            let e = err(&format!("{yaml}\n{GOOD}"));
+            assert_eq!(e.field, field, "{yaml}");
+            assert!(e.reason.contains("manages itself"), "{e}");
+        }
         let e = err(&format!(
             "user_groups: {{ header: x-g, trusted: maybe }}\n{GOOD}"
         ));

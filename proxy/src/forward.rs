@@ -152,7 +152,8 @@ impl Upstreams {
     }
 
     /// Closes idle connections the upstream has closed or that idled past
-    /// `timeouts.idle` (run every second by the proxy).
+    /// `timeouts.idle`, and takes the buffers of those idle for a second or
+    /// more (run every second by the proxy).
     pub fn sweep(&self) {
         for pool in self.pools.load().values() {
             pool.sweep();
@@ -380,6 +381,10 @@ type Io = Either<TcpStream, Box<TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>>>;
 struct Conn {
     io: Io,
     read_buf: BytesMut,
+    /// `read_buf` was given more than `READ_SIZE` (a long head, a large
+    /// body): let go of it when the connection goes back to the pool,
+    /// even while still shared (its size cannot be asked then).
+    read_grown: bool,
     write_buf: BytesMut,
 }
 
@@ -395,13 +400,11 @@ const KEEP_WRITE_BUF: usize = 8 * 1024;
 /// A connection idle in the pool this long gives its buffers back.
 const KEEP_BUFFERS_IDLE: Duration = Duration::from_secs(1);
 
-/// Lets go of a used-up buffer whose allocation grew past `keep`
-/// (`capacity()` of a used-up buffer is only what is left past the used
-/// bytes, so the allocation is asked instead). A buffer still shared (the
-/// last response's head, while the client side holds it) is kept: its
-/// allocation is not freed by dropping this handle anyway.
-fn shrink(buf: &mut BytesMut, keep: usize) {
-    if buf.is_empty() && buf.try_reclaim(keep + 1) {
+/// Lets go of a written-out buffer whose allocation grew past
+/// `KEEP_WRITE_BUF` (`capacity()` of a written-out buffer is only what is
+/// left past the written bytes, so the allocation is asked instead).
+fn shrink_write_buf(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.try_reclaim(KEEP_WRITE_BUF + 1) {
         *buf = BytesMut::new();
     }
 }
@@ -418,6 +421,7 @@ impl Conn {
         Self {
             io,
             read_buf: BytesMut::new(),
+            read_grown: false,
             write_buf: BytesMut::new(),
         }
     }
@@ -427,8 +431,10 @@ impl Conn {
     /// unless a large head or body made them grow. The sweeper takes them
     /// from connections that idle on (`release_buffers`).
     fn idle(&mut self) {
-        shrink(&mut self.read_buf, READ_SIZE);
-        shrink(&mut self.write_buf, KEEP_WRITE_BUF);
+        if std::mem::take(&mut self.read_grown) {
+            self.read_buf = BytesMut::new();
+        }
+        shrink_write_buf(&mut self.write_buf);
     }
 
     /// Gives both buffers back to the allocator.
@@ -455,6 +461,7 @@ impl Conn {
         let want = want.clamp(READ_SIZE, MAX_READ_SIZE);
         if self.read_buf.capacity() - self.read_buf.len() < want / 2 {
             self.read_buf.reserve(want);
+            self.read_grown |= self.read_buf.capacity() > READ_SIZE;
         }
         poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf)
     }
@@ -1012,11 +1019,11 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_buffer_is_kept_only_if_small() {
+    fn an_idle_write_buffer_is_kept_only_if_small() {
         let mut small = BytesMut::with_capacity(1024);
         small.extend_from_slice(&[b'h'; 600]);
         small.advance(600);
-        shrink(&mut small, KEEP_WRITE_BUF);
+        shrink_write_buf(&mut small);
         assert!(small.try_reclaim(1024), "a head-sized buffer is kept");
 
         let mut large = BytesMut::with_capacity(20 * 1024);
@@ -1026,33 +1033,61 @@ mod tests {
             large.capacity() < KEEP_WRITE_BUF,
             "capacity() hides the allocation"
         );
-        shrink(&mut large, KEEP_WRITE_BUF);
+        shrink_write_buf(&mut large);
         assert_eq!(large.capacity(), 0, "a 20 KiB allocation is let go");
+    }
 
-        // A read buffer whose last head is still referenced elsewhere: kept,
-        // and reused once that reference is gone.
-        let mut read = BytesMut::with_capacity(READ_SIZE);
-        read.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\n");
-        let head = read.split().freeze();
-        shrink(&mut read, READ_SIZE);
-        assert!(!read.try_reclaim(READ_SIZE), "shared while the head lives");
+    /// A connection pair on loopback: the proxy's end as a `Conn`, and the
+    /// upstream's end.
+    async fn conn_pair() -> (Box<Conn>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stream, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let conn = Box::new(Conn::new(Either::Left(stream.unwrap())));
+        (conn, accepted.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_read_buffer_grown_by_a_large_body_is_let_go_even_while_shared() {
+        use tokio::io::AsyncWriteExt;
+        let (mut conn, mut upstream) = conn_pair().await;
+        upstream.write_all(&[b'x'; 32 * 1024]).await.unwrap();
+        let mut read = 0;
+        while read < 32 * 1024 {
+            read += std::future::poll_fn(|cx| conn.poll_fill(cx, MAX_READ_SIZE))
+                .await
+                .unwrap();
+        }
+        // The body's bytes, still held by the client side.
+        let body = conn.read_buf.split().freeze();
+        conn.idle();
+        assert_eq!(conn.read_buf.capacity(), 0, "a 64 KiB buffer is not kept");
+        assert_eq!(body.len(), 32 * 1024);
+
+        // A response that fits the usual buffer leaves it in place.
+        upstream
+            .write_all(b"HTTP/1.1 200 OK\r\n\r\n")
+            .await
+            .unwrap();
+        std::future::poll_fn(|cx| conn.poll_fill(cx, READ_SIZE))
+            .await
+            .unwrap();
+        let head = conn.read_buf.split().freeze();
+        conn.idle();
         drop(head);
-        assert!(read.try_reclaim(READ_SIZE), "then reused in place");
+        assert!(conn.read_buf.try_reclaim(READ_SIZE), "kept for the next");
     }
 
     #[tokio::test]
     async fn the_sweeper_takes_the_buffers_of_connections_that_idle_on() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stream, _accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (mut conn, _upstream) = conn_pair().await;
         let timeouts = Timeouts::default();
         let pool = Pool {
-            target: format!("http://{addr}/").parse().unwrap(),
+            target: "http://127.0.0.1:9/".parse().unwrap(),
             connect: Connect::Plain(connector(&timeouts)),
             idle: ArrayQueue::new(2),
             idle_timeout: Duration::from_secs(60),
         };
-        let mut conn = Box::new(Conn::new(Either::Left(stream.unwrap())));
         conn.read_buf.reserve(READ_SIZE);
         conn.write_buf.reserve(1024);
         pool.put(conn);

@@ -82,6 +82,7 @@ impl Present {
     fn of(headers: &HeaderMap, proxy_only: &[HeaderName]) -> Present {
         let mut present = Present::default();
         for name in headers.keys() {
+            present.proxy_only |= proxy_only.contains(name);
             if let Some(i) = hop_by_hop_index(name) {
                 present.hop_by_hop |= 1 << i;
                 continue;
@@ -91,7 +92,7 @@ impl Present {
                 "x-forwarded-for" => present.forwarded_for = true,
                 "x-forwarded-proto" => present.forwarded_proto = true,
                 "x-request-id" => present.request_id = true,
-                _ => present.proxy_only |= proxy_only.contains(name),
+                _ => {}
             }
         }
         present
@@ -101,9 +102,13 @@ impl Present {
 /// Rewrites a request's headers for the upstream hop: the map loses what
 /// must not go upstream; what the proxy adds is returned.
 pub fn rewrite_request(headers: &mut HeaderMap, fwd: &Forwarding<'_>) -> Added {
-    let present = Present::of(headers, fwd.proxy_only);
+    let mut present = Present::of(headers, fwd.proxy_only);
     let upgrade = present.hop_by_hop & HOP_UPGRADE != 0 && connection_has(headers, "upgrade");
-    strip_hop_by_hop(headers, present.hop_by_hop, upgrade);
+    if strip_hop_by_hop(headers, present.hop_by_hop, upgrade) {
+        // `Connection` named other fields, which are gone now (it may name
+        // the forwarding ones).
+        present = Present::of(headers, fwd.proxy_only);
+    }
     if present.proxy_only {
         for name in fwd.proxy_only {
             headers.remove(name);
@@ -178,9 +183,10 @@ pub fn first_forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
 /// lookup per hop-by-hop name: most messages carry none of them, or only
 /// `Connection`). With `keep_upgrade` (a WebSocket handshake), `Upgrade`
 /// survives and `Connection: upgrade` is all that is left of `Connection`.
-fn strip_hop_by_hop(headers: &mut HeaderMap, present: u16, keep_upgrade: bool) {
+/// Says whether fields `Connection` named were removed besides.
+fn strip_hop_by_hop(headers: &mut HeaderMap, present: u16, keep_upgrade: bool) -> bool {
     if present == 0 {
-        return;
+        return false;
     }
     let upgrade = keep_upgrade
         .then(|| headers.get(UPGRADE).cloned())
@@ -207,6 +213,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, present: u16, keep_upgrade: bool) {
         headers.insert(UPGRADE, protocol);
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
+    !listed.is_empty()
 }
 
 /// Hop-by-hop by definition (RFC 9110 §7.6.1), plus the obsolete
@@ -397,6 +404,35 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(first_forwarded_for(&h), Some(IpAddr::from([1, 2, 3, 4])));
+    }
+
+    #[test]
+    fn forwarding_headers_named_in_connection_are_the_proxys_own_even_if_trusted() {
+        let mut h = map(&[
+            ("connection", "x-forwarded-proto, x-forwarded-for"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-for", "1.2.3.4"),
+        ]);
+        rewrite(&mut h, &fwd(true));
+        assert_eq!(h["x-forwarded-proto"], "http", "{h:?}");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9", "{h:?}");
+        assert_eq!(h.len(), 3, "one of each, and the request id: {h:?}");
+    }
+
+    #[test]
+    fn a_proxy_only_name_is_removed_whatever_other_role_it_has() {
+        let only = [X_REQUEST_ID.clone()];
+        let mut h = map(&[("x-request-id", "from-the-client")]);
+        rewrite(
+            &mut h,
+            &Forwarding {
+                proxy_only: &only,
+                ..fwd(false)
+            },
+        );
+        let id = h.get_all("x-request-id").iter().collect::<Vec<_>>();
+        assert_eq!(id.len(), 1, "{h:?}");
+        assert_ne!(id[0], "from-the-client");
     }
 
     #[test]

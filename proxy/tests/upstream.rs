@@ -802,3 +802,58 @@ async fn endless_informational_answers_are_a_502() {
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     proxy.stop().await;
 }
+
+/// A 101 that arrives before the request that asked to upgrade was sent
+/// whole (its body is still coming) cannot start a tunnel: the bytes still
+/// to come belong to the request, not to the new protocol. The client gets
+/// a 502. The same upstream's 101 to the same request sent whole starts
+/// the tunnel.
+#[tokio::test]
+async fn a_101_before_the_request_was_sent_whole_is_a_502() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while find(&buf, b"\r\n\r\n").is_none() {
+                    if fill(&mut stream, &mut buf).await.is_none() {
+                        return;
+                    }
+                }
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+                    )
+                    .await;
+                while fill(&mut stream, &mut buf).await.is_some() {}
+            });
+        }
+    });
+    let proxy = Running::start(&config("", &[("early", addr, 100.0)])).await;
+    /// The head of the answer to an upgrade request with these body bytes
+    /// of the 10 it announces.
+    async fn head(proxy: SocketAddr, body: &[u8]) -> String {
+        let mut client = TcpStream::connect(proxy).await.unwrap();
+        let mut request = b"POST / HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: echo\r\ncontent-length: 10\r\n\r\n".to_vec();
+        request.extend_from_slice(body);
+        client.write_all(&request).await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), async {
+            while find(&got, b"\r\n\r\n").is_none() {
+                if fill(&mut client, &mut got).await.is_none() {
+                    break;
+                }
+            }
+        })
+        .await;
+        let text = String::from_utf8_lossy(&got).into_owned();
+        assert!(read.is_ok(), "timed out: {text}");
+        text
+    }
+    let whole = head(proxy.addr, b"ten bytes!").await;
+    assert!(whole.starts_with("HTTP/1.1 101"), "{whole}");
+    let half = head(proxy.addr, b"half!").await;
+    assert!(half.starts_with("HTTP/1.1 502"), "{half}");
+    proxy.stop().await;
+}
