@@ -208,6 +208,8 @@ pub fn parse_response(
     map.reserve(fields);
     let mut headers = std::mem::take(map);
     let mut close = false;
+    let mut lengths = Lengths::default();
+    let mut transfer_encoding = false;
     for &(name_at, name_len, value_at, value_len) in &spans[..fields] {
         let name = &head[name_at as usize..(name_at + name_len) as usize];
         let name =
@@ -224,6 +226,10 @@ pub fn parse_response(
             if !names_fields {
                 continue;
             }
+        } else if name == CONTENT_LENGTH {
+            lengths.add(&value);
+        } else if name == TRANSFER_ENCODING {
+            transfer_encoding = true;
         } else if name.as_str() == "keep-alive" {
             continue;
         }
@@ -231,7 +237,13 @@ pub fn parse_response(
             .map_err(|_| BadResponse::Head("bad header value"))?;
         headers.append(name, value);
     }
-    let (framing, reusable) = response_framing(method, status, version, close, &mut headers)?;
+    let message = Message {
+        version,
+        close,
+        lengths,
+        transfer_encoding,
+    };
+    let (framing, reusable) = response_framing(method, status, message, &mut headers)?;
     Ok(Some(ResponseHead {
         status,
         headers,
@@ -240,15 +252,86 @@ pub fn parse_response(
     }))
 }
 
+/// What the framing of a response depends on besides its method and
+/// status, noted while its fields are parsed (so that the framing needs no
+/// lookups in the map).
+struct Message {
+    version: Version,
+    /// `Connection: close`.
+    close: bool,
+    lengths: Lengths,
+    transfer_encoding: bool,
+}
+
+/// The `Content-Length` fields of a message, as they were parsed.
+struct Lengths {
+    fields: usize,
+    /// A field with a list (`7, 7`).
+    listed: bool,
+    /// The one length every field and list member states; `Err` if they
+    /// disagree or one is not a length.
+    length: Result<Option<u64>, BadResponse>,
+}
+
+impl Default for Lengths {
+    fn default() -> Self {
+        Self {
+            fields: 0,
+            listed: false,
+            length: Ok(None),
+        }
+    }
+}
+
+impl Lengths {
+    fn add(&mut self, value: &[u8]) {
+        self.fields += 1;
+        self.listed |= value.contains(&b',');
+        if let Ok(known) = self.length {
+            self.length = add_length(known, value);
+        }
+    }
+
+    /// `7, 7` or two fields of 7: the client gets one plain `Content-Length`.
+    fn tidy(&self, headers: &mut HeaderMap, n: u64) {
+        if self.fields > 1 || self.listed {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+}
+
+/// `known` (the length stated so far) and the members of one more
+/// `Content-Length` value: the one length they all state.
+fn add_length(mut known: Option<u64>, value: &[u8]) -> Result<Option<u64>, BadResponse> {
+    let text = std::str::from_utf8(value).map_err(|_| BadResponse::ContentLength)?;
+    for member in text.split(',') {
+        let member = member.trim_matches([' ', '\t']);
+        if member.is_empty() || member.len() > 19 || !member.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(BadResponse::ContentLength);
+        }
+        let n: u64 = member.parse().map_err(|_| BadResponse::ContentLength)?;
+        if known.is_some_and(|l| l != n) {
+            return Err(BadResponse::ContentLength);
+        }
+        known = Some(n);
+    }
+    Ok(known)
+}
+
 /// RFC 9112 §6.3, from the client's side. `Content-Length` is removed when
 /// `Transfer-Encoding` overrides it, so it is never passed on.
 fn response_framing(
     method: &Method,
     status: StatusCode,
-    version: Version,
-    close: bool,
+    message: Message,
     headers: &mut HeaderMap,
 ) -> Result<(Framing, bool), BadResponse> {
+    let Message {
+        version,
+        close,
+        lengths,
+        transfer_encoding,
+    } = message;
     let mut reusable = version == Version::HTTP_11 && !close;
     if *method == Method::HEAD
         || status.is_informational()
@@ -256,17 +339,18 @@ fn response_framing(
         || status == StatusCode::NOT_MODIFIED
     {
         // The length only informs here; a readable one is tidied all the same.
-        if let Ok(Some(n)) = content_length(headers) {
-            plain_length(headers, n);
+        if let Ok(Some(n)) = lengths.length {
+            lengths.tidy(headers, n);
         }
         return Ok((Framing::Empty, reusable));
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
+    if transfer_encoding {
         if version == Version::HTTP_10 {
             return Err(BadResponse::TransferEncodingInHttp10);
         }
-        if headers.remove(CONTENT_LENGTH).is_some() {
+        if lengths.fields > 0 {
             // Both framings: a sign of an intermediary that disagrees.
+            headers.remove(CONTENT_LENGTH);
             reusable = false;
         }
         return Ok(if chunked_is_final(headers) {
@@ -275,44 +359,13 @@ fn response_framing(
             (Framing::Close, false)
         });
     }
-    match content_length(headers)? {
+    match lengths.length.clone()? {
         Some(n) => {
-            plain_length(headers, n);
+            lengths.tidy(headers, n);
             Ok((Framing::Length(n), reusable))
         }
         None => Ok((Framing::Close, false)),
     }
-}
-
-/// `7, 7` or two fields of 7: the client gets one plain `Content-Length`.
-fn plain_length(headers: &mut HeaderMap, n: u64) {
-    let mut fields = headers.get_all(CONTENT_LENGTH).iter();
-    let first = fields.next();
-    let plain = fields.next().is_none() && first.is_some_and(|v| !v.as_bytes().contains(&b','));
-    if !plain {
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
-    }
-}
-
-/// The one length every `Content-Length` field and list member states.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, BadResponse> {
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        let text = value.to_str().map_err(|_| BadResponse::ContentLength)?;
-        for member in text.split(',') {
-            let member = member.trim_matches([' ', '\t']);
-            if member.is_empty() || member.len() > 19 || !member.bytes().all(|b| b.is_ascii_digit())
-            {
-                return Err(BadResponse::ContentLength);
-            }
-            let n: u64 = member.parse().map_err(|_| BadResponse::ContentLength)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(BadResponse::ContentLength);
-            }
-            length = Some(n);
-        }
-    }
-    Ok(length)
 }
 
 /// Whether `chunked` is the last transfer coding, and named only once.
