@@ -3,8 +3,6 @@
 //! one header (`x-feature-flags: a,b`), and route rules can act on them.
 //! Evaluation itself is `switchyard_control::flags`, shared with OFREP.
 
-use bytes::Bytes;
-use http::header::HeaderValue;
 use http::request::Parts;
 use switchyard_control::flags::parse_groups;
 
@@ -14,8 +12,10 @@ use crate::snapshot::Snapshot;
 pub struct Evaluated {
     /// Indexed like `snapshot.flags`.
     pub on: Vec<bool>,
-    /// The upstream header's value; `None` when no flag is configured.
-    pub header: Option<HeaderValue>,
+    /// The upstream header's value (`a,b`; flag names are checked when
+    /// configured, so it needs no check as a header value); `None` when no
+    /// flag is configured.
+    pub header: Option<Vec<u8>>,
 }
 
 /// Evaluates every flag for the user `key`, with the groups of the trusted
@@ -50,14 +50,13 @@ pub fn evaluate(snapshot: &Snapshot, parts: &Parts, key: &[u8]) -> Evaluated {
         on.push(value);
     }
     Evaluated {
-        header: header(snapshot, &on, len.saturating_sub(1)),
+        header: Some(header(snapshot, &on, len.saturating_sub(1))),
         on,
     }
 }
 
-/// `a,b`: the names of the flags that are on, in `len` bytes allocated once
-/// (a vector whose length is its capacity becomes `Bytes` without a copy).
-fn header(snapshot: &Snapshot, on: &[bool], len: usize) -> Option<HeaderValue> {
+/// `a,b`: the names of the flags that are on, in `len` bytes allocated once.
+fn header(snapshot: &Snapshot, on: &[bool], len: usize) -> Vec<u8> {
     let mut names = Vec::with_capacity(len);
     for (f, _) in snapshot.flags.iter().zip(on).filter(|(_, on)| **on) {
         if !names.is_empty() {
@@ -65,5 +64,5 @@ fn header(snapshot: &Snapshot, on: &[bool], len: usize) -> Option<HeaderValue> {
         }
         names.extend_from_slice(f.flag.name.as_bytes());
     }
-    HeaderValue::from_maybe_shared(Bytes::from(names)).ok()
+    names
 }

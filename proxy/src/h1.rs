@@ -87,6 +87,7 @@ pub fn write_request_head(
     // One allocation for the whole head, not one per doubling.
     let fields: usize = headers
         .iter()
+        .map(|(n, v)| (n, v.as_bytes()))
         .chain(added.fields())
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum();
@@ -95,13 +96,14 @@ pub fn write_request_head(
     buf.put_u8(b' ');
     buf.extend_from_slice(target.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers.iter().chain(added.fields()) {
+    let all = headers.iter().map(|(n, v)| (n, v.as_bytes()));
+    for (name, value) in all.chain(added.fields()) {
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
             continue;
         }
         buf.extend_from_slice(name.as_str().as_bytes());
         buf.extend_from_slice(b": ");
-        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(value);
         buf.extend_from_slice(b"\r\n");
     }
     match framing {
@@ -588,10 +590,7 @@ mod tests {
         );
         buf.clear();
         let mut added = Added::default();
-        added.flags = Some((
-            HeaderName::from_static("x-feature-flags"),
-            HeaderValue::from_static("a,b"),
-        ));
+        added.flags = Some((HeaderName::from_static("x-feature-flags"), b"a,b".to_vec()));
         write_request_head(
             &mut buf,
             &Method::GET,

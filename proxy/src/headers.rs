@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, UPGRADE};
 use http::{HeaderMap as Map, StatusCode};
 
-use crate::split::random_id;
+use crate::split::{random_id, RandomId};
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -46,22 +46,31 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 pub struct Added {
     forwarded_for: Option<HeaderValue>,
     forwarded_proto: Option<HeaderValue>,
-    request_id: Option<HeaderValue>,
-    /// The flag header (`flag_header`) and the flags that are on.
-    pub flags: Option<(HeaderName, HeaderValue)>,
+    /// Made here, written as it is: no header value (and no allocation).
+    request_id: Option<RandomId>,
+    /// The flag header (`flag_header`) and the flags that are on (`a,b`).
+    pub flags: Option<(HeaderName, Vec<u8>)>,
 }
 
 impl Added {
-    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+    /// Each field's name and value.
+    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &[u8])> {
         [
-            (&X_FORWARDED_FOR, self.forwarded_for.as_ref()),
-            (&X_FORWARDED_PROTO, self.forwarded_proto.as_ref()),
-            (&X_REQUEST_ID, self.request_id.as_ref()),
+            (&X_FORWARDED_FOR, value(&self.forwarded_for)),
+            (&X_FORWARDED_PROTO, value(&self.forwarded_proto)),
+            (
+                &X_REQUEST_ID,
+                self.request_id.as_ref().map(RandomId::as_bytes),
+            ),
         ]
         .into_iter()
         .filter_map(|(name, value)| Some((name, value?)))
-        .chain(self.flags.as_ref().map(|(name, value)| (name, value)))
+        .chain(self.flags.as_ref().map(|(name, v)| (name, v.as_slice())))
     }
+}
+
+fn value(v: &Option<HeaderValue>) -> Option<&[u8]> {
+    v.as_ref().map(HeaderValue::as_bytes)
 }
 
 /// Which of the names the request rewrite acts on a request carries, from
@@ -151,9 +160,7 @@ pub fn rewrite_request(headers: &mut HeaderMap, fwd: &Forwarding<'_>) -> Added {
         if present.request_id {
             headers.remove(&X_REQUEST_ID);
         }
-        let id = random_id();
-        added.request_id =
-            Some(HeaderValue::from_bytes(id.as_bytes()).expect("hex is a valid header value"));
+        added.request_id = Some(random_id());
     }
     added
 }
@@ -297,7 +304,7 @@ mod tests {
     fn rewrite(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
         let added = rewrite_request(headers, fwd);
         for (name, value) in added.fields() {
-            headers.append(name, value.clone());
+            headers.append(name, HeaderValue::from_bytes(value).unwrap());
         }
     }
 

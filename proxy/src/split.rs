@@ -130,6 +130,7 @@ fn trim(bytes: &[u8]) -> &[u8] {
 }
 
 /// 128 random bits as 32 lower-case hex digits (an anonymous id or a request id).
+#[derive(Debug)]
 pub struct RandomId([u8; 32]);
 
 impl RandomId {
