@@ -55,8 +55,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtests" / "RESULTS.md"
 BIN = ROOT / "target" / "release" / "switchyard"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PROXY_CORE, GENERATOR_CORE = 0, 1  # the proxy under test; the origin and the load generators
+GENERATOR_CORE = 1            # the origin's and the load generators' (`taskset -c 1` below)
 GENERATOR_SATURATED = 0.95    # the generator's core this busy: a throughput figure is bounded by it
+PROXY_UNSATURATED = 0.9       # a proxy below this share of its core at saturation was not the bound
 IDLE_TIMEOUT_S = 120          # every server keeps an idle keep-alive client this long
 MAX_IDLE_CONNECTIONS = 10000  # the most the idle-connection test may hold
 MAX_CONNECTIONS = 12000       # every server's connection limit: those, upstream ones and spare
@@ -158,7 +159,10 @@ def core_ticks(core):
     for line in Path("/proc/stat").read_text().splitlines():
         fields = line.split()
         if fields[0] == f"cpu{core}":
-            ticks = [int(f) for f in fields[1:]]
+            # user nice system idle iowait irq softirq steal (guest time is
+            # already in user and nice); steal counts as busy: the core was
+            # not ours to use.
+            ticks = [int(f) for f in fields[1:9]]
             return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
     return 0, 0
 
@@ -368,6 +372,8 @@ def count_instructions(start, workdir, requests=2000, warmup=200):
     for f in workdir.glob(out.name + "*"):
         for m in re.findall(r"^(?:summary|totals):\s+(\d+)", f.read_text(errors="replace"), re.M):
             total = max(total, int(m))
+    if not total:
+        raise RuntimeError(f"callgrind wrote no count to {out}*")
     return total / requests
 
 
@@ -655,7 +661,7 @@ class Running:
 @dataclass
 class Peer:
     name: str
-    start: object  # (workdir, origin) -> Running
+    start: object  # (workdir, origin[, wrapper]) -> Running; wrapper: a command to run it under (callgrind)
     is_proxy: bool = True
     # A TCP forwarder that parses nothing: what the kernel's part of proxying
     # costs, the least any proxy could. Not in the memory tests (each idle
@@ -692,8 +698,9 @@ def haproxy_conf(port, h2_port, origin, tcp=False):
   nbthread 1
   maxconn {MAX_CONNECTIONS}
   # It wants two descriptors per connection (client and server side) and will not start
-  # under a lower hard limit unless told; with `http-reuse always` the server side is
-  # a handful of shared connections, so the idle clients still fit.
+  # under a lower hard limit unless told; in HTTP mode, with `http-reuse always`, the
+  # server side is a handful of shared connections, so the idle clients still fit (the
+  # TCP forwarder is kept out of the idle-connection test).
   no strict-limits
 defaults
   maxconn {MAX_CONNECTIONS}
@@ -1136,16 +1143,32 @@ def memory_goals(tally):
     ]
 
 
+def proxy_core_busy(tally, peer):
+    """The share of its core a proxy used at saturation: its CPU time per
+    request times the requests it served per second (medians)."""
+    cpu = tally.median(peer, "saturation", "cpu_us_per_req")
+    rps = tally.median(peer, "saturation", "rps")
+    return None if cpu is None or rps is None else cpu * rps / 1e6
+
+
 def generator_bound(tally, peers, goal):
     """A throughput goal whose runs had the load generator's core saturated
-    says so: such a figure is the generator's and the origin's limit (they
-    share a core), not the proxies'."""
+    says so: such a figure is bounded by the load generator and the origin
+    (they share a core), and, when the proxies' core was not saturated too,
+    not by the proxies."""
     busy = [tally.median(p, "saturation", "generator_core_busy") for p in peers]
     if None in busy or min(busy) < GENERATOR_SATURATED:
         return goal
     text, measured, verdict = goal
-    return text, (f"{measured}; the load generator's core was {100 * min(busy):.0f}–{100 * max(busy):.0f} % busy: "
-                  f"the throughput measured is bounded by the load generator and the origin, not by the proxies"), verdict
+    proxies = [proxy_core_busy(tally, p) for p in peers]
+    generator = f"the load generator's core was {100 * min(busy):.0f}–{100 * max(busy):.0f} % busy"
+    if None not in proxies and max(proxies) < PROXY_UNSATURATED:
+        why = (f"{generator}, the proxies' {100 * min(proxies):.0f}–{100 * max(proxies):.0f} %: the throughput "
+               f"measured is the load generator's and the origin's limit, not the proxies'")
+    else:
+        shown = "" if None in proxies else f" and the proxies' {100 * min(proxies):.0f}–{100 * max(proxies):.0f} %"
+        why = f"{generator}{shown}: both cores near saturation, the throughput measured is bounded by both"
+    return text, f"{measured}; {why}", verdict
 
 
 def compare_goals(tally):
@@ -1192,31 +1215,47 @@ def cpu_floor(tally):
         return ""
     return ("Where the CPU goes (µs per request, medians; kernel = stime, user = utime):\n\n"
             "| load | Switchyard kernel | Switchyard user | peer kernel | peer user | what the goal allows |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(rows) + tcp_floor(tally))
+            "|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+HTTP_PROXIES = ("nginx", "haproxy", "switchyard", "switchyard, metrics+flags off")
 
 
 def tcp_floor(tally):
-    """The TCP forwarder's CPU per request against nginx's: when even a
-    proxy that parses nothing costs more than a goal allows, no HTTP proxy
-    can meet that goal on this machine."""
+    """What even a proxy that parses nothing costs, against nginx's CPU per
+    request. A proxy's CPU is its kernel time (the socket calls: about the
+    same for every proxy, see "of which kernel") plus its user time; the TCP
+    forwarder's user time is the least any proxy's can be (an HTTP proxy
+    parses and writes heads besides copying bytes). So the lowest kernel
+    time measured for an HTTP proxy plus the forwarder's user time is a
+    floor for an HTTP proxy here: when it is above what a goal allows, no
+    HTTP proxy can meet that goal on this machine."""
     lines = []
     for what, factor in (("fixed rate", 0.8), ("saturation", None)):
-        floor = tally.median(FLOOR, what, "cpu_us_per_req")
+        total = tally.median(FLOOR, what, "cpu_us_per_req")
         kernel = tally.median(FLOOR, what, "kernel_us_per_req")
         ref = tally.median("nginx", what, "cpu_us_per_req")
-        if None in (floor, kernel, ref):
+        kernels = [k for k in (tally.median(p, what, "kernel_us_per_req") for p in HTTP_PROXIES) if k is not None]
+        if None in (total, kernel, ref) or not kernels:
             continue
-        verdict = ""
+        user = total - kernel
+        bound = min(kernels) + user
+        line = (f"- {what}: the forwarder {total:.2f} µs per request ({kernel:.2f} of it the kernel's, "
+                f"{user:.2f} user space), {total / ref:.2f}× nginx's {ref:.2f}. The least an HTTP proxy could cost "
+                f"(the lowest HTTP proxy's kernel time, {min(kernels):.2f}, plus the forwarder's user time): "
+                f"{bound:.2f} µs, {bound / ref:.2f}× nginx's")
         if factor is not None:
-            verdict = (f": above the {factor}× nginx's the goal asks, so no HTTP proxy can reach it here"
-                       if floor > factor * ref else f": under the {factor}× nginx's the goal asks")
-        lines.append(f"- {what}: {floor:.2f} µs per request ({kernel:.2f} of it the kernel's), "
-                     f"{floor / ref:.2f}× nginx's {ref:.2f}{verdict}.")
+            spread = tally.values(FLOOR, what, "cpu_us_per_req")
+            noise = (f" (the forwarder's own runs spread {min(spread):.2f}–{max(spread):.2f})"
+                     if len(spread) > 1 else "")
+            line += (f": above the {factor}× nginx's the goal asks, so no HTTP proxy could meet it in this run{noise}"
+                     if bound > factor * ref else f": under the {factor}× nginx's the goal asks{noise}")
+        lines.append(line + ".")
     if not lines:
         return ""
-    return ("\n\nThe least a proxy can cost here: haproxy in `mode tcp` copies bytes between each client "
-            "connection and an origin connection of its own, parsing nothing (the same four socket calls per "
-            "request as an HTTP proxy with upstream keep-alive):\n\n" + "\n".join(lines))
+    return ("The floor: haproxy in `mode tcp` copies bytes between each client connection and an origin "
+            "connection of its own, parsing nothing (the same four socket calls per request as an HTTP proxy "
+            "with upstream keep-alive):\n\n" + "\n".join(lines))
 
 
 def compare_section(args, peers, tally, rate, elapsed, load_before):
@@ -1287,6 +1326,8 @@ Goals (ratios of medians from this run):
 
 {cpu_floor(tally)}
 
+{tcp_floor(tally)}
+
 {('Discarded: ' + '; '.join(tally.discarded)) if tally.discarded else 'No run was discarded.'}
 """
 
@@ -1300,6 +1341,7 @@ def suite_instructions(args):
     suite's CPU split for that)."""
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         sys.exit("not installed: valgrind (Debian: apt-get install valgrind)")
+    os.sched_setaffinity(0, {GENERATOR_CORE})  # the client stays off the proxies' core
     workdir = Path(tempfile.mkdtemp(prefix="switchyard-instructions-"))
     h2_port = free_port()
     origin_proc, port = start_origin(workdir, h2_port=h2_port)
@@ -1328,8 +1370,8 @@ def suite_instructions(args):
   `valgrind --tool=callgrind` on core 0, in front of the same origin (nginx on core 1).
 - Counting is switched on (`callgrind_control -i on`) only around {args.requests} sequential keep-alive
   requests from one client, each with a new `x-user-id`, after 200 of warm-up: start-up is not counted.
-  User-space instructions only: the kernel's work for the sockets is the same for every HTTP proxy and is
-  not in these figures. {args.rounds} round(s); cells: median (min–max).
+  User-space instructions only: the kernel's work for the sockets (about the same for every proxy: the
+  compare suite's "of which kernel" column) is not in these figures. {args.rounds} round(s); cells: median (min–max).
 - The run took {(time.monotonic() - started) / 60:.1f} minutes.
 
 | proxy | instructions per request | against nginx |
@@ -1721,7 +1763,8 @@ def require_tools(suite):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=list(SUITES), help="which comparison to run")
-    parser.add_argument("--rounds", type=int, help="rounds (default: 3 for compare and tls, 5 otherwise)")
+    parser.add_argument("--rounds", type=int,
+                        help="rounds (default: 3 for compare, tls and memory, 1 for instructions, 5 otherwise)")
     parser.add_argument("--duration", type=int,
                         help="seconds per measurement (default: 6 for compare, 10 otherwise)")
     parser.add_argument("--quick", action="store_true",
@@ -1751,6 +1794,8 @@ def main():
     args.duration = args.duration or (2 if args.quick else duration)
     if not 0 < args.idle_connections <= MAX_IDLE_CONNECTIONS:
         parser.error(f"--idle-connections must be 1..{MAX_IDLE_CONNECTIONS}")
+    if args.requests <= 0:
+        parser.error("--requests must be at least 1")
     require_tools(args.suite)
     if args.binary is None and not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-p", "switchyard-proxy"], cwd=ROOT, check=True)
