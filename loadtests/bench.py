@@ -1218,9 +1218,6 @@ def cpu_floor(tally):
             "|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
-HTTP_PROXIES = ("nginx", "haproxy", "switchyard", "switchyard, metrics+flags off")
-
-
 def tcp_floor(tally):
     """What even a proxy that parses nothing costs, against nginx's CPU per
     request. A proxy's CPU is its kernel time (the socket calls: about the
@@ -1235,7 +1232,9 @@ def tcp_floor(tally):
         total = tally.median(FLOOR, what, "cpu_us_per_req")
         kernel = tally.median(FLOOR, what, "kernel_us_per_req")
         ref = tally.median("nginx", what, "cpu_us_per_req")
-        kernels = [k for k in (tally.median(p, what, "kernel_us_per_req") for p in HTTP_PROXIES) if k is not None]
+        # Every proxy measured but the forwarder (the origin has no kernel figure).
+        kernels = [k for k in (tally.median(p, what, "kernel_us_per_req") for p in tally.kept if p != FLOOR)
+                   if k is not None]
         if None in (total, kernel, ref) or not kernels:
             continue
         user = total - kernel

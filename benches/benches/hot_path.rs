@@ -87,6 +87,7 @@ fn bench(c: &mut Criterion) {
                         proto: "http",
                         trust_forwarded_for: false,
                         proxy_only: &[],
+                        upgrade: false,
                     },
                 );
                 (chosen, added)

@@ -1278,19 +1278,25 @@ fn check_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Fields whose meaning the proxy fixes: hop-by-hop ones (never forwarded),
-/// framing and `Host`, and the forwarding fields and request id the proxy
-/// writes itself.
-const MANAGED_HEADERS: [&str; 15] = [
+/// Hop-by-hop by definition (RFC 9110 §7.6.1), plus the obsolete
+/// `Keep-Alive` and `Proxy-Connection` and the proxy authentication pair:
+/// never forwarded (the proxy's header rewrite), and never a header the
+/// configuration may give another role.
+pub const HOP_BY_HOP: [&str; 9] = [
     "connection",
-    "keep-alive",
-    "proxy-connection",
     "te",
     "trailer",
     "transfer-encoding",
     "upgrade",
+    "keep-alive",
+    "proxy-connection",
     "proxy-authenticate",
     "proxy-authorization",
+];
+
+/// Besides `HOP_BY_HOP`, fields whose meaning the proxy fixes: framing and
+/// `Host`, and the forwarding fields and request id the proxy writes itself.
+const MANAGED_HEADERS: [&str; 6] = [
     "content-length",
     "host",
     "forwarded",
@@ -1304,7 +1310,8 @@ const MANAGED_HEADERS: [&str; 15] = [
 /// a valid name, and not one whose meaning the proxy already fixes.
 fn check_own_header_name(field: &str, name: &str) -> Result<(), ConfigError> {
     check_header_name(field, name)?;
-    if MANAGED_HEADERS.iter().any(|m| m.eq_ignore_ascii_case(name)) {
+    let mut managed = HOP_BY_HOP.iter().chain(&MANAGED_HEADERS);
+    if managed.any(|m| m.eq_ignore_ascii_case(name)) {
         return Err(ConfigError::new(
             field,
             format!("`{name}` is a header the proxy manages itself; choose another name"),

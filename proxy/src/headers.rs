@@ -8,6 +8,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, UP
 use http::{HeaderMap as Map, StatusCode};
 
 use crate::split::{random_id, RandomId};
+use switchyard_control::config::HOP_BY_HOP;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -30,6 +31,9 @@ pub struct Forwarding<'a> {
     pub trust_forwarded_for: bool,
     /// Headers only the proxy may set (e.g. the forced-backend header).
     pub proxy_only: &'a [HeaderName],
+    /// The request asks to switch protocols (`is_upgrade`, decided once by
+    /// the pipeline, which also prepares the tunnel): `Upgrade` survives.
+    pub upgrade: bool,
 }
 
 /// Whether this HTTP/1.1 request asks to switch protocols (WebSocket).
@@ -112,8 +116,7 @@ impl Present {
 /// must not go upstream; what the proxy adds is returned.
 pub fn rewrite_request(headers: &mut HeaderMap, fwd: &Forwarding<'_>) -> Added {
     let mut present = Present::of(headers, fwd.proxy_only);
-    let upgrade = present.hop_by_hop & HOP_UPGRADE != 0 && connection_has(headers, "upgrade");
-    if strip_hop_by_hop(headers, present.hop_by_hop, upgrade) {
+    if strip_hop_by_hop(headers, present.hop_by_hop, fwd.upgrade) {
         // `Connection` named other fields, which are gone now (it may name
         // the forwarding ones).
         present = Present::of(headers, fwd.proxy_only);
@@ -223,23 +226,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, present: u16, keep_upgrade: bool) -
     !listed.is_empty()
 }
 
-/// Hop-by-hop by definition (RFC 9110 §7.6.1), plus the obsolete
-/// `Keep-Alive` and `Proxy-Connection` and the proxy authentication pair.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-];
-
-/// `Upgrade`'s bit in a set of `HOP_BY_HOP` entries.
-const HOP_UPGRADE: u16 = 1 << 4;
-
 /// Where `name` is in `HOP_BY_HOP`, if it is hop-by-hop.
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     // Header names are lowercase.
@@ -308,17 +294,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_upgrade_bit_is_upgrades() {
-        assert_eq!(HOP_BY_HOP[HOP_UPGRADE.trailing_zeros() as usize], "upgrade");
-    }
-
     fn fwd(trust: bool) -> Forwarding<'static> {
         Forwarding {
             peer: &PEER,
             proto: "http",
             trust_forwarded_for: trust,
             proxy_only: &[],
+            upgrade: false,
         }
     }
 
@@ -494,8 +476,15 @@ mod tests {
             ("connection", "Upgrade, keep-alive"),
             ("upgrade", "websocket"),
         ]);
-        assert!(is_upgrade(&h));
-        rewrite(&mut h, &fwd(false));
+        let upgrade = is_upgrade(&h);
+        assert!(upgrade);
+        rewrite(
+            &mut h,
+            &Forwarding {
+                upgrade,
+                ..fwd(false)
+            },
+        );
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
 

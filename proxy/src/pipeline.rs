@@ -91,9 +91,10 @@ pub async fn handle<G: Send>(
     let body =
         http_body_util::Limited::new(body, usize::try_from(shared.max_body).unwrap_or(usize::MAX));
 
+    let upgrade = client_upgrade.is_some();
     let decided = {
         let snapshot = shared.snapshot.load();
-        decide(&snapshot, &mut parts, conn)
+        decide(&snapshot, &mut parts, conn, upgrade)
     };
     let (endpoint, added, set_cookie, recording) = match decided {
         Ok(d) => d,
@@ -101,7 +102,6 @@ pub async fn handle<G: Send>(
     };
     let sent = match keep_host(&mut parts) {
         Ok(()) => {
-            let upgrade = client_upgrade.is_some();
             shared
                 .upstreams
                 .send(&endpoint, &mut parts, &added, body, upgrade)
@@ -145,6 +145,7 @@ fn decide(
     snapshot: &Snapshot,
     parts: &mut Parts,
     conn: ConnInfo,
+    upgrade: bool,
 ) -> Result<(Endpoint, Added, Option<HeaderValue>, Recording), ProxyError> {
     check_head_size(snapshot, parts)?;
     if route::has_dot_segment(parts.uri.path()) {
@@ -174,6 +175,7 @@ fn decide(
             trust_forwarded_for: snapshot.trust_forwarded_for,
             // Client copies of the flag header are among these.
             proxy_only: &snapshot.proxy_only_headers,
+            upgrade,
         },
     );
     added.flags = flag_header.map(|value| (snapshot.flag_header.clone(), value));
