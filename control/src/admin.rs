@@ -123,37 +123,87 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// `GET /v1/routes/{route}/stats`: the rolling window of each backend.
-pub(crate) fn route_stats(metrics: &Metrics, route: &str) -> Response<Full<Bytes>> {
+/// `GET /v1/routes/{route}/stats`: the rolling window of each backend, as
+/// this replica saw it (`scope: local`, the default), or in fleet mode with
+/// `?scope=fleet` every live replica's merged (`scope: fleet`: what a
+/// rollout's leader judges).
+pub(crate) async fn route_stats(
+    admin: &Admin,
+    route: &str,
+    query: &str,
+) -> Result<Response<Full<Bytes>>, crate::api::ApiError> {
+    use crate::api::ApiError;
+    let metrics = &admin.metrics;
+    let fleet_scope = match query {
+        "" | "scope=local" => false,
+        "scope=fleet" => true,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("`{query}` is not a valid query: use scope=local or scope=fleet"),
+            ))
+        }
+    };
     if !metrics.enabled() {
-        return json_error(
+        return Err(ApiError::new(
             StatusCode::CONFLICT,
             "metrics_disabled",
             "metrics.enabled is false in the configuration",
-        );
+        ));
     }
     let Some(backends) = metrics.route_window(route) else {
-        return json_error(
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            &format!("no route named `{route}`"),
-        );
+            format!("no route named `{route}`"),
+        ));
+    };
+    let span = metrics.window_span();
+    let names: Vec<&str> = backends.iter().map(|b| &*b.backend).collect();
+    let (stats, replicas) = match (fleet_scope, admin.store.fleet()) {
+        (false, _) => (
+            backends.iter().map(|b| b.stats.clone()).collect::<Vec<_>>(),
+            1,
+        ),
+        (true, None) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "not_a_fleet",
+                "scope=fleet needs fleet mode (`fleet:` in the configuration)",
+            ))
+        }
+        (true, Some(fleet)) => {
+            let (merged, replicas) = fleet
+                .merged_windows(metrics, route, &names, span)
+                .await
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_unavailable",
+                        e.to_string(),
+                    )
+                })?;
+            (merged.iter().map(|h| h.stats()).collect(), replicas)
+        }
     };
     let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
     let body = serde_json::json!({
         "route": route,
-        "window_seconds": metrics.window_span().as_secs(),
-        "backends": backends.iter().map(|b| serde_json::json!({
-            "backend": &*b.backend,
-            "requests": b.stats.requests,
-            "errors": b.stats.errors,
-            "error_rate_percent": b.stats.error_rate_percent(),
-            "p50_ms": ms(b.stats.p50),
-            "p95_ms": ms(b.stats.p95),
-            "p99_ms": ms(b.stats.p99),
+        "scope": if fleet_scope { "fleet" } else { "local" },
+        "replicas": replicas,
+        "window_seconds": span.as_secs(),
+        "backends": names.iter().zip(&stats).map(|(name, s)| serde_json::json!({
+            "backend": name,
+            "requests": s.requests,
+            "errors": s.errors,
+            "error_rate_percent": s.error_rate_percent(),
+            "p50_ms": ms(s.p50),
+            "p95_ms": ms(s.p95),
+            "p99_ms": ms(s.p99),
         })).collect::<Vec<_>>(),
     });
-    respond_json(StatusCode::OK, &body)
+    Ok(respond_json(StatusCode::OK, &body))
 }
 
 /// The admin API's error shape: `{"error": {"code": ..., "message": ...}}`.

@@ -8,13 +8,16 @@
 //! GET    /v1/flags                        every flag
 //! GET|PUT|PATCH|DELETE /v1/flags/{name}   PATCH is an RFC 7386 merge patch
 //! GET    /v1/events?after=SEQ&limit=N     the audit log, oldest first
+//! GET    /v1/fleet                        replicas, leaders, the store's health
 //! ```
 //!
 //! Errors are `{"error": {"code", "message"}}`: 400 unparseable (JSON syntax,
 //! bad `If-Match`), 401 no or wrong token, 404 unknown route, flag or
 //! endpoint, 405 wrong method, 409 stale `If-Match`, 413 body over 1 MiB,
 //! 422 well-formed but invalid (types, unknown fields, weights not summing to
-//! 100, unknown backend). Every state document carries `ETag: "<version>"`.
+//! 100, unknown backend), 503 the fleet's store (etcd) cannot be reached
+//! (nothing changed; `Retry-After`). Every state document carries
+//! `ETag: "<version>"`.
 
 use std::collections::BTreeMap;
 
@@ -44,15 +47,18 @@ pub struct ApiError {
     message: String,
     /// `Allow` for 405s.
     allow: Option<&'static str>,
+    /// `Retry-After: 1` (a 503 that will likely pass soon).
+    retry_after: bool,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
             message: message.into(),
             allow: None,
+            retry_after: false,
         }
     }
 
@@ -61,6 +67,10 @@ impl ApiError {
         if let Some(allow) = self.allow {
             resp.headers_mut()
                 .insert(ALLOW, HeaderValue::from_static(allow));
+        }
+        if self.retry_after {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
@@ -95,13 +105,16 @@ pub async fn serve(admin: &Admin, req: Request<Incoming>) -> Resp {
     let result = match (template, method.as_str()) {
         ("/v1/state", "GET") => Ok(state(&admin.store.view())),
         ("/v1/routes/{route}/weights", "PUT") => put_weights(admin, &actor, param, req).await,
-        ("/v1/routes/{route}/stats", "GET") => Ok(crate::admin::route_stats(&admin.metrics, param)),
+        ("/v1/routes/{route}/stats", "GET") => {
+            crate::admin::route_stats(admin, param, req.uri().query().unwrap_or("")).await
+        }
+        ("/v1/fleet", "GET") => Ok(fleet(admin).await),
         ("/v1/flags", "GET") => Ok(flags(&admin.store.view())),
         ("/v1/flags/{name}", "GET") => get_flag(&admin.store.view(), param),
         ("/v1/flags/{name}", "PUT") => put_flag(admin, &actor, param, req).await,
         ("/v1/flags/{name}", "PATCH") => patch_flag(admin, &actor, param, req).await,
         ("/v1/flags/{name}", "DELETE") => delete_flag(admin, &actor, param, req.headers()).await,
-        ("/v1/events", "GET") => events(admin, req.uri().query().unwrap_or("")),
+        ("/v1/events", "GET") => events(admin, req.uri().query().unwrap_or("")).await,
         ("/v1/routes/{route}/rollout", "GET") => rollout_status(&admin.store.view(), param),
         ("/v1/routes/{route}/rollout", "POST") => start_rollout(admin, &actor, param, req).await,
         ("/v1/routes/{route}/rollout/{action}", "POST") => {
@@ -138,6 +151,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("/v1/routes/{route}/rollout", "GET, POST"),
     ("/v1/routes/{route}/rollout/{action}", "POST"),
     ("/v1/events", "GET"),
+    ("/v1/fleet", "GET"),
 ];
 
 /// The endpoint `path` matches, its allowed methods and its `{…}` values.
@@ -390,7 +404,18 @@ async fn delete_flag(
     Ok(resp)
 }
 
-fn events(admin: &Admin, query: &str) -> Result<Resp, ApiError> {
+/// `GET /v1/fleet`: standalone, or the fleet as this replica sees it.
+async fn fleet(admin: &Admin) -> Resp {
+    match admin.store.fleet() {
+        None => respond_json(
+            StatusCode::OK,
+            &json!({ "mode": "standalone", "version": admin.store.view().version }),
+        ),
+        Some(fleet) => respond_json(StatusCode::OK, &fleet.status(&admin.store).await),
+    }
+}
+
+async fn events(admin: &Admin, query: &str) -> Result<Resp, ApiError> {
     let mut after = 0u64;
     let mut limit = 100usize;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -414,7 +439,11 @@ fn events(admin: &Admin, query: &str) -> Result<Resp, ApiError> {
             _ => return Err(bad()),
         }
     }
-    let events = admin.store.events(after, limit).map_err(store_error)?;
+    let events = admin
+        .store
+        .events(after, limit)
+        .await
+        .map_err(store_error)?;
     let next = events.last().map(|e| e.seq);
     Ok(respond_json(
         StatusCode::OK,
@@ -435,6 +464,13 @@ fn store_error(e: StoreError) -> ApiError {
         StoreError::Io(m) => {
             tracing::error!(error = %m, "state write failed");
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
+        }
+        StoreError::Unavailable(m) => {
+            tracing::warn!(error = %m, "change refused: the fleet's store is unavailable");
+            ApiError {
+                retry_after: true,
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", m)
+            }
         }
     }
 }

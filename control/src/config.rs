@@ -94,6 +94,10 @@ pub struct Config {
     pub user_groups: UserGroupsConfig,
     /// Routes, tried in order; the first whose match fits takes the request.
     pub routes: Vec<RouteConfig>,
+    /// Fleet mode: share the runtime state with every replica naming the
+    /// same etcd prefix (docs/fleet.md). Default none: standalone.
+    #[serde(default)]
+    pub fleet: Option<crate::fleet::config::FleetConfig>,
 }
 
 /// A feature flag (DESIGN.md): evaluated per request in this order — `enabled:
@@ -845,6 +849,7 @@ impl Config {
         check("limits", self.limits == next.limits);
         check("metrics", self.metrics == next.metrics);
         check("state_dir", self.state_dir == next.state_dir);
+        check("fleet", self.fleet == next.fleet);
         changed
     }
 
@@ -890,6 +895,9 @@ impl Config {
             tls.validate()?;
         }
         self.user_key.validate()?;
+        if let Some(fleet) = &self.fleet {
+            fleet.validate()?;
+        }
         self.timeouts.validate()?;
         self.limits.validate()?;
         let window = self.metrics.window.0;
@@ -1252,7 +1260,7 @@ impl MatchConfig {
 // === syntax checks ===
 
 /// Names appear in metric labels and admin URLs, so they are kept plain.
-fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name

@@ -56,7 +56,15 @@ pub enum CtlCommand {
         command: FlagCommand,
     },
     /// Rolling-window stats of a route's backends.
-    Stats { route: String },
+    Stats {
+        route: String,
+        /// Every live replica's traffic merged (fleet mode), as a rollout's
+        /// leader judges it; default: the replica asked.
+        #[arg(long)]
+        fleet: bool,
+    },
+    /// Fleet mode: the replicas, each rollout's leader, the store's health.
+    Fleet,
     /// Progressive rollouts: start, status, promote, pause, resume, abort.
     Rollout {
         #[command(subcommand)]
@@ -231,9 +239,17 @@ async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
         }
         CtlCommand::Flag { command } => flag(&api, command).await?,
         CtlCommand::Rollout { command } => rollout(&api, command).await?,
-        CtlCommand::Stats { route } => {
-            let v = api.get(&format!("/v1/routes/{route}/stats")).await?;
+        CtlCommand::Stats { route, fleet } => {
+            let scope = if *fleet { "fleet" } else { "local" };
+            let v = api
+                .get(&format!("/v1/routes/{route}/stats?scope={scope}"))
+                .await?;
             let table = stats_table(&v);
+            (v, table)
+        }
+        CtlCommand::Fleet => {
+            let v = api.get("/v1/fleet").await?;
+            let table = fleet_table(&v);
             (v, table)
         }
         CtlCommand::Events { after, limit } => {
@@ -647,8 +663,12 @@ fn stats_table(v: &Value) -> String {
             ]
         })
         .collect();
+    let scope = match v["scope"].as_str() {
+        Some("fleet") => format!(", {} replica(s) merged", text(&v["replicas"])),
+        _ => ", this replica only".to_owned(),
+    };
     let mut out = format!(
-        "route {} over the last {} s\n\n",
+        "route {} over the last {} s{scope}\n\n",
         text(&v["route"]),
         text(&v["window_seconds"])
     );
@@ -676,7 +696,10 @@ fn events_table(v: &Value) -> String {
             vec![
                 text(&e["seq"]),
                 text(&e["time"]),
-                text(&e["actor"]),
+                match e["replica"].as_str() {
+                    Some(replica) => format!("{}@{replica}", text(&e["actor"])),
+                    None => text(&e["actor"]),
+                },
                 text(&e["action"]),
                 text(&e["target"]),
                 format!("{} -> {}", compact(&e["before"]), compact(&e["after"])),
@@ -687,6 +710,68 @@ fn events_table(v: &Value) -> String {
         &["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "CHANGE"],
         &rows,
     )
+}
+
+fn fleet_table(v: &Value) -> String {
+    if v["mode"] != "fleet" {
+        return format!(
+            "standalone (no `fleet:` in the configuration): state in this replica's state_dir, version {}\n",
+            text(&v["version"])
+        );
+    }
+    let store = &v["store"];
+    let mut out = format!(
+        "replica {} serves version {} (etcd revision {})\nstore: etcd {} prefix {}: {}\n",
+        text(&v["replica"]["id"]),
+        text(&v["replica"]["version"]),
+        text(&v["replica"]["revision"]),
+        text(&store["endpoint"]),
+        text(&store["prefix"]),
+        if store["up"] == true {
+            "up".to_owned()
+        } else {
+            format!("DOWN ({})", text(&store["error"]))
+        }
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let rows: Vec<Vec<String>> = v["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let ago = m["seen_at_ms"]
+                .as_i64()
+                .map_or("-".into(), |t| format!("{:.1}s ago", (now - t) as f64 / 1000.0));
+            let leads: Vec<String> = m["leads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(text)
+                .collect();
+            vec![
+                text(&m["id"]),
+                text(&m["admin"]),
+                text(&m["version"]),
+                text(&m["revision"]),
+                ago,
+                if leads.is_empty() { "-".into() } else { leads.join(",") },
+            ]
+        })
+        .collect();
+    out.push('\n');
+    out.push_str(&table(
+        &["REPLICA", "ADMIN", "VERSION", "REVISION", "LAST SEEN", "LEADS"],
+        &rows,
+    ));
+    if let Some(leaders) = v["leaders"].as_object().filter(|l| !l.is_empty()) {
+        out.push_str("\nrollout leaders:\n");
+        for (route, replica) in leaders {
+            out.push_str(&format!("  {route}: {}\n", text(replica)));
+        }
+    }
+    out
 }
 
 fn compact(v: &Value) -> String {

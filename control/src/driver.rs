@@ -1,6 +1,11 @@
 //! Runs the rollouts: every `analysis.interval`, each progressing rollout's
 //! target window is judged against its stable window, and the store applies
 //! the decision (hold, next step, promotion, rollback, pause).
+//!
+//! In fleet mode only the replica that leads a rollout drives it, on the
+//! windows of every replica merged (`fleet::Fleet::merged_windows`); the
+//! others follow its decisions through the shared state. Without etcd there
+//! is no leader and no merged data: the rollout holds its step.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -10,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::metrics::Metrics;
 use crate::rollout::{analyze, decide, Decision, Phase, RolloutState};
 use crate::store::{RolloutOutcome, Store, StoreError};
+use crate::window::WindowStats;
 
 /// How often the driver looks for analyses that are due; the bound on how
 /// late one can run.
@@ -36,7 +42,16 @@ pub async fn run(store: Arc<Store>, metrics: Arc<Metrics>, shutdown: impl Future
             metrics.set_rollout_step(route, step);
             if state.phase != Phase::Progressing {
                 last.remove(route);
+                if let Some(fleet) = store.fleet() {
+                    fleet.resign(route).await;
+                }
                 continue;
+            }
+            if let Some(fleet) = store.fleet() {
+                if !fleet.lead(route).await {
+                    last.remove(route);
+                    continue;
+                }
             }
             let spec = &state.spec.analysis;
             let now = Instant::now();
@@ -50,8 +65,9 @@ pub async fn run(store: Arc<Store>, metrics: Arc<Metrics>, shutdown: impl Future
                 continue;
             }
             last.insert(route.clone(), now);
-            let stable = metrics.backend_window(route, &state.spec.stable, spec.window.0);
-            let target = metrics.backend_window(route, &state.spec.target, spec.window.0);
+            let Some((stable, target)) = windows(&store, &metrics, route, state).await else {
+                continue;
+            };
             let analysis = analyze(spec, &stable, &target);
             for c in &analysis.checks {
                 metrics.analysis_check(route, &c.check, c.verdict.label());
@@ -96,6 +112,38 @@ pub async fn run(store: Arc<Store>, metrics: Arc<Metrics>, shutdown: impl Future
             if let (Some(event), Some(now)) = (event, store.view().rollouts.get(route)) {
                 now.spec.webhooks.notify(event_payload(event, route, now));
             }
+        }
+    }
+}
+
+/// The stable and target windows the rollout of `route` is judged on: this
+/// replica's, or in fleet mode every replica's merged; `None` when the
+/// fleet's windows cannot be read (the step holds).
+async fn windows(
+    store: &Store,
+    metrics: &Metrics,
+    route: &str,
+    state: &RolloutState,
+) -> Option<(WindowStats, WindowStats)> {
+    let span = state.spec.analysis.window.0;
+    let (stable, target) = (&state.spec.stable, &state.spec.target);
+    let Some(fleet) = store.fleet() else {
+        return Some((
+            metrics.backend_window(route, stable, span),
+            metrics.backend_window(route, target, span),
+        ));
+    };
+    match fleet
+        .merged_windows(metrics, route, &[stable, target], span)
+        .await
+    {
+        Ok((merged, replicas)) => {
+            tracing::debug!(route, replicas, "judging the fleet's merged windows");
+            Some((merged[0].stats(), merged[1].stats()))
+        }
+        Err(e) => {
+            tracing::warn!(route, error = %e, "fleet windows unreadable; the rollout holds");
+            None
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod ctl;
 pub mod driver;
 pub mod flags;
+pub mod fleet;
 pub mod metrics;
 pub mod ofrep;
 pub mod rollout;

@@ -15,7 +15,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::window::{RollingWindow, WindowStats};
+use crate::window::{self, RollingWindow, WindowStats};
 
 /// Latency buckets (seconds): sub-millisecond to 10 s, including the 2 s and
 /// 5 s alert and rollback thresholds.
@@ -117,6 +117,25 @@ pub struct Metrics {
     connections_shed: IntCounter,
     tls_expiry: prometheus::GaugeVec,
     backends: ArcSwap<Vec<Arc<BackendStats>>>,
+    /// Registered when the replica runs in a fleet (`enable_fleet`).
+    fleet: std::sync::OnceLock<FleetMetrics>,
+}
+
+/// The fleet families: only a fleet replica has them, so a standalone
+/// proxy exports no `store_up 0` for an alert to misread.
+pub struct FleetMetrics {
+    /// `switchyard_fleet_revision_applied`: the etcd revision served.
+    pub revision: IntGauge,
+    /// `switchyard_fleet_store_up`: 1 while etcd answers.
+    pub store_up: IntGauge,
+    /// `switchyard_fleet_leader{route}`: 1 where this replica drives the
+    /// route's rollout.
+    pub leader: IntGaugeVec,
+    /// `switchyard_fleet_watch_lag_seconds`: from the last applied change's
+    /// commit (its writer's clock) to this replica serving it.
+    pub watch_lag: prometheus::Gauge,
+    /// `switchyard_fleet_replicas`: replicas with a live membership lease.
+    pub replicas: IntGauge,
 }
 
 /// `switchyard_flag_evaluations_total{flag, result="on"|"off"}` of one flag.
@@ -337,6 +356,7 @@ impl Metrics {
             connections_shed,
             tls_expiry,
             backends: ArcSwap::from_pointee(Vec::new()),
+            fleet: std::sync::OnceLock::new(),
         }
     }
 
@@ -448,6 +468,19 @@ impl Metrics {
         }
     }
 
+    /// The counts behind `backend_window`, mergeable across replicas.
+    pub fn backend_histogram(
+        &self,
+        route: &str,
+        backend: &str,
+        span: Duration,
+    ) -> window::Histogram {
+        match self.find(route, backend) {
+            Some(b) => b.window.histogram_over(Instant::now(), span),
+            None => window::Histogram::empty(span),
+        }
+    }
+
     pub fn set_rollout_step(&self, route: &str, step: i64) {
         self.rollout_step.with_label_values(&[route]).set(step);
     }
@@ -499,6 +532,57 @@ impl Metrics {
     pub fn connection_opened(&self) -> ConnectionGuard {
         self.connections.inc();
         ConnectionGuard(self.connections.clone())
+    }
+
+    /// Registers the fleet families (once) and returns them.
+    pub fn enable_fleet(&self) -> &FleetMetrics {
+        self.fleet.get_or_init(|| {
+            let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+            let fleet = FleetMetrics {
+                revision: gauge(
+                    "switchyard_fleet_revision_applied",
+                    "The etcd revision of the fleet state this replica serves.",
+                ),
+                store_up: gauge(
+                    "switchyard_fleet_store_up",
+                    "1 while the fleet's etcd answers this replica, else 0.",
+                ),
+                leader: IntGaugeVec::new(
+                    Opts::new(
+                        "switchyard_fleet_leader",
+                        "1 where this replica leads (judges and drives) the route's rollout.",
+                    ),
+                    &["route"],
+                )
+                .expect("valid metric"),
+                watch_lag: prometheus::Gauge::new(
+                    "switchyard_fleet_watch_lag_seconds",
+                    "From the commit of the last applied state change to this replica serving it.",
+                )
+                .expect("valid metric"),
+                replicas: gauge(
+                    "switchyard_fleet_replicas",
+                    "Replicas of the fleet with a live membership lease, as last seen.",
+                ),
+            };
+            for c in [
+                Box::new(fleet.revision.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(fleet.store_up.clone()),
+                Box::new(fleet.leader.clone()),
+                Box::new(fleet.watch_lag.clone()),
+                Box::new(fleet.replicas.clone()),
+            ] {
+                self.registry
+                    .register(c)
+                    .expect("fleet metrics register once");
+            }
+            fleet
+        })
+    }
+
+    /// The fleet families, if registered.
+    pub fn fleet(&self) -> Option<&FleetMetrics> {
+        self.fleet.get()
     }
 
     /// Everything, in Prometheus text format.

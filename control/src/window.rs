@@ -192,29 +192,94 @@ impl RollingWindow {
     /// The last `span` (whole seconds, capped at the window) read at `at`:
     /// the current second and the `span - 1` before it.
     pub fn stats_over(&self, at: Instant, span: Duration) -> WindowStats {
+        self.histogram_over(at, span).stats()
+    }
+
+    /// The counts behind `stats_over`, mergeable with other replicas'.
+    pub fn histogram_over(&self, at: Instant, span: Duration) -> Histogram {
         let now = self.second(at);
         let len = (span.as_secs().max(1) as usize).min(self.slots.len()) as u64;
         let oldest = now.saturating_sub(len - 1);
-        let mut requests = 0;
-        let mut errors = 0;
-        let mut latency = vec![0u64; LATENCY_BUCKETS];
+        let mut out = Histogram::empty(Duration::from_secs(len));
         for slot in self.slots.iter() {
             // `UNUSED` and `CLEARING` are above any second.
             let epoch = slot.epoch.load(Acquire);
             if epoch < oldest || epoch > now {
                 continue;
             }
-            requests += slot.requests.load(Relaxed);
-            errors += slot.errors.load(Relaxed);
-            for (sum, b) in latency.iter_mut().zip(slot.latency.iter()) {
+            out.requests += slot.requests.load(Relaxed);
+            out.errors += slot.errors.load(Relaxed);
+            for (sum, b) in out.latency.iter_mut().zip(slot.latency.iter()) {
                 *sum += u64::from(b.load(Relaxed));
             }
         }
-        let quantile = |q: f64| quantile(&latency, q);
+        out
+    }
+}
+
+/// Request and error counts and the latency histogram over a span: what a
+/// window holds, in a form that sums across replicas (fleet mode: the
+/// rollout's leader merges every replica's and judges the total).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    pub span: Duration,
+    pub requests: u64,
+    pub errors: u64,
+    /// Counts per latency bucket, `LATENCY_BUCKETS` long.
+    pub latency: Vec<u64>,
+}
+
+impl Histogram {
+    pub fn empty(span: Duration) -> Histogram {
+        Histogram {
+            span,
+            requests: 0,
+            errors: 0,
+            latency: vec![0; LATENCY_BUCKETS],
+        }
+    }
+
+    /// Adds `other`'s counts (the span stays this one's).
+    pub fn merge(&mut self, other: &Histogram) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        for (sum, n) in self.latency.iter_mut().zip(&other.latency) {
+            *sum += n;
+        }
+    }
+
+    /// The non-zero latency buckets as (index, count), for the wire.
+    pub fn sparse(&self) -> Vec<(u32, u64)> {
+        self.latency
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (i as u32, *n))
+            .collect()
+    }
+
+    /// From the wire: bucket indexes out of range are refused.
+    pub fn from_sparse(
+        span: Duration,
+        requests: u64,
+        errors: u64,
+        buckets: &[(u32, u64)],
+    ) -> Option<Histogram> {
+        let mut out = Histogram::empty(span);
+        out.requests = requests;
+        out.errors = errors.min(requests);
+        for (i, n) in buckets {
+            *out.latency.get_mut(*i as usize)? += n;
+        }
+        Some(out)
+    }
+
+    pub fn stats(&self) -> WindowStats {
+        let quantile = |q: f64| quantile(&self.latency, q);
         WindowStats {
-            span: Duration::from_secs(len),
-            requests,
-            errors,
+            span: self.span,
+            requests: self.requests,
+            errors: self.errors,
             p50: quantile(0.50),
             p95: quantile(0.95),
             p99: quantile(0.99),
@@ -290,6 +355,35 @@ mod tests {
         within(s.p50, 10.0);
         within(s.p95, 200.0);
         within(s.p99, 200.0);
+    }
+
+    #[test]
+    fn merged_histograms_judge_the_total() {
+        let origin = Instant::now();
+        let at = origin + Duration::from_secs(3);
+        let (a, b) = (
+            RollingWindow::new(Duration::from_secs(30), origin),
+            RollingWindow::new(Duration::from_secs(30), origin),
+        );
+        // Replica a: 95 fast requests; replica b: 5 slow ones, all errors.
+        for _ in 0..95 {
+            a.record(at, Duration::from_millis(2), false);
+        }
+        for _ in 0..5 {
+            b.record(at, Duration::from_millis(900), true);
+        }
+        let mut merged = a.histogram_over(at, Duration::from_secs(30));
+        let wire = b.histogram_over(at, Duration::from_secs(30));
+        let wire =
+            Histogram::from_sparse(wire.span, wire.requests, wire.errors, &wire.sparse()).unwrap();
+        merged.merge(&wire);
+        let s = merged.stats();
+        assert_eq!((s.requests, s.errors), (100, 5));
+        assert!((s.error_rate_percent() - 5.0).abs() < 1e-9);
+        // The 95th sample is fast, the 96th slow: p95 is fast, p99 slow.
+        assert!(s.p95.unwrap() < Duration::from_millis(3));
+        assert!(s.p99.unwrap() > Duration::from_millis(800));
+        assert!(Histogram::from_sparse(s.span, 1, 0, &[(LATENCY_BUCKETS as u32, 1)]).is_none());
     }
 
     #[test]

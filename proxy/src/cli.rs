@@ -169,6 +169,15 @@ fn check(path: &std::path::Path) -> Result<String, switchyard_control::config::C
     crate::tls::check_upstreams(&c)?;
     let backends: usize = c.routes.iter().map(|r| r.backends.len()).sum();
     let mut summary = format!("{} route(s), {backends} backend(s)", c.routes.len());
+    if let Some(fleet) = &c.fleet {
+        let joined = switchyard_control::fleet::Fleet::new(fleet)?;
+        summary.push_str(&format!(
+            "; fleet: replica `{}`, state in etcd under {} ({} endpoint(s)); this file's weights and flags seed the fleet only while that prefix is empty, after that etcd is the truth",
+            joined.replica_id,
+            joined.prefix(),
+            fleet.etcd.endpoints.len()
+        ));
+    }
     if let Some(tls) = &c.tls {
         let loaded = crate::tls::load(tls, std::time::SystemTime::now())?;
         for cert in &loaded.certificates {

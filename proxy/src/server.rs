@@ -259,6 +259,25 @@ impl Proxy {
         let admin = tokio::spawn(admin::serve(listeners.admin, context, async move {
             let _ = admin_stopped.wait_for(|stop| *stop).await;
         }));
+        // Fleet mode: the state is brought to etcd's before the data
+        // listener accepts, so a replica started mid-rollout serves the
+        // rollout's weights from its first request (bounded by etcd's
+        // timeouts: without etcd it serves its cache).
+        let (fleet_stop, mut fleet_stopped) = watch::channel(false);
+        let (synced, initial_sync) = tokio::sync::oneshot::channel();
+        let fleet = tokio::spawn(switchyard_control::fleet::run(
+            self.store.clone(),
+            self.shared.metrics.clone(),
+            switchyard_control::fleet::Addresses {
+                admin: admin_addr,
+                data: data_addr,
+            },
+            synced,
+            async move {
+                let _ = fleet_stopped.wait_for(|stop| *stop).await;
+            },
+        ));
+        let _ = initial_sync.await;
         self.health.set_ready(true);
         tracing::info!(data = %data_addr, admin = %admin_addr, "serving");
 
@@ -293,6 +312,9 @@ impl Proxy {
         sweeper.abort();
         let _ = driver_stop.send(true);
         let _ = driver.await;
+        // Leaves the fleet (revokes the lease) after the driver stopped.
+        let _ = fleet_stop.send(true);
+        let _ = fleet.await;
         let _ = admin_stop.send(true);
         let _ = admin.await;
         tracing::info!(abandoned = drained.abandoned, "stopped");

@@ -5,7 +5,9 @@
 //! exports; and the rendered Deployments' ports, probes, token variables,
 //! `state_dir` volume and stop timing match their config and the admin
 //! listener's real endpoints, and the edge gateway's TLS port and Secret
-//! match its TLS listener.
+//! match its TLS listener. The fleet overlays' configs are their standalone
+//! overlays' plus `fleet:`, and what that block names (etcd members, client
+//! certificate, replica id) is what the rendered objects provide.
 //!
 //! Rendering needs `kubectl` (its built-in kustomize): `SWITCHYARD_KUBECTL`
 //! or `kubectl` on the PATH. Without it that test prints `SKIPPED: ...` and
@@ -32,6 +34,16 @@ const TOKEN: &str = "manifests-test-token-0123456789abcdef";
 /// `tls.crt`, `tls.key`) and its config reads them. Not on this machine:
 /// `with_test_certificate` puts a certificate made here in its place.
 const TLS_DIR: &str = "/etc/switchyard/tls/";
+/// Where components/fleet mounts the etcd client Secret (`ca.crt`,
+/// `tls.crt`, `tls.key`) and `fleet.etcd.tls` reads it. Not on this machine:
+/// `with_test_etcd_certificate` puts files made here in its place.
+const ETCD_TLS_DIR: &str = "/etc/switchyard/etcd/";
+/// Each standalone overlay and its fleet variant: the same config, plus
+/// `fleet:` in the fleet one.
+const FLEET_OVERLAYS: &[(&str, &str)] = &[
+    ("overlays/sidecar", "overlays/sidecar-fleet"),
+    ("overlays/edge-gateway", "overlays/edge-gateway-fleet"),
+];
 /// Labels Prometheus adds from the scraped pod (PodMonitor), not exported by
 /// the proxy itself.
 const TARGET_LABELS: &[&str] = &[
@@ -85,11 +97,14 @@ fn array_at<'a>(v: &'a Value, pointer: &str) -> &'a [Value] {
 }
 
 /// `switchyard check --config PATH` with `envs` set (and nothing inherited
-/// that could name a token).
+/// that could name a token). `POD_NAME` is set as components/fleet sets it
+/// in a pod: a fleet config's replica id, which would otherwise be this
+/// machine's host name.
 fn check(path: &Path, envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.args(["check", "--config"]).arg(path);
     cmd.env_remove("SWITCHYARD_ADMIN_TOKEN");
+    cmd.env("POD_NAME", "switchyard-manifests-test-0");
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -120,6 +135,27 @@ fn with_test_certificate(text: &str, config: &Config, dir: &Path) -> String {
         );
     }
     rewritten
+}
+
+/// `text` ready for `switchyard check` here, if it is a fleet config whose
+/// etcd client files are under [`ETCD_TLS_DIR`]: they point into
+/// `dir/etcd` instead, where a CA (`ca.crt`) and a client certificate it
+/// signed (`tls.crt`, `tls.key`) made now are written, the keys of the
+/// Secret `switchyard-etcd-tls`. Otherwise `text` as it is. (Text, not
+/// `Config`, so that it stays independent of how `check` treats them.)
+fn with_test_etcd_certificate(text: &str, dir: &Path) -> String {
+    if !text.contains(ETCD_TLS_DIR) {
+        return text.to_owned();
+    }
+    let etcd = dir.join("etcd");
+    std::fs::create_dir_all(&etcd).unwrap();
+    let ca = Ca::new("manifests etcd test CA");
+    std::fs::write(etcd.join("ca.crt"), &ca.pem).unwrap();
+    // Not the edge certificate's name: `check` output naming it stays the
+    // edge gateway's.
+    ca.leaf(&["switchyard-etcd-client.test"], 90)
+        .write(&etcd, "tls");
+    text.replace(ETCD_TLS_DIR, &format!("{}/", etcd.display()))
 }
 
 /// The config files that kustomizations put into the `switchyard-config`
@@ -160,12 +196,18 @@ fn every_shipped_config_passes_switchyard_check() {
         .iter()
         .map(|p| p.strip_prefix(manifests()).unwrap().display().to_string())
         .collect();
-    assert!(
-        names.contains(&"base/switchyard.yaml".to_owned())
-            && names.contains(&"overlays/sidecar/switchyard.yaml".to_owned())
-            && names.contains(&"overlays/edge-gateway/switchyard.yaml".to_owned()),
-        "switchyard-config generators not found: {names:?}"
-    );
+    for expected in [
+        "base/switchyard.yaml",
+        "overlays/sidecar/switchyard.yaml",
+        "overlays/edge-gateway/switchyard.yaml",
+        "overlays/sidecar-fleet/switchyard.yaml",
+        "overlays/edge-gateway-fleet/switchyard.yaml",
+    ] {
+        assert!(
+            names.contains(&expected.to_owned()),
+            "switchyard-config generator for {expected} not found: {names:?}"
+        );
+    }
     let mut with_tls = 0;
     for path in &configs {
         let config = Config::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -176,10 +218,11 @@ fn every_shipped_config_passes_switchyard_check() {
             .filter_map(|t| t.env.as_deref())
             .collect();
         let envs: Vec<(&str, &str)> = token_vars.iter().map(|v| (*v, TOKEN)).collect();
-        // A copy, with a test certificate where the TLS Secret would be.
+        // A copy, with test certificates where the TLS Secrets would be.
         let dir = common::temp_dir("manifests");
         let checked = dir.join(path.file_name().unwrap());
-        std::fs::write(&checked, with_test_certificate(&read(path), &config, &dir)).unwrap();
+        let text = with_test_certificate(&read(path), &config, &dir);
+        std::fs::write(&checked, with_test_etcd_certificate(&text, &dir)).unwrap();
         let out = check(&checked, &envs);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -209,21 +252,87 @@ fn every_shipped_config_passes_switchyard_check() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{}: {stderr}", path.display());
         assert!(stderr.contains("admin.tokens[0].env"), "{stderr}");
-        std::fs::remove_dir_all(&dir).unwrap();
 
-        // And without the Secret's files (as here, outside a pod), the
-        // shipped TLS config fails the check on them.
+        // And without the TLS Secret's files (as here, outside a pod), the
+        // shipped TLS config fails the check on them (the etcd client
+        // files, if any, are the test's, so only the TLS ones are missing).
         if let Some(tls) = &config.tls {
             with_tls += 1;
             if !tls.certificates[0].cert.exists() {
-                let out = check(path, &envs);
+                let unrewritten = dir.join(format!(
+                    "without-tls-{}",
+                    checked.file_name().unwrap().to_string_lossy()
+                ));
+                std::fs::write(&unrewritten, with_test_etcd_certificate(&read(path), &dir))
+                    .unwrap();
+                let out = check(&unrewritten, &envs);
                 let stderr = String::from_utf8_lossy(&out.stderr);
                 assert_eq!(out.status.code(), Some(64), "{}: {stderr}", path.display());
                 assert!(stderr.contains("tls.certificates[0]"), "{stderr}");
             }
         }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
     assert!(with_tls > 0, "no shipped config terminates TLS");
+}
+
+/// Each fleet overlay's config is its standalone overlay's plus `fleet:`
+/// (so the two never drift apart), and its `fleet:` block is the shape the
+/// manifests rely on: TLS to etcd from the mounted client Secret, the
+/// replica id left to `$POD_NAME`, a prefix of its own.
+#[test]
+fn fleet_configs_are_their_standalone_configs_plus_fleet() {
+    let mut prefixes = BTreeSet::new();
+    for (standalone, fleet) in FLEET_OVERLAYS {
+        let plain = yaml_file(&manifests().join(standalone).join("switchyard.yaml"));
+        let mut with_fleet = yaml_file(&manifests().join(fleet).join("switchyard.yaml"));
+        assert!(
+            plain.get("fleet").is_none(),
+            "{standalone}: `fleet:` in a standalone config"
+        );
+        let block = with_fleet
+            .as_object_mut()
+            .and_then(|m| m.remove("fleet"))
+            .unwrap_or_else(|| panic!("{fleet}: no `fleet:` block"));
+        assert_eq!(
+            with_fleet, plain,
+            "{fleet}/switchyard.yaml is not {standalone}/switchyard.yaml plus `fleet:`"
+        );
+        // The cache for a start without etcd.
+        assert!(
+            plain.get("state_dir").is_some(),
+            "{standalone}: no state_dir"
+        );
+
+        assert!(
+            block.get("replica_id").is_none(),
+            "{fleet}: replica_id set; each pod is named by $POD_NAME"
+        );
+        let endpoints = array_at(&block, "/etcd/endpoints");
+        assert!(!endpoints.is_empty(), "{fleet}: no etcd endpoints");
+        for e in endpoints {
+            assert!(
+                e.as_str().is_some_and(|e| e.starts_with("https://")),
+                "{fleet}: etcd endpoint {e} is not TLS"
+            );
+        }
+        for (field, file) in [("ca", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key")] {
+            assert_eq!(
+                str_at(&block, &format!("/etcd/tls/{field}")),
+                format!("{ETCD_TLS_DIR}{file}"),
+                "{fleet}: fleet.etcd.tls.{field} is not the mounted Secret's `{file}`"
+            );
+        }
+        let prefix = str_at(&block, "/etcd/prefix");
+        assert!(
+            prefix.starts_with("/switchyard/"),
+            "{fleet}: prefix {prefix}"
+        );
+        assert!(
+            prefixes.insert(prefix.to_owned()),
+            "{fleet}: prefix {prefix} shared with another fleet"
+        );
+    }
 }
 
 #[test]
@@ -863,9 +972,11 @@ fn check_workload(overlay: &str, deployment: &Value, objects: &[Value], monitore
         envs.push((var, TOKEN));
     }
     // TLS files come from a Secret in the pod: a certificate made here
-    // stands in for it (check_edge ties the config's paths to the mount).
+    // stands in for it (check_edge ties the config's paths to the mount),
+    // and the same for the etcd client files of a fleet (check_fleet).
     let dir = common::temp_dir("manifests");
-    std::fs::write(dir.join(file), with_test_certificate(text, &config, &dir)).unwrap();
+    let rewritten = with_test_certificate(text, &config, &dir);
+    std::fs::write(dir.join(file), with_test_etcd_certificate(&rewritten, &dir)).unwrap();
     let out = check(&dir.join(file), &envs);
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(
@@ -1046,8 +1157,15 @@ fn rendered_overlays_match_the_proxy() {
         return;
     };
     let mut seen = 0;
-    for overlay in ["overlays/sidecar", "overlays/edge-gateway", "base"] {
+    for overlay in [
+        "overlays/sidecar",
+        "overlays/edge-gateway",
+        "overlays/sidecar-fleet",
+        "overlays/edge-gateway-fleet",
+        "base",
+    ] {
         let objects = render(&kubectl, &manifests().join(overlay));
+        let fleet = FLEET_OVERLAYS.iter().any(|(_, f)| *f == overlay);
         for deployment in objects.iter().filter(|o| o["kind"] == "Deployment") {
             let has_proxy = array_at(deployment, "/spec/template/spec/containers")
                 .iter()
@@ -1055,13 +1173,22 @@ fn rendered_overlays_match_the_proxy() {
             if has_proxy {
                 // base has no monitoring component; the overlays do.
                 let config = check_workload(overlay, deployment, &objects, overlay != "base");
-                if overlay == "overlays/edge-gateway" {
+                if overlay.starts_with("overlays/edge-gateway") {
                     check_edge(&objects, &config);
+                }
+                if fleet {
+                    check_fleet(overlay, deployment, &objects);
                 }
                 seen += 1;
             }
         }
-        if overlay == "overlays/sidecar" {
+        // Only the fleet overlays run etcd.
+        assert_eq!(
+            objects.iter().any(|o| o["kind"] == "StatefulSet"),
+            fleet,
+            "{overlay}: an etcd StatefulSet in a standalone overlay, or none in a fleet one"
+        );
+        if overlay.starts_with("overlays/sidecar") {
             let app = objects
                 .iter()
                 .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "example-app")
@@ -1073,7 +1200,10 @@ fn rendered_overlays_match_the_proxy() {
             assert_eq!(names.len(), 2, "the app and its sidecar: {names:?}");
         }
     }
-    assert_eq!(seen, 3, "sidecar, edge gateway and base each run the proxy");
+    assert_eq!(
+        seen, 5,
+        "sidecar, edge gateway (each standalone and fleet) and base each run the proxy"
+    );
 }
 
 /// The edge gateway terminates TLS on the port its Service and NetworkPolicy
@@ -1136,7 +1266,14 @@ fn check_edge(objects: &[Value], config: &Config) {
         "replicas set beside an HPA"
     );
 
-    let pdb = find("PodDisruptionBudget");
+    // The gateway's own, among those of etcd in the fleet overlay.
+    let for_pods = |kind: &str, selector: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o.pointer(selector).is_some_and(|s| selects(s, labels)))
+            .unwrap_or_else(|| panic!("edge gateway: no {kind} selects its pods"))
+    };
+    let pdb = for_pods("PodDisruptionBudget", "/spec/selector/matchLabels");
     assert!(selects(&pdb["spec"]["selector"]["matchLabels"], labels));
 
     let anti = &pod["spec"]["affinity"]["podAntiAffinity"];
@@ -1148,7 +1285,7 @@ fn check_edge(objects: &[Value], config: &Config) {
             && selects(&s["labelSelector"]["matchLabels"], labels)));
 
     // The admin port only from selected namespaces; the data port open.
-    let policy = find("NetworkPolicy");
+    let policy = for_pods("NetworkPolicy", "/spec/podSelector/matchLabels");
     assert!(selects(
         &policy["spec"]["podSelector"]["matchLabels"],
         labels
@@ -1203,6 +1340,317 @@ fn check_edge(objects: &[Value], config: &Config) {
             Path::new(mount_path).join("tls.key")
         )]
     );
+}
+
+/// The text of the config file the `switchyard` container of `deployment`
+/// runs with (`run --config DIR/FILE`, DIR a mounted ConfigMap), parsed.
+fn mounted_config(deployment: &Value, objects: &[Value]) -> Value {
+    let spec = &deployment["spec"]["template"]["spec"];
+    let proxy = array_at(spec, "/containers")
+        .iter()
+        .find(|c| c["name"] == "switchyard")
+        .unwrap();
+    let path = array_at(proxy, "/args")
+        .last()
+        .and_then(Value::as_str)
+        .expect("the config path");
+    let (dir, file) = path.rsplit_once('/').unwrap();
+    let mount = array_at(proxy, "/volumeMounts")
+        .iter()
+        .find(|m| m["mountPath"] == dir)
+        .unwrap();
+    let volume = array_at(spec, "/volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let map_name = str_at(volume, "/configMap/name");
+    let map = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == map_name)
+        .unwrap();
+    let mut docs = yaml_docs(str_at(map, &format!("/data/{file}")), map_name);
+    assert_eq!(docs.len(), 1, "{map_name}: one document expected");
+    docs.remove(0)
+}
+
+/// A fleet overlay: the proxy's `fleet:` block names the etcd members the
+/// overlay runs, by their stable names, on their TLS client port; the
+/// proxy has its replica id and the client certificate where the config
+/// reads it; etcd requires client certificates, keeps quorum through
+/// disruptions, and admits only the proxies and its peers.
+fn check_fleet(overlay: &str, deployment: &Value, objects: &[Value]) {
+    let what = format!("{overlay}: Deployment {}", deployment["metadata"]["name"]);
+    let pod = &deployment["spec"]["template"];
+    let proxy_labels = &pod["metadata"]["labels"];
+    let proxy = array_at(pod, "/spec/containers")
+        .iter()
+        .find(|c| c["name"] == "switchyard")
+        .unwrap();
+    let config = mounted_config(deployment, objects);
+    let fleet = &config["fleet"];
+    assert!(fleet.is_object(), "{what}: no `fleet:` in its config");
+
+    // The replica id: left to $POD_NAME, which the downward API sets; the
+    // pod's address beside it.
+    assert!(fleet.get("replica_id").is_none(), "{what}: replica_id set");
+    let env = array_at(proxy, "/env");
+    for (var, field) in [("POD_NAME", "metadata.name"), ("POD_IP", "status.podIP")] {
+        let entry = env
+            .iter()
+            .find(|e| e["name"] == var)
+            .unwrap_or_else(|| panic!("{what}: no {var}"));
+        assert_eq!(
+            entry.pointer("/valueFrom/fieldRef/fieldPath"),
+            Some(&json!(field)),
+            "{what}: {var}"
+        );
+    }
+
+    // The client certificate: the files of a required Secret, mounted
+    // read-only where `fleet.etcd.tls` reads them.
+    let mount_path = ETCD_TLS_DIR.trim_end_matches('/');
+    let mount = array_at(proxy, "/volumeMounts")
+        .iter()
+        .find(|m| m["mountPath"] == mount_path)
+        .unwrap_or_else(|| panic!("{what}: nothing mounted at {mount_path}"));
+    assert_eq!(mount["readOnly"], true, "{what}");
+    let volume = array_at(pod, "/spec/volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let client_secret = str_at(volume, "/secret/secretName");
+    assert_ne!(
+        volume["secret"]["optional"], true,
+        "{what}: an optional etcd Secret lets pods start outside the fleet"
+    );
+    for (field, file) in [("ca", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key")] {
+        assert_eq!(
+            str_at(fleet, &format!("/etcd/tls/{field}")),
+            format!("{mount_path}/{file}"),
+            "{what}: fleet.etcd.tls.{field}"
+        );
+    }
+
+    // The etcd members: a StatefulSet, named through its headless Service.
+    let sts = objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "StatefulSet"
+                && array_at(o, "/spec/template/spec/containers")
+                    .iter()
+                    .any(|c| c["name"] == "etcd")
+        })
+        .unwrap_or_else(|| panic!("{overlay}: no etcd StatefulSet"));
+    let sts_name = str_at(sts, "/metadata/name");
+    let members = sts["spec"]["replicas"].as_u64().expect("etcd replicas");
+    assert!(
+        members >= 3 && members % 2 == 1,
+        "{overlay}: {members} etcd members"
+    );
+    let etcd_pod = &sts["spec"]["template"];
+    let etcd_labels = &etcd_pod["metadata"]["labels"];
+    assert!(
+        !selects(proxy_labels, etcd_labels) && !selects(etcd_labels, proxy_labels),
+        "{overlay}: etcd and the proxies share their labels"
+    );
+    let etcd = array_at(etcd_pod, "/spec/containers")
+        .iter()
+        .find(|c| c["name"] == "etcd")
+        .unwrap();
+    let client_port = port_number(etcd, &json!("client")).expect("etcd client port");
+    let peer_port = port_number(etcd, &json!("peer")).expect("etcd peer port");
+    let headless_name = str_at(sts, "/spec/serviceName");
+    let headless = objects
+        .iter()
+        .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == headless_name)
+        .unwrap_or_else(|| panic!("{overlay}: no Service {headless_name}"));
+    assert_eq!(
+        headless["spec"]["clusterIP"], "None",
+        "{overlay}: {headless_name}"
+    );
+    // Members must resolve each other before any of them is ready.
+    assert_eq!(
+        headless["spec"]["publishNotReadyAddresses"], true,
+        "{overlay}: {headless_name}"
+    );
+    assert!(selects(&headless["spec"]["selector"], etcd_labels));
+    assert!(array_at(headless, "/spec/ports")
+        .iter()
+        .any(|p| port_number(etcd, &p["targetPort"]) == Some(client_port)));
+    let names: Vec<String> = (0..members)
+        .map(|i| format!("{sts_name}-{i}.{headless_name}"))
+        .collect();
+    let expected: Vec<Value> = names
+        .iter()
+        .map(|n| json!(format!("https://{n}:{client_port}")))
+        .collect();
+    assert_eq!(
+        array_at(fleet, "/etcd/endpoints"),
+        expected.as_slice(),
+        "{what}: fleet.etcd.endpoints are not the members"
+    );
+
+    // etcd: TLS for clients and peers, client certificates required, the
+    // cluster of exactly these members, its data on a claimed volume.
+    let args: Vec<&str> = array_at(etcd, "/args")
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let flag = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .unwrap_or_else(|| panic!("{overlay}: etcd has no --{name}"))
+    };
+    assert_eq!(flag("client-cert-auth"), "true");
+    assert_eq!(flag("peer-client-cert-auth"), "true");
+    assert!(flag("listen-client-urls").starts_with("https://"));
+    assert!(flag("listen-peer-urls").starts_with("https://"));
+    let cluster: Vec<String> = (0..members)
+        .map(|i| format!("{sts_name}-{i}=https://{}:{peer_port}", names[i as usize]))
+        .collect();
+    assert_eq!(flag("initial-cluster"), cluster.join(","));
+    assert_eq!(
+        sts["spec"]["podManagementPolicy"], "Parallel",
+        "{overlay}: members started one by one never reach quorum"
+    );
+    let data_dir = flag("data-dir");
+    let claims: Vec<&Value> = array_at(sts, "/spec/volumeClaimTemplates")
+        .iter()
+        .map(|c| &c["metadata"]["name"])
+        .collect();
+    assert!(
+        array_at(etcd, "/volumeMounts").iter().any(|m| {
+            data_dir.starts_with(str_at(m, "/mountPath")) && claims.contains(&&m["name"])
+        }),
+        "{overlay}: etcd's data directory {data_dir} is not on a claimed volume"
+    );
+    // The members' key is theirs: the proxies get a client certificate.
+    let etcd_secrets: Vec<&str> = array_at(etcd_pod, "/spec/volumes")
+        .iter()
+        .filter_map(|v| v.pointer("/secret/secretName").and_then(Value::as_str))
+        .collect();
+    assert!(
+        !etcd_secrets.is_empty(),
+        "{overlay}: etcd mounts no TLS Secret"
+    );
+    assert!(
+        !etcd_secrets.contains(&client_secret),
+        "{overlay}: the proxies mount the members' Secret {client_secret}"
+    );
+    // Probes: the kubelet has no client certificate, so not the client port.
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let port = port_number(etcd, &etcd[probe]["httpGet"]["port"]);
+        assert!(port.is_some(), "{overlay}: etcd {probe}");
+        assert_ne!(port, Some(client_port), "{overlay}: etcd {probe}");
+    }
+    // Hardening and sizing.
+    let sc = &etcd["securityContext"];
+    let pod_sc = &etcd_pod["spec"]["securityContext"];
+    assert!(
+        sc["runAsNonRoot"] == true || pod_sc["runAsNonRoot"] == true,
+        "{overlay}"
+    );
+    assert_eq!(sc["readOnlyRootFilesystem"], true, "{overlay}");
+    assert_eq!(sc["allowPrivilegeEscalation"], false, "{overlay}");
+    for kind in ["requests", "limits"] {
+        for resource in ["cpu", "memory"] {
+            assert!(
+                etcd["resources"][kind][resource].is_string(),
+                "{overlay}: etcd resources.{kind}.{resource}"
+            );
+        }
+    }
+    let image = str_at(etcd, "/image");
+    assert!(
+        image
+            .rsplit_once(':')
+            .is_some_and(|(_, tag)| tag != "latest" && !tag.contains('/')),
+        "{overlay}: etcd image {image} is not pinned"
+    );
+
+    // Quorum through voluntary disruptions: at most the members beyond a
+    // majority may be down.
+    let pdb = objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "PodDisruptionBudget"
+                && selects(&o["spec"]["selector"]["matchLabels"], etcd_labels)
+        })
+        .unwrap_or_else(|| panic!("{overlay}: no PodDisruptionBudget for etcd"));
+    let max_unavailable = pdb["spec"]["maxUnavailable"]
+        .as_u64()
+        .expect("maxUnavailable");
+    assert!(
+        (1..=members - (members / 2 + 1)).contains(&max_unavailable),
+        "{overlay}: etcd maxUnavailable {max_unavailable} of {members}"
+    );
+
+    // Only the proxies reach the client port, only members the peer port.
+    let policy = objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "NetworkPolicy"
+                && selects(&o["spec"]["podSelector"]["matchLabels"], etcd_labels)
+        })
+        .unwrap_or_else(|| panic!("{overlay}: no NetworkPolicy for etcd"));
+    assert!(array_at(policy, "/spec/policyTypes").contains(&json!("Ingress")));
+    let (mut proxies_in, mut peers_in) = (false, false);
+    for rule in array_at(policy, "/spec/ingress") {
+        let from = array_at(rule, "/from");
+        let ports: Vec<Option<u64>> = array_at(rule, "/ports")
+            .iter()
+            .map(|p| port_number(etcd, &p["port"]))
+            .collect();
+        assert!(
+            !ports.is_empty() && !from.is_empty(),
+            "{overlay}: etcd open on every port or to every pod: {rule}"
+        );
+        let from_selects = |labels: &Value| {
+            from.iter().all(|f| {
+                f.get("ipBlock").is_none() && selects(&f["podSelector"]["matchLabels"], labels)
+            })
+        };
+        if ports.contains(&Some(client_port)) {
+            assert!(
+                from_selects(proxy_labels),
+                "{overlay}: etcd client port: {rule}"
+            );
+            proxies_in = true;
+        }
+        if ports.contains(&Some(peer_port)) {
+            assert!(
+                from_selects(etcd_labels) && !from_selects(proxy_labels),
+                "{overlay}: etcd peer port: {rule}"
+            );
+            peers_in = true;
+        }
+    }
+    assert!(
+        proxies_in && peers_in,
+        "{overlay}: etcd's NetworkPolicy admits neither proxies nor peers"
+    );
+
+    // A policy that limits the proxies' egress must let them reach etcd.
+    for policy in objects.iter().filter(|o| {
+        o["kind"] == "NetworkPolicy"
+            && selects(&o["spec"]["podSelector"]["matchLabels"], proxy_labels)
+            && array_at(o, "/spec/policyTypes").contains(&json!("Egress"))
+    }) {
+        let reaches = array_at(policy, "/spec/egress").iter().any(|rule| {
+            let ports = array_at(rule, "/ports");
+            let to = array_at(rule, "/to");
+            (ports.is_empty() || ports.iter().any(|p| p["port"] == json!(client_port)))
+                && (to.is_empty()
+                    || to
+                        .iter()
+                        .any(|t| selects(&t["podSelector"]["matchLabels"], etcd_labels)))
+        });
+        assert!(
+            reaches,
+            "{overlay}: NetworkPolicy {} keeps the proxies from etcd",
+            policy["metadata"]["name"]
+        );
+    }
 }
 
 /// `to` relative to `from` (both absolute): kustomize refuses absolute

@@ -3,18 +3,30 @@
 //!
 //! Every change goes through one path: take the write lock, check the caller's
 //! `If-Match` version, apply the change to a copy, validate the whole
-//! resulting configuration, persist it (temp file, fsync, rename, fsync dir),
-//! append the audit event, swap the new routing snapshot in, and only then
-//! answer. A change rejected at any step before the swap changes nothing.
+//! resulting configuration, commit it to the backend, swap the new routing
+//! snapshot in, and only then answer. A change rejected at any step before
+//! the commit changes nothing.
+//!
+//! Two backends keep the state, behind this one write path:
+//! - **file** (`file.rs`, standalone): `state_dir/state.json` written
+//!   atomically and `events.jsonl` appended; or memory only without a
+//!   `state_dir`.
+//! - **etcd** (`etcd.rs`, fleet mode): one document under `{prefix}/state`,
+//!   changed by etcd transactions guarded by its revision, with the audit
+//!   event in the same transaction; every replica watches the document and
+//!   adopts each new revision (`adopt`). `state_dir` is a cache of the last
+//!   revision seen, served when etcd cannot be reached at start.
 //!
 //! Overrides survive config reloads and restarts: the API's word wins over the
 //! file's initial values until `--reset-state`. An override the new topology
-//! cannot hold (its route or backend is gone) is dropped with an audit event.
+//! cannot hold (its route or backend is gone) is dropped with an audit event
+//! (standalone) or left out of this replica's routing only (fleet: another
+//! replica's topology may still hold it).
+
+mod etcd;
+mod file;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -24,8 +36,14 @@ use serde_json::{json, Value};
 
 use crate::bucket::BUCKETS;
 use crate::config::{Config, ConfigError, Dur, FlagConfig, Weight};
+use crate::fleet::Fleet;
 use crate::rollout::{decide, Analysis, Decision, Phase, RolloutSpec, RolloutState, Strategy};
 use std::time::Duration;
+
+pub(crate) use etcd::unix_millis;
+pub use etcd::Document;
+use etcd::{Commit, EtcdBackend};
+use file::StateDir;
 
 /// Builds and swaps in the data plane's routing snapshot for a configuration.
 pub type Applier = Box<dyn Fn(&Config) + Send + Sync>;
@@ -46,28 +64,20 @@ pub struct Overrides {
     pub rollouts: BTreeMap<String, RolloutState>,
 }
 
-const STATE_FORMAT: u32 = 1;
-const STATE_FILE: &str = "state.json";
-const EVENTS_FILE: &str = "events.jsonl";
 /// Events kept when there is no `state_dir`.
 const MEMORY_EVENTS: usize = 10_000;
+/// How often a write retries when another replica's write got in first.
+const COMMIT_ATTEMPTS: usize = 8;
 
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StateFile {
-    format: u32,
-    version: u64,
-    overrides: Overrides,
-}
-
-/// One audit record (a line of `events.jsonl`).
+/// One audit record (a line of `events.jsonl`, a key under
+/// `{prefix}/events/` in fleet mode).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub seq: u64,
     /// RFC 3339, UTC, seconds.
     pub time: String,
     /// A token name, `anonymous` (open loopback admin), `config-reload`,
-    /// `startup` or `auto-rollback`.
+    /// `startup`, `rollout` or `auto-rollback`.
     pub actor: String,
     pub action: String,
     pub target: String,
@@ -75,6 +85,9 @@ pub struct Event {
     pub after: Value,
     /// State version after the change.
     pub version: u64,
+    /// The replica that took the change (fleet mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// Why a change was not made.
@@ -92,6 +105,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("{0}")]
     Io(String),
+    /// The fleet's store (etcd) cannot be reached: nothing changed.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// The current effective configuration and its version.
@@ -101,6 +117,8 @@ pub struct View {
     pub config: Arc<Config>,
     /// Every route's latest rollout, with its progress.
     pub rollouts: Arc<BTreeMap<String, RolloutState>>,
+    /// The etcd revision of the state served (fleet mode; 0 standalone).
+    pub revision: i64,
 }
 
 struct Inner {
@@ -108,13 +126,23 @@ struct Inner {
     overrides: Overrides,
     version: u64,
     next_seq: u64,
+    /// The etcd revision `overrides` was read or written at (fleet mode).
+    revision: i64,
+}
+
+/// Where the state is kept.
+enum Backend {
+    /// Standalone, in `state_dir` (or memory only without one).
+    File(Option<StateDir>),
+    /// Fleet mode: etcd, with `state_dir` as a cache.
+    Etcd(EtcdBackend),
 }
 
 pub struct Store {
     write: tokio::sync::Mutex<Inner>,
     view: ArcSwap<View>,
     apply: Applier,
-    dir: Option<PathBuf>,
+    backend: Backend,
     memory_events: std::sync::Mutex<VecDeque<Event>>,
 }
 
@@ -126,78 +154,130 @@ pub struct Change {
     pub after: Value,
 }
 
+/// The next state, as handed to a backend.
+struct Next<'a> {
+    overrides: &'a Overrides,
+    version: u64,
+    next_seq: u64,
+    event: Option<&'a Event>,
+    /// Fleet mode: commit only while this replica leads this route's
+    /// rollout.
+    fence: Option<&'a str>,
+}
+
 impl Store {
     /// Loads persisted state from `base.state_dir` (if any), lays it over
     /// `base`, applies the result, and returns the store. A state file that
     /// cannot be read or parsed stops start-up with an error naming it, unless
     /// `reset` (then it is moved aside, never overwritten, and start-up
     /// continues from `base`).
+    ///
+    /// With `base.fleet`, the state file is the cache of the fleet's state
+    /// and the store starts from it (or from `base` without one); `sync`
+    /// then brings it to etcd's current revision, before the proxy serves.
     pub fn open(base: Config, reset: bool, apply: Applier) -> Result<Store, StoreError> {
-        let dir = base.state_dir.clone();
+        let dir = base.state_dir.as_deref().map(StateDir::open).transpose()?;
         let mut startup_events = Vec::new();
-        let (mut overrides, mut version, mut next_seq) = (Overrides::default(), 0, 1);
+        let (mut overrides, mut version, mut next_seq, mut revision) =
+            (Overrides::default(), 0, 1, 0);
+        let fleet = match &base.fleet {
+            Some(config) => Some(Arc::new(Fleet::new(config).map_err(StoreError::Invalid)?)),
+            None => None,
+        };
         if let Some(dir) = &dir {
-            fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Io(format!("state_dir {}: cannot create: {e}", dir.display()))
-            })?;
-            next_seq = last_event_seq(&dir.join(EVENTS_FILE))? + 1;
-            let path = dir.join(STATE_FILE);
-            if path.exists() && reset {
-                let aside = dir.join(format!("{STATE_FILE}.reset-{}", unix_now()));
-                fs::rename(&path, &aside).map_err(|e| {
-                    StoreError::Io(format!("{}: cannot move aside: {e}", path.display()))
-                })?;
+            if fleet.is_none() {
+                next_seq = dir.last_event_seq()? + 1;
+            }
+            if reset && dir.state_path().exists() {
+                let aside = dir.move_aside()?;
                 startup_events.push(Change {
                     action: "state.reset",
                     target: "state".into(),
                     before: json!({ "moved_to": aside.display().to_string() }),
                     after: Value::Null,
                 });
-            } else if path.exists() {
-                let state = read_state(&path)?;
-                overrides = state.overrides;
-                version = state.version;
+            } else if let Some(state) = dir.read()? {
+                match (&fleet, state.fleet) {
+                    (None, _) => {
+                        overrides = state.overrides;
+                        version = state.version;
+                    }
+                    (Some(f), Some(cache)) if cache.prefix == f.prefix() => {
+                        overrides = state.overrides;
+                        version = state.version;
+                        next_seq = cache.next_seq;
+                        revision = cache.revision;
+                        tracing::info!(revision, version, "starting from the cached fleet state");
+                    }
+                    (Some(f), cache) => tracing::warn!(
+                        file = %dir.state_path().display(),
+                        cached = ?cache.map(|c| c.prefix),
+                        prefix = f.prefix(),
+                        "the state file is not a cache of this fleet's state; not used"
+                    ),
+                }
             }
         }
-        let (kept, dropped) = fit(&base, overrides);
-        overrides = kept;
-        startup_events.extend(dropped);
-        let effective = overlay(&base, &overrides);
+        let (kept, dropped) = fit(&base, overrides.clone());
+        if fleet.is_none() {
+            overrides = kept.clone();
+            startup_events.extend(dropped);
+        }
+        let effective = overlay(&base, &kept);
         effective.validate().map_err(StoreError::Invalid)?;
         apply(&effective);
+        let backend = match fleet {
+            Some(fleet) => Backend::Etcd(EtcdBackend::new(fleet, dir)),
+            None => Backend::File(dir),
+        };
         let store = Store {
             view: ArcSwap::from_pointee(View {
                 version,
                 config: Arc::new(effective),
                 rollouts: Arc::new(overrides.rollouts.clone()),
+                revision,
             }),
             write: tokio::sync::Mutex::new(Inner {
                 base,
                 overrides,
                 version,
                 next_seq,
+                revision,
             }),
             apply,
-            dir,
+            backend,
             memory_events: std::sync::Mutex::new(VecDeque::new()),
         };
-        if !startup_events.is_empty() {
+        if let (false, Backend::File(dir)) = (startup_events.is_empty(), &store.backend) {
             let mut inner = store
                 .write
                 .try_lock()
                 .expect("no one else holds a new store");
-            if let Some(dir) = &store.dir {
-                persist_blocking(dir, inner.overrides.clone(), inner.version)?;
+            if let Some(dir) = dir {
+                dir.write_blocking(&file::new_state(
+                    inner.version,
+                    inner.overrides.clone(),
+                    None,
+                ))?;
             }
             for change in startup_events {
-                let event = next_event(&mut inner, "startup", change);
-                match &store.dir {
-                    Some(dir) => append_event_blocking(dir, &event)?,
+                let event = store.make_event(&inner, "startup", change, inner.version);
+                inner.next_seq += 1;
+                match dir {
+                    Some(dir) => dir.append_blocking(&event)?,
                     None => store.remember(event),
                 }
             }
         }
         Ok(store)
+    }
+
+    /// The fleet this store belongs to (fleet mode).
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        match &self.backend {
+            Backend::Etcd(b) => Some(b.fleet()),
+            Backend::File(_) => None,
+        }
     }
 
     /// The configuration requests are routed by now, and its version.
@@ -353,22 +433,37 @@ impl Store {
     /// (operators' `If-Match` tags stay valid) and no event. That is the
     /// common case of SIGHUP after the file watcher already applied a change,
     /// or of a Kubernetes ConfigMap update that rewrote the same contents.
+    ///
+    /// In fleet mode the file gives this replica's topology only: the
+    /// fleet's state is not written, so the version stays; overrides the new
+    /// topology cannot hold are left out of this replica's routing.
     pub async fn reload(&self, base: Config) -> Result<Arc<View>, StoreError> {
         base.validate().map_err(StoreError::Invalid)?;
         let mut inner = self.write.lock().await;
         if inner.base == base {
             return Ok(self.view());
         }
+        if let Backend::Etcd(_) = &self.backend {
+            let (kept, _) = fit(&base, inner.overrides.clone());
+            let effective = overlay(&base, &kept);
+            effective.validate().map_err(StoreError::Invalid)?;
+            inner.base = base;
+            self.swap(&inner, effective);
+            return Ok(self.view());
+        }
         let (kept, dropped) = fit(&base, inner.overrides.clone());
         let effective = overlay(&base, &kept);
         effective.validate().map_err(StoreError::Invalid)?;
         let version = inner.version + 1;
-        self.persist(&kept, version).await?;
+        if let Backend::File(Some(dir)) = &self.backend {
+            dir.write(file::new_state(version, kept.clone(), None))
+                .await?;
+        }
         let before = summary(&self.view().config);
         inner.base = base;
         inner.overrides = kept;
         inner.version = version;
-        self.swap(version, effective, &inner.overrides);
+        self.swap(&inner, effective);
         let after = summary(&self.view().config);
         self.record(
             &mut inner,
@@ -388,77 +483,159 @@ impl Store {
     }
 
     /// Audit events with `seq > after`, oldest first, at most `limit`.
-    pub fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
-        let Some(dir) = &self.dir else {
-            let memory = self.memory_events.lock().expect("events lock");
-            return Ok(memory
-                .iter()
-                .filter(|e| e.seq > after)
-                .take(limit)
-                .cloned()
-                .collect());
-        };
-        let path = dir.join(EVENTS_FILE);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(StoreError::Io(format!("{}: {e}", path.display()))),
-        };
-        let mut out = Vec::new();
-        for line in BufReader::new(file).lines() {
-            let line = line.map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
-            let Ok(event) = serde_json::from_str::<Event>(&line) else {
-                // A torn last line from a crash mid-append: skip it.
-                continue;
-            };
-            if event.seq > after {
-                out.push(event);
-                if out.len() == limit {
-                    break;
-                }
+    pub async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        match &self.backend {
+            Backend::Etcd(etcd) => etcd.events(after, limit).await,
+            Backend::File(Some(dir)) => dir.events(after, limit),
+            Backend::File(None) => {
+                let memory = self.memory_events.lock().expect("events lock");
+                Ok(memory
+                    .iter()
+                    .filter(|e| e.seq > after)
+                    .take(limit)
+                    .cloned()
+                    .collect())
             }
         }
-        Ok(out)
     }
 
     // === the one write path ===
 
+    /// Applies `change` to the current state and commits the result. In
+    /// fleet mode another replica's write may have got in first: the store
+    /// then adopts that state and runs `change` again on it (an `If-Match`
+    /// that no longer holds makes that a 409).
     async fn mutate(
         &self,
         actor: &str,
         if_match: Option<u64>,
-        change: impl FnOnce(&Config, &mut Overrides) -> Result<Change, StoreError>,
+        mut change: impl FnMut(&Config, &mut Overrides) -> Result<Change, StoreError> + Send,
     ) -> Result<Arc<View>, StoreError> {
-        let mut inner = self.write.lock().await;
-        if let Some(given) = if_match {
-            if given != inner.version {
-                return Err(StoreError::Stale {
-                    current: inner.version,
-                    given,
-                });
-            }
-        }
-        let current = self.view().config.clone();
-        let mut next = inner.overrides.clone();
-        let described = change(&current, &mut next)?;
-        let effective = overlay(&inner.base, &next);
-        effective.validate().map_err(StoreError::Invalid)?;
-        let version = inner.version + 1;
-        self.persist(&next, version).await?;
-        inner.overrides = next;
-        inner.version = version;
-        self.swap(version, effective, &inner.overrides);
-        self.record(&mut inner, actor, described).await?;
-        Ok(self.view())
+        self.mutate_fenced(actor, if_match, None, &mut change).await
     }
 
-    fn swap(&self, version: u64, effective: Config, overrides: &Overrides) {
-        (self.apply)(&effective);
+    async fn mutate_fenced(
+        &self,
+        actor: &str,
+        if_match: Option<u64>,
+        fence: Option<&str>,
+        change: &mut (dyn FnMut(&Config, &mut Overrides) -> Result<Change, StoreError> + Send),
+    ) -> Result<Arc<View>, StoreError> {
+        let mut inner = self.write.lock().await;
+        for _ in 0..COMMIT_ATTEMPTS {
+            if let Some(given) = if_match {
+                if given != inner.version {
+                    return Err(StoreError::Stale {
+                        current: inner.version,
+                        given,
+                    });
+                }
+            }
+            let current = self.view().config.clone();
+            let mut next = inner.overrides.clone();
+            let described = change(&current, &mut next)?;
+            let (kept, _) = fit(&inner.base, next.clone());
+            let effective = overlay(&inner.base, &kept);
+            effective.validate().map_err(StoreError::Invalid)?;
+            let version = inner.version + 1;
+            let event = self.make_event(&inner, actor, described, version);
+            let committed = self
+                .commit(
+                    &inner,
+                    Next {
+                        overrides: &next,
+                        version,
+                        next_seq: inner.next_seq + 1,
+                        event: Some(&event),
+                        fence,
+                    },
+                )
+                .await?;
+            match committed {
+                Commit::Done(revision) => {
+                    inner.overrides = next;
+                    inner.version = version;
+                    inner.next_seq += 1;
+                    inner.revision = revision;
+                    self.swap(&inner, effective);
+                    self.record_committed(event).await?;
+                    return Ok(self.view());
+                }
+                Commit::Moved(document, revision) => {
+                    self.adopt_locked(&mut inner, document, revision)
+                }
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "the state kept changing under this write ({COMMIT_ATTEMPTS} attempts); try again"
+        )))
+    }
+
+    /// Hands the next state to the backend.
+    async fn commit(&self, inner: &Inner, next: Next<'_>) -> Result<Commit, StoreError> {
+        match &self.backend {
+            Backend::File(None) => Ok(Commit::Done(0)),
+            Backend::File(Some(dir)) => {
+                dir.write(file::new_state(next.version, next.overrides.clone(), None))
+                    .await?;
+                Ok(Commit::Done(0))
+            }
+            Backend::Etcd(etcd) => etcd.commit(inner.revision, &next).await,
+        }
+    }
+
+    /// Swaps in the routing for `effective` (when it changed) and the view
+    /// of `inner`.
+    fn swap(&self, inner: &Inner, effective: Config) {
+        let current = self.view();
+        let config = if *current.config == effective {
+            current.config.clone()
+        } else {
+            (self.apply)(&effective);
+            Arc::new(effective)
+        };
         self.view.store(Arc::new(View {
-            version,
-            config: Arc::new(effective),
-            rollouts: Arc::new(overrides.rollouts.clone()),
+            version: inner.version,
+            config,
+            rollouts: Arc::new(inner.overrides.rollouts.clone()),
+            revision: inner.revision,
         }));
+    }
+
+    /// Fleet mode: takes `document`, read from etcd at `revision`, as the
+    /// state, unless this replica already has that revision or a later one.
+    /// Overrides this replica's topology cannot hold are left out of its
+    /// routing (and logged), not out of the fleet's state.
+    fn adopt_locked(&self, inner: &mut Inner, document: Document, revision: i64) {
+        if revision <= inner.revision {
+            return;
+        }
+        let (kept, dropped) = fit(&inner.base, document.overrides.clone());
+        for change in &dropped {
+            tracing::warn!(target = %change.target, reason = %change.after["reason"], "fleet state has an override this replica's configuration cannot hold; not applied here");
+        }
+        let effective = overlay(&inner.base, &kept);
+        if let Err(e) = effective.validate() {
+            tracing::error!(revision, error = %e, "fleet state cannot be applied to this replica's configuration; still serving the previous state");
+            inner.revision = revision;
+            return;
+        }
+        inner.overrides = document.overrides;
+        inner.version = document.version;
+        inner.next_seq = document.next_seq;
+        inner.revision = revision;
+        self.swap(inner, effective);
+    }
+
+    /// `adopt_locked` behind the write lock.
+    pub(crate) async fn adopt(&self, document: Document, revision: i64) {
+        let mut inner = self.write.lock().await;
+        self.adopt_locked(&mut inner, document, revision);
+    }
+
+    /// The etcd revision of the state served (fleet mode).
+    pub fn revision(&self) -> i64 {
+        self.view().revision
     }
 
     // === rollouts ===
@@ -559,12 +736,17 @@ impl Store {
     ///
     /// `gate` is the gate webhook's answer (asked by the driver when this
     /// analysis was expected to advance): an error holds the step.
+    ///
+    /// In fleet mode the result is committed only while this replica still
+    /// leads the rollout (the transaction checks the leader key), so a
+    /// replica that lost its lease cannot move a rollout another now drives.
     pub async fn rollout_analyzed(
         &self,
         route: &str,
         analysis: Analysis,
         gate: Result<(), String>,
     ) -> Result<RolloutOutcome, StoreError> {
+        let fence = self.fleet().map(|_| route);
         let mut inner = self.write.lock().await;
         let Some(mut state) = inner
             .overrides
@@ -586,16 +768,35 @@ impl Store {
             }
         }
         if decision == Decision::Stay {
-            let version = inner.version;
-            inner.overrides.rollouts.insert(route.to_owned(), state);
-            self.persist(&inner.overrides, version).await?;
-            let view = self.view();
-            self.view.store(Arc::new(View {
-                version,
-                config: view.config.clone(),
-                rollouts: Arc::new(inner.overrides.rollouts.clone()),
-            }));
-            return Ok(RolloutOutcome::Stayed);
+            let mut next = inner.overrides.clone();
+            next.rollouts.insert(route.to_owned(), state);
+            let committed = self
+                .commit(
+                    &inner,
+                    Next {
+                        overrides: &next,
+                        version: inner.version,
+                        next_seq: inner.next_seq,
+                        event: None,
+                        fence,
+                    },
+                )
+                .await?;
+            return match committed {
+                Commit::Done(revision) => {
+                    inner.overrides = next;
+                    inner.revision = revision;
+                    let effective = self.view().config.as_ref().clone();
+                    self.swap(&inner, effective);
+                    Ok(RolloutOutcome::Stayed)
+                }
+                Commit::Moved(document, revision) => {
+                    self.adopt_locked(&mut inner, document, revision);
+                    Err(StoreError::Conflict(format!(
+                        "the rollout of `{route}` changed during its analysis"
+                    )))
+                }
+            };
         }
         drop(inner);
         let analyzed_step = state.step;
@@ -633,7 +834,7 @@ impl Store {
             }
             Decision::Stay => unreachable!("handled above"),
         };
-        self.mutate(actor, None, |current, overrides| {
+        self.mutate_fenced(actor, None, fence, &mut |current, overrides| {
             // An operator may have paused, aborted or promoted meanwhile.
             let still = overrides
                 .rollouts
@@ -652,7 +853,7 @@ impl Store {
                 "reason": &state.reason, "analysis": &state.last_analysis,
             });
             overrides.weights.insert(route.to_owned(), weights);
-            overrides.rollouts.insert(route.to_owned(), state);
+            overrides.rollouts.insert(route.to_owned(), state.clone());
             Ok(Change {
                 action,
                 target: format!("routes/{route}"),
@@ -664,36 +865,48 @@ impl Store {
         Ok(outcome)
     }
 
-    /// Writes the state file off the async runtime: an fsync must never
-    /// stall the data plane sharing the runtime (with `workers: 1`, the same
-    /// thread).
-    async fn persist(&self, overrides: &Overrides, version: u64) -> Result<(), StoreError> {
-        let Some(dir) = self.dir.clone() else {
-            return Ok(());
+    /// The audit record of `change`, taking the next sequence number.
+    fn make_event(&self, inner: &Inner, actor: &str, change: Change, version: u64) -> Event {
+        let event = Event {
+            seq: inner.next_seq,
+            time: now_rfc3339(),
+            actor: actor.to_owned(),
+            action: change.action.to_owned(),
+            target: change.target,
+            before: change.before,
+            after: change.after,
+            version,
+            replica: self.fleet().map(|f| f.replica_id.clone()),
         };
-        let overrides = overrides.clone();
-        tokio::task::spawn_blocking(move || persist_blocking(&dir, overrides, version))
-            .await
-            .map_err(|e| StoreError::Io(format!("state write task failed: {e}")))?
+        tracing::info!(seq = event.seq, actor = %event.actor, action = %event.action, target = %event.target, "change");
+        event
     }
 
-    /// Appends the audit event for `change` (off the runtime, like `persist`).
+    /// Records an event the commit did not already keep: appended to
+    /// `events.jsonl`, or remembered without a `state_dir`. (etcd keeps its
+    /// events in the commit's transaction.)
+    async fn record_committed(&self, event: Event) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Etcd(_) => Ok(()),
+            Backend::File(Some(dir)) => dir.append(event).await,
+            Backend::File(None) => {
+                self.remember(event);
+                Ok(())
+            }
+        }
+    }
+
+    /// Records `change` as a new event of the current version (standalone
+    /// reloads).
     async fn record(
         &self,
         inner: &mut Inner,
         actor: &str,
         change: Change,
     ) -> Result<(), StoreError> {
-        let event = next_event(inner, actor, change);
-        match self.dir.clone() {
-            Some(dir) => tokio::task::spawn_blocking(move || append_event_blocking(&dir, &event))
-                .await
-                .map_err(|e| StoreError::Io(format!("audit append task failed: {e}")))?,
-            None => {
-                self.remember(event);
-                Ok(())
-            }
-        }
+        let event = self.make_event(inner, actor, change, inner.version);
+        inner.next_seq += 1;
+        self.record_committed(event).await
     }
 
     fn remember(&self, event: Event) {
@@ -703,54 +916,6 @@ impl Store {
         }
         memory.push_back(event);
     }
-}
-
-fn next_event(inner: &mut Inner, actor: &str, change: Change) -> Event {
-    let event = Event {
-        seq: inner.next_seq,
-        time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        actor: actor.to_owned(),
-        action: change.action.to_owned(),
-        target: change.target,
-        before: change.before,
-        after: change.after,
-        version: inner.version,
-    };
-    inner.next_seq += 1;
-    tracing::info!(seq = event.seq, actor = %event.actor, action = %event.action, target = %event.target, "change");
-    event
-}
-
-fn persist_blocking(dir: &Path, overrides: Overrides, version: u64) -> Result<(), StoreError> {
-    let state = StateFile {
-        format: STATE_FORMAT,
-        version,
-        overrides,
-    };
-    let bytes = serde_json::to_vec_pretty(&state).expect("state serializes");
-    write_atomic(dir, STATE_FILE, &bytes).map_err(|e| {
-        StoreError::Io(format!(
-            "{}: cannot write: {e}",
-            dir.join(STATE_FILE).display()
-        ))
-    })
-}
-
-fn append_event_blocking(dir: &Path, event: &Event) -> Result<(), StoreError> {
-    let path = dir.join(EVENTS_FILE);
-    let mut line = serde_json::to_vec(event).expect("event serializes");
-    line.push(b'\n');
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .and_then(|mut f| f.write_all(&line).and_then(|()| f.sync_data()))
-        .map_err(|e| {
-            StoreError::Io(format!(
-                "{}: change applied but audit append failed: {e}",
-                path.display()
-            ))
-        })
 }
 
 /// What an analysis did to a rollout.
@@ -901,59 +1066,6 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
             merge_patch(map.entry(key.clone()).or_insert(Value::Null), value);
         }
     }
-}
-
-fn read_state(path: &Path) -> Result<StateFile, StoreError> {
-    let corrupt = |why: String| {
-        StoreError::Io(format!(
-            "state file {} is unreadable ({why}); fix or remove it, or start with --reset-state to move it aside",
-            path.display()
-        ))
-    };
-    let bytes = fs::read(path).map_err(|e| corrupt(e.to_string()))?;
-    let state: StateFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-    if state.format != STATE_FORMAT {
-        return Err(corrupt(format!(
-            "format {} is not {STATE_FORMAT}",
-            state.format
-        )));
-    }
-    Ok(state)
-}
-
-fn last_event_seq(path: &Path) -> Result<u64, StoreError> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(StoreError::Io(format!("{}: {e}", path.display()))),
-    };
-    let mut last = 0;
-    for line in BufReader::new(file).lines() {
-        let line = line.map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
-        if let Ok(event) = serde_json::from_str::<Event>(&line) {
-            last = last.max(event.seq);
-        }
-    }
-    Ok(last)
-}
-
-/// Writes `dir/name` so a crash leaves either the old or the new contents:
-/// temp file, fsync, rename over, fsync the directory.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, dir.join(name))?;
-    File::open(dir)?.sync_all()
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

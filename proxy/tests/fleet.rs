@@ -1,0 +1,829 @@
+//! Fleet mode end to end: a real 3-member etcd cluster on loopback and
+//! several `switchyard run` processes sharing its state. Each test skips with
+//! a printed reason when `etcd` is not installed, unless
+//! SWITCHYARD_REQUIRE_EXTERNAL=1 (set by `.ci/run`, which installs
+//! Debian's `etcd-server`).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{call, client, get, temp_dir, Behaviour, Upstream};
+use serde_json::{json, Value};
+use switchyard_control::bucket::bucket;
+
+// === an etcd cluster ===
+
+/// The `etcd` binary, or `None` after printing why the test is skipped.
+fn etcd_binary() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("etcd"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var("SWITCHYARD_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
+            panic!("etcd is required (SWITCHYARD_REQUIRE_EXTERNAL=1) but not installed");
+        }
+        eprintln!("SKIPPED: etcd is not installed (`.ci/run` installs Debian's etcd-server)");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Member {
+    args: Vec<String>,
+    client: u16,
+    child: Option<Child>,
+}
+
+/// A 3-member etcd cluster on loopback; killed on drop.
+struct Cluster {
+    binary: PathBuf,
+    members: Vec<Member>,
+    _dir: PathBuf,
+}
+
+impl Cluster {
+    async fn start() -> Option<Cluster> {
+        let binary = etcd_binary()?;
+        let dir = temp_dir("etcd");
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let token = format!("switchyard-test-{}", fastrand::u64(..));
+        let members = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                let args = vec![
+                    format!("--name=m{i}"),
+                    format!("--data-dir={}", dir.join(format!("m{i}")).display()),
+                    format!("--listen-client-urls=http://127.0.0.1:{client}"),
+                    format!("--advertise-client-urls=http://127.0.0.1:{client}"),
+                    format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+                    format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+                    format!("--initial-cluster={}", initial.join(",")),
+                    "--initial-cluster-state=new".to_owned(),
+                    format!("--initial-cluster-token={token}"),
+                    // Loopback: elect in well under a second.
+                    "--heartbeat-interval=50".to_owned(),
+                    "--election-timeout=500".to_owned(),
+                    "--logger=zap".to_owned(),
+                    "--log-level=error".to_owned(),
+                ];
+                Member {
+                    args,
+                    client: *client,
+                    child: None,
+                }
+            })
+            .collect();
+        let mut cluster = Cluster {
+            binary,
+            members,
+            _dir: dir,
+        };
+        for i in 0..3 {
+            cluster.start_member(i);
+        }
+        cluster.wait_healthy().await;
+        Some(cluster)
+    }
+
+    fn start_member(&mut self, i: usize) {
+        let child = Command::new(&self.binary)
+            .args(&self.members[i].args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd starts");
+        self.members[i].child = Some(child);
+    }
+
+    fn kill_member(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .collect()
+    }
+
+    /// Waits (at most 30 s) until a write through the gateway succeeds.
+    async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for endpoint in self.endpoints() {
+                let (status, _, _) = try_call(
+                    "POST",
+                    &format!("{endpoint}/v3/kv/put"),
+                    r#"{"key":"aGVhbHRo","value":"b2s="}"#,
+                )
+                .await;
+                if status == Some(200) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd cluster not healthy in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill_member(i);
+        }
+    }
+}
+
+/// An HTTP call that may fail to connect: the status, or `None`.
+async fn try_call(method: &str, url: &str, body: &str) -> (Option<u16>, http::HeaderMap, String) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_owned(),
+        )))
+        .unwrap();
+    let client = common::body_client();
+    match tokio::time::timeout(Duration::from_secs(15), client.request(req)).await {
+        Ok(Ok(resp)) => {
+            use http_body_util::BodyExt;
+            let (parts, body) = resp.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            (
+                Some(parts.status.as_u16()),
+                parts.headers,
+                String::from_utf8_lossy(&bytes).into_owned(),
+            )
+        }
+        _ => (None, http::HeaderMap::new(), String::new()),
+    }
+}
+
+// === replicas ===
+
+/// A `switchyard run` process in the fleet; killed on drop.
+struct Replica {
+    id: String,
+    child: Child,
+    data: SocketAddr,
+    admin: SocketAddr,
+    config: PathBuf,
+}
+
+impl Replica {
+    fn start(id: &str, config: &str, dir: &Path) -> Replica {
+        let path = dir.join(format!("{id}.yaml"));
+        std::fs::write(&path, config).unwrap();
+        let (child, data, admin) = common::spawn_run_path(&path, &[]);
+        Replica {
+            id: id.to_owned(),
+            child,
+            data,
+            admin,
+            config: path,
+        }
+    }
+
+    /// Starts again from the same config file (and state_dir).
+    fn restart(&mut self) {
+        self.kill();
+        let (child, data, admin) = common::spawn_run_path(&self.config, &[]);
+        self.child = child;
+        self.data = data;
+        self.admin = admin;
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.data)
+    }
+
+    async fn json(&self, path: &str) -> Value {
+        let (status, _, body) = call("GET", &self.admin_url(path), None, &[], "").await;
+        assert_eq!(status, 200, "GET {path} on {}: {body}", self.id);
+        serde_json::from_str(&body).unwrap()
+    }
+
+    async fn version(&self) -> u64 {
+        self.json("/v1/state").await["version"].as_u64().unwrap()
+    }
+
+    async fn rollout(&self) -> Value {
+        self.json("/v1/routes/api/rollout").await
+    }
+
+    /// The backend user `user` reaches through this replica.
+    async fn backend_of(&self, user: &str) -> String {
+        let (status, _, body) = get(&client(), &self.url("/"), &[("x-user-id", user)]).await;
+        assert_eq!(status, 200, "user {user} on {}: {body}", self.id);
+        body.trim().to_owned()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A fleet replica's configuration: route `api` over blue and canary.
+fn replica_config(
+    id: &str,
+    cluster: &Cluster,
+    prefix: &str,
+    dir: &Path,
+    blue: SocketAddr,
+    canary: SocketAddr,
+    blue_weight: f64,
+) -> String {
+    let endpoints: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    let state_dir = dir.join(format!("state-{id}"));
+    format!(
+        r#"listen: 127.0.0.1:0
+admin: {{ listen: 127.0.0.1:0 }}
+state_dir: {state}
+fleet:
+  etcd:
+    endpoints: [{endpoints}]
+    prefix: {prefix}
+    request_timeout: 1s
+    dial_timeout: 300ms
+  replica_id: {id}
+  lease_ttl: 2s
+  publish_interval: 200ms
+routes:
+  - name: api
+    backends:
+      - {{ name: blue, endpoints: ["{blue}"], weight: {blue_weight} }}
+      - {{ name: canary, endpoints: ["{canary}"], weight: {canary_weight} }}
+"#,
+        state = state_dir.display(),
+        endpoints = endpoints.join(", "),
+        canary_weight = 100.0 - blue_weight,
+    )
+}
+
+/// A fleet of `n` replicas over one cluster, with its upstreams.
+struct Fleet {
+    cluster: Cluster,
+    replicas: Vec<Replica>,
+    blue: Upstream,
+    canary: Upstream,
+    prefix: String,
+    dir: PathBuf,
+}
+
+impl Fleet {
+    async fn start(n: usize, canary: Behaviour) -> Option<Fleet> {
+        let cluster = Cluster::start().await?;
+        let blue = Upstream::start("blue", Behaviour::Name).await;
+        let canary = Upstream::start("canary", canary).await;
+        let dir = temp_dir("fleet");
+        let prefix = format!("/switchyard/test-{}", fastrand::u32(..));
+        let mut fleet = Fleet {
+            cluster,
+            replicas: Vec::new(),
+            blue,
+            canary,
+            prefix,
+            dir,
+        };
+        for i in 1..=n {
+            fleet.add(&format!("r{i}"), 100.0);
+        }
+        Some(fleet)
+    }
+
+    /// Starts one more replica whose own file says blue has `blue_weight`.
+    fn add(&mut self, id: &str, blue_weight: f64) -> &Replica {
+        let config = replica_config(
+            id,
+            &self.cluster,
+            &self.prefix,
+            &self.dir,
+            self.blue.addr,
+            self.canary.addr,
+            blue_weight,
+        );
+        self.replicas.push(Replica::start(id, &config, &self.dir));
+        self.replicas.last().unwrap()
+    }
+
+    /// Waits (at most 10 s) until every running replica serves `version`.
+    async fn converge(&self, version: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for r in &self.replicas {
+            loop {
+                let seen = r.version().await;
+                if seen >= version {
+                    assert_eq!(seen, version, "{} went past {version}", r.id);
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{} still at version {seen}, not {version}",
+                    r.id
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Users on each side of a split of route `api` with blue at `blue_percent`.
+fn users_split(blue_percent: u32, n: usize) -> (Vec<String>, Vec<String>) {
+    let cut = blue_percent * 100;
+    let (mut blue, mut canary) = (Vec::new(), Vec::new());
+    for i in 0.. {
+        let user = format!("user-{i}");
+        if bucket("api", user.as_bytes()) < cut {
+            if blue.len() < n {
+                blue.push(user);
+            }
+        } else if canary.len() < n {
+            canary.push(user);
+        }
+        if blue.len() == n && canary.len() == n {
+            break;
+        }
+    }
+    (blue, canary)
+}
+
+async fn put(replica: &Replica, path: &str, body: Value) -> (u16, String) {
+    let (status, _, text) = call(
+        if path.ends_with("/weights") {
+            "PUT"
+        } else {
+            "POST"
+        },
+        &replica.admin_url(path),
+        None,
+        &[("content-type", "application/json")],
+        body.to_string(),
+    )
+    .await;
+    (status.as_u16(), text)
+}
+
+// === the tests ===
+
+/// Issue 17, 1: a weight change through replica 1 is served by replicas 2
+/// and 3, each user reaching the same backend whichever replica answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weight_change_through_one_replica_is_served_by_every_replica() {
+    let Some(fleet) = Fleet::start(3, Behaviour::Name).await else {
+        return;
+    };
+    let (blue_users, canary_users) = users_split(70, 20);
+    // Before: everyone on blue, on every replica.
+    for r in &fleet.replicas {
+        for user in canary_users.iter().take(5) {
+            assert_eq!(r.backend_of(user).await, "blue");
+        }
+    }
+    let (status, body) = put(
+        &fleet.replicas[0],
+        "/v1/routes/api/weights",
+        json!({"blue": 70, "canary": 30}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let version = fleet.replicas[0].version().await;
+    fleet.converge(version).await;
+    for r in &fleet.replicas {
+        for user in &blue_users {
+            assert_eq!(r.backend_of(user).await, "blue", "{user} on {}", r.id);
+        }
+        for user in &canary_users {
+            assert_eq!(r.backend_of(user).await, "canary", "{user} on {}", r.id);
+        }
+    }
+    // The audit log, read through another replica, names who took it.
+    let events = fleet.replicas[2].json("/v1/events").await;
+    let change = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "weights.set")
+        .expect("the weight change is audited");
+    assert_eq!(change["replica"], "r1");
+    assert_eq!(change["actor"], "anonymous");
+    // Every replica is listed, with the revision it serves.
+    let status = fleet.replicas[1].json("/v1/fleet").await;
+    assert_eq!(status["mode"], "fleet");
+    assert_eq!(status["store"]["up"], true);
+    let ids: Vec<&str> = status["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["r1", "r2", "r3"], "{status}");
+    // The same through `switchyard ctl fleet`.
+    let out = ctl(&fleet.replicas[0], &["fleet"]);
+    assert!(out.contains("store: etcd") && out.contains(": up"), "{out}");
+    for id in ["r1", "r2", "r3"] {
+        assert!(out.contains(id), "{id} missing: {out}");
+    }
+    let out = ctl(&fleet.replicas[0], &["events"]);
+    assert!(out.contains("anonymous@r1"), "{out}");
+}
+
+/// `switchyard ctl --admin <replica> ARGS...`: its stdout (it must succeed).
+fn ctl(replica: &Replica, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["ctl", "--admin", &replica.admin_url("")])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Issue 17: `If-Match` is the fleet's version: of two writers holding the
+/// same version through different replicas, one wins and one gets 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_through_two_replicas_one_gets_409() {
+    let Some(fleet) = Fleet::start(2, Behaviour::Name).await else {
+        return;
+    };
+    let version = fleet.replicas[0].version().await;
+    fleet.converge(version).await;
+    let tag = format!("\"{version}\"");
+    let write = |r: &Replica, blue: u32| {
+        let url = r.admin_url("/v1/routes/api/weights");
+        let tag = tag.clone();
+        async move {
+            call(
+                "PUT",
+                &url,
+                None,
+                &[("content-type", "application/json"), ("if-match", &tag)],
+                json!({"blue": blue, "canary": 100 - blue}).to_string(),
+            )
+            .await
+            .0
+            .as_u16()
+        }
+    };
+    let (a, b) = tokio::join!(write(&fleet.replicas[0], 60), write(&fleet.replicas[1], 40));
+    let mut statuses = [a, b];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409]);
+    fleet.converge(version + 1).await;
+}
+
+/// Issue 17, 2: a replica started mid-rollout serves the current step's
+/// weights on its first requests, whatever its own file says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_mid_rollout_serves_the_current_step() {
+    let Some(mut fleet) = Fleet::start(3, Behaviour::Name).await else {
+        return;
+    };
+    let spec = json!({
+        "strategy": "canary", "stable": "blue", "target": "canary",
+        "steps": [{"weight": 30, "hold": "1h"}, {"weight": 100}],
+        "analysis": {"interval": "1s", "window": "10s", "min_requests": 1000000},
+    });
+    let (status, body) = put(&fleet.replicas[1], "/v1/routes/api/rollout", spec).await;
+    assert_eq!(status, 201, "{body}");
+    let (blue_users, canary_users) = users_split(70, 15);
+    // Its own file says canary 0 %.
+    let late = fleet.add("r4", 100.0);
+    // First requests, no waiting: the current step's split.
+    for user in &canary_users {
+        assert_eq!(late.backend_of(user).await, "canary", "{user}");
+    }
+    for user in &blue_users {
+        assert_eq!(late.backend_of(user).await, "blue", "{user}");
+    }
+    let rollout = late.rollout().await;
+    assert_eq!(rollout["phase"], "progressing");
+    assert_eq!(rollout["weights"]["canary"], 30.0);
+}
+
+/// Issue 17, 3: a faulty canary is rolled back fleet-wide, judged on the
+/// merged windows: `min_requests` is more than any one replica's canary
+/// traffic and less than the fleet's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleets_merged_traffic_rolls_a_faulty_canary_back() {
+    let Some(fleet) = Fleet::start(3, Behaviour::failing(1)).await else {
+        return;
+    };
+    let spec = json!({
+        "strategy": "canary", "stable": "blue", "target": "canary",
+        "steps": [{"weight": 50, "hold": "1h"}, {"weight": 100}],
+        "analysis": {"interval": "1s", "window": "30s", "min_requests": 50,
+                      "failure_threshold": 1},
+    });
+    let (status, body) = put(&fleet.replicas[0], "/v1/routes/api/rollout", spec).await;
+    assert_eq!(status, 201, "{body}");
+    fleet.converge(fleet.replicas[0].version().await).await;
+    // 30 canary users per replica: no replica alone reaches 50, the fleet's
+    // 90 does.
+    let (blue_users, canary_users) = users_split(50, 30);
+    let client = client();
+    for r in &fleet.replicas {
+        for user in canary_users.iter().chain(&blue_users) {
+            let _ = get(&client, &r.url("/"), &[("x-user-id", user)]).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rollout = loop {
+        let rollout = fleet.replicas[2].rollout().await;
+        if rollout["phase"] == "rolled-back" {
+            break rollout;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not rolled back in 20 s: {rollout}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let analysis = &rollout["last_analysis"];
+    assert_eq!(analysis["target_requests"], 90, "{rollout}");
+    assert!(
+        rollout["reason"].as_str().unwrap().contains("error_rate"),
+        "{rollout}"
+    );
+    // The stats say what they cover: this replica's 30 canary requests, or
+    // the fleet's 90.
+    let local = fleet.replicas[0].json("/v1/routes/api/stats").await;
+    assert_eq!(local["scope"], "local");
+    assert_eq!(local["backends"][1]["requests"], 30, "{local}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let merged = fleet.replicas[0].json("/v1/routes/api/stats?scope=fleet").await;
+        assert_eq!(merged["scope"], "fleet");
+        if merged["replicas"] == 3 && merged["backends"][1]["requests"] == 90 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fleet stats: {merged}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = ctl(&fleet.replicas[0], &["stats", "api", "--fleet"]);
+    assert!(out.contains("3 replica(s) merged"), "{out}");
+    // Every replica serves blue to the canary's users again.
+    fleet.converge(fleet.replicas[2].version().await).await;
+    for r in &fleet.replicas {
+        assert_eq!(r.backend_of(&canary_users[0]).await, "blue");
+    }
+    // One rollback, audited once.
+    let events = fleet.replicas[1].json("/v1/events").await;
+    let rollbacks = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "rollout.rollback")
+        .count();
+    assert_eq!(rollbacks, 1, "{events}");
+}
+
+/// Sends requests through every replica until `stop`, counting answers
+/// other than 200 (and connections that failed).
+fn traffic(
+    addrs: Vec<SocketAddr>,
+    stop: Arc<AtomicBool>,
+) -> (tokio::task::JoinHandle<()>, Arc<AtomicU64>, Arc<AtomicU64>) {
+    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (s, f) = (sent.clone(), failed.clone());
+    let task = tokio::spawn(async move {
+        let client = client();
+        // Bounded: at most 100,000 requests or 120 s.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for i in 0..100_000u64 {
+            if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                break;
+            }
+            let addr = addrs[(i as usize) % addrs.len()];
+            let user = format!("user-{}", i % 500);
+            let req = http::Request::get(format!("http://{addr}/"))
+                .header("x-user-id", &user)
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            s.fetch_add(1, Ordering::Relaxed);
+            match client.request(req).await {
+                Ok(resp) if resp.status() == 200 => {}
+                _ => {
+                    f.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    (task, sent, failed)
+}
+
+/// Issue 17, 4: the leading replica is SIGKILLed mid-rollout; another takes
+/// over within the lease TTL plus an interval and the rollout completes,
+/// each step once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_mid_rollout_another_completes_it_each_step_once() {
+    let Some(mut fleet) = Fleet::start(3, Behaviour::Name).await else {
+        return;
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let addrs = fleet.replicas.iter().map(|r| r.data).collect();
+    let (load, _, _) = traffic(addrs, stop.clone());
+    let spec = json!({
+        "strategy": "canary", "stable": "blue", "target": "canary",
+        "steps": [{"weight": 10, "hold": "2s"}, {"weight": 20, "hold": "2s"},
+                  {"weight": 30, "hold": "2s"}, {"weight": 100}],
+        "analysis": {"interval": "1s", "window": "5s", "min_requests": 5},
+    });
+    let (status, body) = put(&fleet.replicas[0], "/v1/routes/api/rollout", spec).await;
+    assert_eq!(status, 201, "{body}");
+    // Wait for step 1, then kill whoever leads.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rollout = fleet.replicas[0].rollout().await;
+        if rollout["step"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no step 1 in 30 s: {rollout}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leaders = fleet.replicas[0].json("/v1/fleet").await["leaders"].clone();
+    let leader = leaders["api"].as_str().expect("a leader").to_owned();
+    let index = fleet.replicas.iter().position(|r| r.id == leader).unwrap();
+    fleet.replicas[index].kill();
+    let killed = fleet.replicas.remove(index);
+    drop(killed);
+    let survivor = &fleet.replicas[0];
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let rollout = survivor.rollout().await;
+        if rollout["phase"] == "promoted" {
+            break;
+        }
+        assert_eq!(rollout["phase"], "progressing", "{rollout}");
+        assert!(Instant::now() < deadline, "not promoted in 40 s: {rollout}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let events = survivor.json("/v1/events?limit=1000").await;
+    let events = events["events"].as_array().unwrap();
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|e| e["action"] == "rollout.step")
+        .map(|e| e["after"]["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3], "each step once: {events:?}");
+    let promotions: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["action"] == "rollout.promote")
+        .collect();
+    assert_eq!(promotions.len(), 1);
+    // Some step after the kill was taken by another replica.
+    let deciders: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter(|e| e["action"] == "rollout.step" || e["action"] == "rollout.promote")
+        .map(|e| e["replica"].as_str().unwrap())
+        .collect();
+    assert!(
+        deciders.iter().any(|d| *d != leader),
+        "only {leader} decided: {deciders:?}"
+    );
+}
+
+/// Issue 17, 5: two of three etcd members killed under load: no request
+/// fails, writes answer 503; members back: writes succeed and every replica
+/// converges on one version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_lost_under_load_costs_no_request_and_writes_503() {
+    let Some(mut fleet) = Fleet::start(3, Behaviour::Name).await else {
+        return;
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let addrs = fleet.replicas.iter().map(|r| r.data).collect();
+    let (load, sent, failed) = traffic(addrs, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fleet.cluster.kill_member(0);
+    fleet.cluster.kill_member(1);
+    let (status, body) = put(
+        &fleet.replicas[2],
+        "/v1/routes/api/weights",
+        json!({"blue": 50, "canary": 50}),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("store_unavailable"), "{body}");
+    // Nothing changed anywhere.
+    for r in &fleet.replicas {
+        assert_eq!(r.backend_of(&users_split(50, 1).1[0]).await, "blue");
+        let (ready, _, _) = call("GET", &r.admin_url("/health/ready"), None, &[], "").await;
+        assert_eq!(ready, 200, "{} stays ready", r.id);
+    }
+    fleet.cluster.start_member(0);
+    fleet.cluster.start_member(1);
+    fleet.cluster.wait_healthy().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = put(
+            &fleet.replicas[2],
+            "/v1/routes/api/weights",
+            json!({"blue": 50, "canary": 50}),
+        )
+        .await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "writes still failing: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let version = fleet.replicas[2].version().await;
+    fleet.converge(version).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(sent.load(Ordering::Relaxed) > 100);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "failed data-plane requests"
+    );
+}
+
+/// Issue 17, 6: etcd fully down and a replica restarted: it serves the
+/// state it cached, and says the store is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_without_etcd_serves_its_cache() {
+    let Some(mut fleet) = Fleet::start(1, Behaviour::Name).await else {
+        return;
+    };
+    let (status, body) = put(
+        &fleet.replicas[0],
+        "/v1/routes/api/weights",
+        json!({"blue": 0, "canary": 100}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let version = fleet.replicas[0].version().await;
+    for i in 0..3 {
+        fleet.cluster.kill_member(i);
+    }
+    fleet.replicas[0].restart();
+    let r = &fleet.replicas[0];
+    assert_eq!(r.backend_of("anyone").await, "canary");
+    assert_eq!(r.version().await, version);
+    let (status, _, _) = call("GET", &r.admin_url("/health/ready"), None, &[], "").await;
+    assert_eq!(status, 200);
+    let status = r.json("/v1/fleet").await;
+    assert_eq!(status["store"]["up"], false, "{status}");
+    let (status, body) = put(r, "/v1/routes/api/weights", json!({"blue": 100})).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(r.backend_of("anyone").await, "canary");
+}
