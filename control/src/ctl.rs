@@ -741,9 +741,9 @@ fn fleet_table(v: &Value) -> String {
         .into_iter()
         .flatten()
         .map(|m| {
-            let ago = m["seen_at_ms"]
-                .as_i64()
-                .map_or("-".into(), |t| format!("{:.1}s ago", (now - t) as f64 / 1000.0));
+            let ago = m["seen_at_ms"].as_i64().map_or("-".into(), |t| {
+                format!("{:.1}s ago", (now - t) as f64 / 1000.0)
+            });
             let leads: Vec<String> = m["leads"]
                 .as_array()
                 .into_iter()
@@ -756,13 +756,24 @@ fn fleet_table(v: &Value) -> String {
                 text(&m["version"]),
                 text(&m["revision"]),
                 ago,
-                if leads.is_empty() { "-".into() } else { leads.join(",") },
+                if leads.is_empty() {
+                    "-".into()
+                } else {
+                    leads.join(",")
+                },
             ]
         })
         .collect();
     out.push('\n');
     out.push_str(&table(
-        &["REPLICA", "ADMIN", "VERSION", "REVISION", "LAST SEEN", "LEADS"],
+        &[
+            "REPLICA",
+            "ADMIN",
+            "VERSION",
+            "REVISION",
+            "LAST SEEN",
+            "LEADS",
+        ],
         &rows,
     ));
     if let Some(leaders) = v["leaders"].as_object().filter(|l| !l.is_empty()) {

@@ -473,6 +473,23 @@ async fn a_weight_change_through_one_replica_is_served_by_every_replica() {
     }
     let out = ctl(&fleet.replicas[0], &["events"]);
     assert!(out.contains("anonymous@r1"), "{out}");
+    // The fleet's metrics: the store is up, every replica is counted and
+    // serves the revision it says.
+    let (_, _, metrics) = call(
+        "GET",
+        &fleet.replicas[1].admin_url("/metrics"),
+        None,
+        &[],
+        "",
+    )
+    .await;
+    assert!(metrics.contains("switchyard_fleet_store_up 1"), "{metrics}");
+    assert!(metrics.contains("switchyard_fleet_replicas 3"), "{metrics}");
+    let revision = status["replica"]["revision"].as_i64().unwrap();
+    assert!(
+        metrics.contains(&format!("switchyard_fleet_revision_applied {revision}")),
+        "{metrics}"
+    );
 }
 
 /// `switchyard ctl --admin <replica> ARGS...`: its stdout (it must succeed).
@@ -603,7 +620,9 @@ async fn the_fleets_merged_traffic_rolls_a_faulty_canary_back() {
     assert_eq!(local["backends"][1]["requests"], 30, "{local}");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let merged = fleet.replicas[0].json("/v1/routes/api/stats?scope=fleet").await;
+        let merged = fleet.replicas[0]
+            .json("/v1/routes/api/stats?scope=fleet")
+            .await;
         assert_eq!(merged["scope"], "fleet");
         if merged["replicas"] == 3 && merged["backends"][1]["requests"] == 90 {
             break;
@@ -826,4 +845,96 @@ async fn a_replica_restarted_without_etcd_serves_its_cache() {
     let (status, body) = put(r, "/v1/routes/api/weights", json!({"blue": 100})).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(r.backend_of("anyone").await, "canary");
+}
+
+/// `switchyard check` says where the state lives and who wins; a wrong
+/// fleet field exits 64 naming it. (No etcd needed: nothing connects.)
+#[test]
+fn check_says_etcd_is_the_truth_and_names_wrong_fields() {
+    let dir = temp_dir("fleet-check");
+    let path = dir.join("fleet.yaml");
+    let base = "routes:\n  - name: api\n    backends:\n      - { name: blue, endpoints: [\"127.0.0.1:1\"], weight: 100 }\n";
+    std::fs::write(
+        &path,
+        format!("{base}fleet:\n  etcd: {{ endpoints: [\"http://127.0.0.1:1\"], prefix: /switchyard/x }}\n  replica_id: r9\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("fleet: replica `r9`, state in etcd under /switchyard/x")
+            && stdout.contains("after that etcd is the truth"),
+        "{stdout}"
+    );
+    std::fs::write(
+        &path,
+        format!(
+            "{base}fleet:\n  etcd: {{ endpoints: [\"http://127.0.0.1:1\"], prefix: switchyard }}\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("fleet.etcd.prefix"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+/// A standalone proxy says so, and exports no fleet metrics for an alert
+/// to misread.
+#[tokio::test]
+async fn a_standalone_proxy_has_no_fleet() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let proxy = common::Running::start(&common::config("", &[("blue", blue.addr, 100.0)])).await;
+    let (status, _, body) = call(
+        "GET",
+        &format!("http://{}/v1/fleet", proxy.admin),
+        None,
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["mode"], "standalone");
+    let (_, _, metrics) = call(
+        "GET",
+        &format!("http://{}/metrics", proxy.admin),
+        None,
+        &[],
+        "",
+    )
+    .await;
+    assert!(metrics.contains("switchyard_requests_total"));
+    assert!(!metrics.contains("switchyard_fleet_"), "{metrics}");
+    let (status, _, body) = call(
+        "GET",
+        &format!("http://{}/v1/routes/api/stats?scope=fleet", proxy.admin),
+        None,
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("not_a_fleet"), "{body}");
+    let (status, _, body) = call(
+        "GET",
+        &format!(
+            "http://{}/v1/routes/api/stats?scope=everywhere",
+            proxy.admin
+        ),
+        None,
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    proxy.stop().await;
 }

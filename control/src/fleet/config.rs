@@ -220,3 +220,142 @@ impl FleetConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+
+    const ROUTES: &str = "routes:\n  - name: api\n    backends:\n      - { name: blue, endpoints: [\"127.0.0.1:1\"], weight: 100 }\n";
+
+    fn load(fleet: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(&format!("{ROUTES}fleet:\n{fleet}"))
+    }
+
+    const GOOD: &str =
+        "  etcd: { endpoints: [\"http://127.0.0.1:2379\"], prefix: /switchyard/prod }\n";
+
+    #[test]
+    fn a_minimal_fleet_block_takes_the_defaults() {
+        let fleet = load(GOOD).unwrap().fleet.unwrap();
+        assert_eq!(fleet.lease_ttl.0.as_secs(), 5);
+        assert_eq!(fleet.publish_interval.0.as_secs(), 1);
+        assert_eq!(fleet.etcd.dial_timeout.0.as_secs(), 1);
+        assert_eq!(fleet.etcd.request_timeout.0.as_secs(), 2);
+        assert!(fleet.replica_id.is_none());
+        // Without `replica_id`, some non-empty name is found.
+        assert!(!fleet.replica_id().is_empty());
+    }
+
+    #[test]
+    fn every_wrong_field_is_named() {
+        let etcd = |inner: &str| format!("  etcd: {{ {inner} }}\n");
+        let ok_endpoints = "endpoints: [\"http://127.0.0.1:2379\"]";
+        for (block, field) in [
+            (etcd("endpoints: [], prefix: /a"), "fleet.etcd.endpoints"),
+            (
+                etcd("endpoints: [\"not a url\"], prefix: /a"),
+                "fleet.etcd.endpoints[0]",
+            ),
+            (
+                etcd("endpoints: [\"ftp://h:1\"], prefix: /a"),
+                "fleet.etcd.endpoints[0]",
+            ),
+            (
+                etcd("endpoints: [\"127.0.0.1:2379\"], prefix: /a"),
+                "fleet.etcd.endpoints[0]",
+            ),
+            (
+                etcd("endpoints: [\"http://h:1/v3\"], prefix: /a"),
+                "fleet.etcd.endpoints[0]",
+            ),
+            (
+                etcd("endpoints: [\"http://h:1\"], prefix: /a, tls: { ca: ca.pem }"),
+                "fleet.etcd.endpoints[0]",
+            ),
+            (
+                etcd(&format!("{ok_endpoints}, prefix: a")),
+                "fleet.etcd.prefix",
+            ),
+            (
+                etcd(&format!("{ok_endpoints}, prefix: /")),
+                "fleet.etcd.prefix",
+            ),
+            (
+                etcd(&format!("{ok_endpoints}, prefix: /a/")),
+                "fleet.etcd.prefix",
+            ),
+            (
+                etcd(&format!("{ok_endpoints}, prefix: \"/a b\"")),
+                "fleet.etcd.prefix",
+            ),
+            (
+                etcd(&format!("{ok_endpoints}, prefix: /a, username: u")),
+                "fleet.etcd.password_file",
+            ),
+            (
+                etcd(&format!("{ok_endpoints}, prefix: /a, password_file: p")),
+                "fleet.etcd.username",
+            ),
+            (
+                etcd("endpoints: [\"https://h:1\"], prefix: /a, tls: { cert: c.pem }"),
+                "fleet.etcd.tls",
+            ),
+            (
+                etcd(&format!("{ok_endpoints}, prefix: /a, dial_timeout: 0s")),
+                "fleet.etcd.dial_timeout",
+            ),
+            (
+                etcd(&format!("{ok_endpoints}, prefix: /a, request_timeout: 2m")),
+                "fleet.etcd.request_timeout",
+            ),
+            (
+                etcd(&format!(
+                    "{ok_endpoints}, prefix: /a, request_timeout: soon"
+                )),
+                "fleet.etcd.request_timeout",
+            ),
+            (format!("{GOOD}  lease_ttl: 1s\n"), "fleet.lease_ttl"),
+            (
+                format!("{GOOD}  publish_interval: 50ms\n"),
+                "fleet.publish_interval",
+            ),
+            (
+                format!("{GOOD}  lease_ttl: 3s\n  publish_interval: 3s\n"),
+                "fleet.publish_interval",
+            ),
+            (format!("{GOOD}  replica_id: \"a/b\"\n"), "fleet.replica_id"),
+            (format!("{GOOD}  replicas: 3\n"), "fleet"),
+            ("  prefix: /a\n".to_owned(), "fleet"),
+        ] {
+            let e = load(&block).expect_err(&block);
+            assert!(
+                e.field.starts_with(field),
+                "{block}: got {e}, expected the field {field}"
+            );
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn unreadable_files_are_refused_when_the_client_is_built() {
+        let fleet = load(
+            "  etcd: { endpoints: [\"https://127.0.0.1:2379\"], prefix: /a, tls: { ca: /nonexistent/ca.pem } }\n",
+        )
+        .unwrap()
+        .fleet
+        .unwrap();
+        let e = crate::fleet::Fleet::new(&fleet).err().expect("no CA file");
+        assert_eq!(e.field, "fleet.etcd.tls.ca");
+        let fleet = load(&GOOD.replace(
+            "prod }",
+            "prod, username: u, password_file: /nonexistent/pw }",
+        ))
+        .unwrap()
+        .fleet
+        .unwrap();
+        let e = crate::fleet::Fleet::new(&fleet)
+            .err()
+            .expect("no password file");
+        assert_eq!(e.field, "fleet.etcd.password_file");
+    }
+}

@@ -319,8 +319,7 @@ impl Fleet {
             for (sum, backend) in merged.iter_mut().zip(backends) {
                 // A replica that has not yet seen the rollout publishes over
                 // another span: left out rather than miscounted.
-                let Some(w) = windows.get(*backend).filter(|w| w.span_s == span.as_secs())
-                else {
+                let Some(w) = windows.get(*backend).filter(|w| w.span_s == span.as_secs()) else {
                     continue;
                 };
                 match Histogram::from_sparse(span, w.requests, w.errors, &w.latency) {

@@ -108,7 +108,13 @@ impl EtcdBackend {
             .etcd
             .txn(&compare, &success, &failure)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "the fleet's store is unavailable: {e}. If etcd was only slow the change may \
+                     still be committed: check the version (GET /v1/state) before retrying, or \
+                     retry with If-Match"
+                ))
+            })?;
         if result.succeeded {
             fleet.applied(result.revision, document.written_at_ms);
             self.cache(&document, result.revision);
@@ -116,8 +122,19 @@ impl EtcdBackend {
         }
         match result.kvs.first() {
             Some(kv) if kv.mod_revision != revision => {
-                let (document, at) = decode(kv)?;
-                Ok(Commit::Moved(document, at))
+                let (found, at) = decode(kv)?;
+                // The client tries the next member when one gives no answer
+                // in time; the first may have committed this very write.
+                let ours = found.written_by == fleet.replica_id
+                    && found.version == document.version
+                    && found.next_seq == document.next_seq
+                    && found.overrides == document.overrides;
+                if ours {
+                    fleet.applied(at, found.written_at_ms);
+                    self.cache(&found, at);
+                    return Ok(Commit::Done(at));
+                }
+                Ok(Commit::Moved(found, at))
             }
             // The state is where it was: the fence failed.
             _ => match next.fence {
