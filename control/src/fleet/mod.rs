@@ -430,6 +430,17 @@ pub struct Addresses {
     pub data: SocketAddr,
 }
 
+/// `addr` as other replicas and operators reach it: a wildcard listener
+/// (`0.0.0.0`, `[::]`) is named by `$POD_IP` when Kubernetes gives it.
+fn advertised(addr: SocketAddr) -> String {
+    match std::env::var("POD_IP") {
+        Ok(ip) if addr.ip().is_unspecified() && ip.parse::<std::net::IpAddr>().is_ok() => {
+            SocketAddr::new(ip.parse().expect("checked"), addr.port()).to_string()
+        }
+        _ => addr.to_string(),
+    }
+}
+
 /// Joins the fleet: brings the store to etcd's state (waiting at most the
 /// dial and request timeouts: a fleet whose etcd is down still starts, on
 /// its cache), then keeps it there and keeps this replica's lease,
@@ -587,8 +598,8 @@ async fn membership(store: &Store, fleet: &Fleet, metrics: &Metrics, addresses: 
         }
         let member = Member {
             id: fleet.replica_id.clone(),
-            admin: addresses.admin.to_string(),
-            data: addresses.data.to_string(),
+            admin: advertised(addresses.admin),
+            data: advertised(addresses.data),
             version: store.view().version,
             revision: fleet.revision.load(Ordering::Relaxed),
             applied_at_ms: fleet.applied_at_ms.load(Ordering::Relaxed),
