@@ -159,8 +159,16 @@ pub(crate) async fn route_stats(
             format!("no route named `{route}`"),
         ));
     };
-    let span = metrics.window_span();
     let names: Vec<&str> = backends.iter().map(|b| &*b.backend).collect();
+    // The fleet's windows are published over the analysis window of the
+    // route's rollout while one progresses (what its leader judges), else
+    // over `metrics.window`.
+    let span = match admin.store.view().rollouts.get(route) {
+        Some(r) if fleet_scope && r.phase == crate::rollout::Phase::Progressing => {
+            r.spec.analysis.window.0
+        }
+        _ => metrics.window_span(),
+    };
     let (stats, replicas) = match (fleet_scope, admin.store.fleet()) {
         (false, _) => (
             backends.iter().map(|b| b.stats.clone()).collect::<Vec<_>>(),

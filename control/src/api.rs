@@ -62,6 +62,19 @@ impl ApiError {
         }
     }
 
+    /// 503 `store_unavailable` with `Retry-After: 1`: etcd is away, likely
+    /// not for long.
+    pub(crate) fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: true,
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                message,
+            )
+        }
+    }
+
     pub(crate) fn into_response(self) -> Resp {
         let mut resp = json_error(self.status, self.code, &self.message);
         if let Some(allow) = self.allow {
@@ -467,10 +480,11 @@ fn store_error(e: StoreError) -> ApiError {
         }
         StoreError::Unavailable(m) => {
             tracing::warn!(error = %m, "change refused: the fleet's store is unavailable");
-            ApiError {
-                retry_after: true,
-                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", m)
-            }
+            ApiError::unavailable(m)
+        }
+        StoreError::Refused(m) => {
+            tracing::error!(error = %m, "change refused: the fleet's store refuses this replica");
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_refused", m)
         }
     }
 }

@@ -938,3 +938,143 @@ async fn a_standalone_proxy_has_no_fleet() {
     assert_eq!(status, 400, "{body}");
     proxy.stop().await;
 }
+
+/// Kills the child on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// TLS between replicas and etcd: a member that requires client
+/// certificates, a replica with the fleet's CA and its client certificate;
+/// a replica without a client certificate is refused and writes 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_reaches_etcd_over_mutual_tls() {
+    let Some(etcd) = etcd_binary() else {
+        return;
+    };
+    let dir = temp_dir("etcd-tls");
+    let ca = common::certs::Ca::new("switchyard etcd test CA");
+    let ca_file = dir.join("ca.crt");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let (server_crt, server_key) = ca
+        .leaf(&["127.0.0.1", "localhost"], 30)
+        .write(&dir, "server");
+    let (client_crt, client_key) = ca.leaf(&["r1"], 30).write(&dir, "client");
+    let (client, peer) = (free_port(), free_port());
+    let _member = Killed(
+        Command::new(etcd)
+            .args([
+                "--name=tls".to_owned(),
+                format!("--data-dir={}", dir.join("member").display()),
+                format!("--listen-client-urls=https://127.0.0.1:{client}"),
+                format!("--advertise-client-urls=https://127.0.0.1:{client}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-cluster=tls=http://127.0.0.1:{peer}"),
+                format!("--cert-file={}", server_crt.display()),
+                format!("--key-file={}", server_key.display()),
+                format!("--trusted-ca-file={}", ca_file.display()),
+                "--client-cert-auth".to_owned(),
+                "--logger=zap".to_owned(),
+                "--log-level=error".to_owned(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd starts"),
+    );
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let config = |id: &str, tls: &str| {
+        format!(
+            "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\nfleet:\n  etcd: {{ endpoints: [\"https://127.0.0.1:{client}\"], prefix: /switchyard/tls, {tls} }}\n  replica_id: {id}\nroutes:\n  - name: api\n    backends:\n      - {{ name: blue, endpoints: [\"{}\"], weight: 100 }}\n",
+            blue.addr
+        )
+    };
+    let trusted = Replica::start(
+        "r1",
+        &config(
+            "r1",
+            &format!(
+                "tls: {{ ca: \"{}\", cert: \"{}\", key: \"{}\" }}",
+                ca_file.display(),
+                client_crt.display(),
+                client_key.display()
+            ),
+        ),
+        &dir,
+    );
+    // etcd may still be starting: the replica resyncs by itself.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = trusted.json("/v1/fleet").await;
+        if status["store"]["up"] == true
+            && status["replicas"].as_array().is_some_and(|r| !r.is_empty())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never reached etcd over TLS: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = put(&trusted, "/v1/routes/api/weights", json!({"blue": 100})).await;
+    assert_eq!(status, 200, "{body}");
+    let anonymous = Replica::start(
+        "r2",
+        &config("r2", &format!("tls: {{ ca: \"{}\" }}", ca_file.display())),
+        &dir,
+    );
+    let (status, body) = put(&anonymous, "/v1/routes/api/weights", json!({"blue": 100})).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(anonymous.json("/v1/fleet").await["store"]["up"], false);
+    // It still serves.
+    assert_eq!(anonymous.backend_of("someone").await, "blue");
+}
+
+/// etcd's own authentication: a replica with the user's password file
+/// writes; one with a wrong password is refused, keeps serving and says
+/// why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_authenticates_to_etcd_with_a_password_file() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let endpoint = cluster.endpoints()[0].clone();
+    for (path, body) in [
+        ("/v3/auth/role/add", r#"{"name":"root"}"#),
+        (
+            "/v3/auth/user/add",
+            r#"{"name":"root","password":"s3cret"}"#,
+        ),
+        ("/v3/auth/user/grant", r#"{"user":"root","role":"root"}"#),
+        ("/v3/auth/enable", "{}"),
+    ] {
+        let (status, _, text) = try_call("POST", &format!("{endpoint}{path}"), body).await;
+        assert_eq!(status, Some(200), "{path}: {text}");
+    }
+    let dir = temp_dir("etcd-auth");
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let config = |id: &str, password: &str| {
+        let file = dir.join(format!("{id}.password"));
+        std::fs::write(&file, format!("{password}\n")).unwrap();
+        format!(
+            "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\nfleet:\n  etcd: {{ endpoints: [\"{endpoint}\"], prefix: /switchyard/auth, username: root, password_file: \"{}\" }}\n  replica_id: {id}\nroutes:\n  - name: api\n    backends:\n      - {{ name: blue, endpoints: [\"{}\"], weight: 100 }}\n",
+            file.display(),
+            blue.addr
+        )
+    };
+    let good = Replica::start("r1", &config("r1", "s3cret"), &dir);
+    let (status, body) = put(&good, "/v1/routes/api/weights", json!({"blue": 100})).await;
+    assert_eq!(status, 200, "{body}");
+    let bad = Replica::start("r2", &config("r2", "wrong"), &dir);
+    let (status, body) = put(&bad, "/v1/routes/api/weights", json!({"blue": 100})).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("authentication failed"), "{body}");
+    assert_eq!(bad.backend_of("someone").await, "blue");
+}

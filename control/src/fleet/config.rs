@@ -26,8 +26,9 @@ pub struct FleetConfig {
     /// long. Default `5s`, between `2s` and `60s`.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl: Dur,
-    /// How often this replica publishes its traffic windows (for routes
-    /// with a rollout under way) and its membership record. Default `1s`.
+    /// How often this replica publishes its traffic windows and its
+    /// membership record, and looks at its lease. Default `1s`; at most a
+    /// third of `lease_ttl`.
     #[serde(default = "default_publish_interval")]
     pub publish_interval: Dur,
 }
@@ -208,10 +209,17 @@ impl FleetConfig {
             ms(100),
             ms(60_000),
         )?;
-        if self.publish_interval.0 >= self.lease_ttl.0 {
+        // The lease is renewed on publication ticks once a third of its TTL
+        // has passed: a longer interval could let a live replica's lease
+        // (its membership, windows and leaderships) expire.
+        if self.publish_interval.0 * 3 > self.lease_ttl.0 {
             return Err(ConfigError::new(
                 "fleet.publish_interval",
-                "must be shorter than fleet.lease_ttl, or a live replica's windows expire between publications",
+                format!(
+                    "{} is more than a third of fleet.lease_ttl ({}); a live replica's lease could expire between renewals",
+                    humantime::format_duration(self.publish_interval.0),
+                    humantime::format_duration(self.lease_ttl.0)
+                ),
             ));
         }
         if let Some(id) = &self.replica_id {
@@ -320,7 +328,7 @@ mod tests {
                 "fleet.publish_interval",
             ),
             (
-                format!("{GOOD}  lease_ttl: 3s\n  publish_interval: 3s\n"),
+                format!("{GOOD}  lease_ttl: 3s\n  publish_interval: 1500ms\n"),
                 "fleet.publish_interval",
             ),
             (format!("{GOOD}  replica_id: \"a/b\"\n"), "fleet.replica_id"),

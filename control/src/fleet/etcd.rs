@@ -4,11 +4,14 @@
 //! Why the gateway rather than gRPC: every maintained Rust etcd client runs
 //! `tonic-build` at build time, which needs `protoc`, and `cargo test` must
 //! build with Rust alone (docs/decisions.md). The gateway is etcd's own,
-//! served on the client port by every etcd since 3.3, and carries the same
-//! messages as JSON: keys and values in base64, 64-bit integers as strings.
+//! served on the client port, at `/v3/` from etcd 3.4 on (3.3 only has
+//! `/v3beta/`), and carries the same messages as JSON: keys and values in
+//! base64, 64-bit integers as strings.
 //!
-//! Endpoints are tried in turn: a member that cannot be reached or answers
-//! 5xx moves the client to the next one for this and later requests.
+//! Endpoints are tried in turn, each client starting at a random one so a
+//! fleet's watches spread over the members: a member that cannot be reached
+//! or answers 5xx moves the client to the next one for this and later
+//! requests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -152,8 +155,8 @@ impl Etcd {
         };
         Ok(Etcd {
             inner: Arc::new(Inner {
+                current: AtomicUsize::new(random_index(endpoints.len())),
                 endpoints,
-                current: AtomicUsize::new(0),
                 http,
                 request_timeout: config.request_timeout.0,
                 credentials,
@@ -301,7 +304,8 @@ impl Etcd {
         }
         let body = json!({ "create_request": create });
         let endpoint = self.inner.current.load(Ordering::Relaxed);
-        let resp = self.send(endpoint, "/v3/watch", &body).await;
+        let token = self.token(endpoint).await?;
+        let resp = self.send(endpoint, "/v3/watch", &body, token, true).await;
         let resp = match resp {
             Ok(resp) if resp.status() == StatusCode::OK => resp,
             Ok(resp) => {
@@ -333,16 +337,8 @@ impl Etcd {
         for attempt in 0..count {
             let endpoint = (first + attempt) % count;
             let result = tokio::time::timeout(self.inner.request_timeout, async {
-                let resp = self.send(endpoint, path, body).await?;
-                let status = resp.status();
-                let bytes = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| EtcdError::Unavailable(e.to_string()))?
-                    .to_bytes();
-                let answer: Value = serde_json::from_slice(&bytes)
-                    .map_err(|e| EtcdError::Unavailable(format!("{path}: not JSON ({e})")))?;
+                let token = self.token(endpoint).await?;
+                let (status, answer) = self.exchange(endpoint, path, body, token).await?;
                 if status.is_success() {
                     Ok(answer)
                 } else {
@@ -389,6 +385,8 @@ impl Etcd {
         endpoint: usize,
         path: &str,
         body: &Value,
+        token: Option<String>,
+        require_leader: bool,
     ) -> Result<http::Response<Incoming>, EtcdError> {
         let base = &self.inner.endpoints[endpoint];
         let uri = format!(
@@ -397,8 +395,14 @@ impl Etcd {
             base.authority().map_or("", |a| a.as_str())
         );
         let mut req = Request::post(&uri).header("content-type", "application/json");
-        if let Some(token) = self.token(endpoint).await? {
+        if let Some(token) = token {
             req = req.header("authorization", token);
+        }
+        if require_leader {
+            // gRPC metadata `hasleader` through the gateway: a member cut
+            // off from its cluster ends the watch instead of keeping it open
+            // with nothing to say, so the replica moves to another member.
+            req = req.header("grpc-metadata-hasleader", "true");
         }
         let req = req
             .body(Full::new(Bytes::from(body.to_string())))
@@ -410,6 +414,27 @@ impl Etcd {
             .map_err(|e| EtcdError::Unavailable(format!("{base}: {}", error_chain(&e))))
     }
 
+    /// POSTs `body` to `path` on `endpoint`: the status and the answer.
+    async fn exchange(
+        &self,
+        endpoint: usize,
+        path: &str,
+        body: &Value,
+        token: Option<String>,
+    ) -> Result<(StatusCode, Value), EtcdError> {
+        let resp = self.send(endpoint, path, body, token, false).await?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| EtcdError::Unavailable(e.to_string()))?
+            .to_bytes();
+        let answer = serde_json::from_slice(&bytes)
+            .map_err(|e| EtcdError::Unavailable(format!("{path}: not JSON ({e})")))?;
+        Ok((status, answer))
+    }
+
     /// The auth token, fetched on first use when a user is configured.
     async fn token(&self, endpoint: usize) -> Result<Option<String>, EtcdError> {
         let Some((user, password)) = &self.inner.credentials else {
@@ -417,32 +442,10 @@ impl Etcd {
         };
         let mut token = self.inner.token.lock().await;
         if token.is_none() {
-            let base = &self.inner.endpoints[endpoint];
-            let uri = format!(
-                "{}://{}/v3/auth/authenticate",
-                base.scheme_str().unwrap_or("http"),
-                base.authority().map_or("", |a| a.as_str())
-            );
-            let req = Request::post(uri)
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(
-                    json!({ "name": user, "password": password }).to_string(),
-                )))
-                .map_err(|e| EtcdError::Refused(e.to_string()))?;
-            let resp = self
-                .inner
-                .http
-                .request(req)
-                .await
-                .map_err(|e| EtcdError::Unavailable(format!("{base}: {}", error_chain(&e))))?;
-            let status = resp.status();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| EtcdError::Unavailable(e.to_string()))?
-                .to_bytes();
-            let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let credentials = json!({ "name": user, "password": password });
+            let (status, answer) = self
+                .exchange(endpoint, "/v3/auth/authenticate", &credentials, None)
+                .await?;
             if !status.is_success() {
                 return Err(gateway_error(status, &answer));
             }
@@ -601,6 +604,14 @@ fn gateway_error(status: StatusCode, answer: &Value) -> EtcdError {
     } else {
         EtcdError::Refused(format!("{} {message}", status.as_u16()))
     }
+}
+
+/// A random index below `n`, from the standard library's per-process random
+/// hash keys (no random-number crate for one choice).
+fn random_index(n: usize) -> usize {
+    use std::hash::BuildHasher;
+    (std::collections::hash_map::RandomState::new().hash_one(std::process::id()) as usize)
+        % n.max(1)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

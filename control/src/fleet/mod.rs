@@ -154,22 +154,35 @@ impl Fleet {
         }
     }
 
+    /// etcd failed the watch loop: marks it down and waits `backoff`, which
+    /// doubles up to `MAX_BACKOFF`.
+    async fn unreachable(&self, backoff: &mut Duration, error: &(dyn std::fmt::Display + Sync)) {
+        self.set_up(false);
+        tracing::debug!(error = %error, "fleet state not followed; trying again");
+        tokio::time::sleep(*backoff).await;
+        *backoff = (*backoff * 2).min(MAX_BACKOFF);
+    }
+
     fn fleet_metrics(&self) -> Option<&crate::metrics::FleetMetrics> {
         self.metrics.get().and_then(|m| m.fleet())
     }
 
-    /// Notes that the state at `revision`, committed at `written_at_ms`, is
-    /// now served.
-    pub(crate) fn applied(&self, revision: i64, written_at_ms: u64) {
+    /// Notes that the state at `revision` is now served; `written_at_ms`:
+    /// when it was committed, for a change that propagated (not for a state
+    /// read at start or resync, which may be hours old).
+    pub(crate) fn applied(&self, revision: i64, written_at_ms: Option<u64>) {
         let now = crate::store::unix_millis();
         self.revision.store(revision, Ordering::Relaxed);
-        self.written_at_ms.store(written_at_ms, Ordering::Relaxed);
         self.applied_at_ms.store(now, Ordering::Relaxed);
         self.set_up(true);
         if let Some(m) = self.fleet_metrics() {
             m.revision.set(revision);
-            m.watch_lag
-                .set(now.saturating_sub(written_at_ms) as f64 / 1000.0);
+        }
+        if let Some(written) = written_at_ms {
+            self.written_at_ms.store(written, Ordering::Relaxed);
+            if let Some(m) = self.fleet_metrics() {
+                m.watch_lag.set(now.saturating_sub(written) as f64 / 1000.0);
+            }
         }
     }
 
@@ -195,24 +208,34 @@ impl Fleet {
             }
         }
         let key = self.leader_key(route);
-        let result = self
-            .etcd
-            .txn(
-                &[Compare::ModRevision(key.clone(), 0)],
-                &[Op::Put {
-                    key: key.clone(),
-                    value: self.replica_id.as_bytes().to_vec(),
-                    lease,
-                }],
-                &[Op::Get(key)],
-            )
-            .await;
-        let leading = match result {
-            Ok(r) if r.succeeded => true,
-            Ok(r) => r
-                .kvs
-                .first()
-                .is_some_and(|kv| kv.value == self.replica_id.as_bytes() && kv.lease == lease),
+        let ours = |kv: &etcd::Kv| kv.value == self.replica_id.as_bytes() && kv.lease == lease;
+        // A read first: a transaction with a put goes through etcd's log
+        // even when its compare fails, and most replicas, most of the time,
+        // only need to see that someone else leads.
+        let leading = match self.etcd.get(&key).await {
+            Ok((Some(kv), _)) => ours(&kv),
+            Ok((None, _)) => {
+                let result = self
+                    .etcd
+                    .txn(
+                        &[Compare::ModRevision(key.clone(), 0)],
+                        &[Op::Put {
+                            key: key.clone(),
+                            value: self.replica_id.as_bytes().to_vec(),
+                            lease,
+                        }],
+                        &[Op::Get(key)],
+                    )
+                    .await;
+                match result {
+                    Ok(r) => r.succeeded || r.kvs.first().is_some_and(ours),
+                    Err(e) => {
+                        self.set_up(false);
+                        tracing::debug!(error = %e, route, "leadership not confirmed");
+                        false
+                    }
+                }
+            }
             Err(e) => {
                 self.set_up(false);
                 tracing::debug!(error = %e, route, "leadership not confirmed");
@@ -239,6 +262,24 @@ impl Fleet {
         }
         if let Some(m) = self.fleet_metrics() {
             m.leader.with_label_values(&[route]).set(i64::from(leading));
+        }
+    }
+
+    /// Whether another live replica publishes under this replica's id (two
+    /// replicas with one id would overwrite each other's windows and share
+    /// leaderships): said loudly once. `false` until etcd answered.
+    async fn check_unique(&self, lease: i64) -> bool {
+        match self
+            .etcd
+            .get(&self.key(&format!("replicas/{}", self.replica_id)))
+            .await
+        {
+            Ok((Some(kv), _)) if kv.lease != lease => {
+                tracing::error!(replica = %self.replica_id, "another live replica uses this fleet.replica_id (or this one restarted within fleet.lease_ttl); give every replica its own (default: $POD_NAME)");
+                true
+            }
+            Ok(_) => true,
+            Err(_) => false,
         }
     }
 
@@ -315,7 +356,7 @@ impl Fleet {
             let Some(windows) = published.routes.get(route) else {
                 continue;
             };
-            replicas += 1;
+            let mut counted = false;
             for (sum, backend) in merged.iter_mut().zip(backends) {
                 // A replica that has not yet seen the rollout publishes over
                 // another span: left out rather than miscounted.
@@ -323,12 +364,16 @@ impl Fleet {
                     continue;
                 };
                 match Histogram::from_sparse(span, w.requests, w.errors, &w.latency) {
-                    Some(h) => sum.merge(&h),
+                    Some(h) => {
+                        sum.merge(&h);
+                        counted = true;
+                    }
                     None => {
                         tracing::warn!(replica = %published.replica, "published window with a bucket out of range ignored")
                     }
                 }
             }
+            replicas += usize::from(counted);
         }
         Ok((merged, replicas))
     }
@@ -382,8 +427,18 @@ impl Fleet {
             "applied_at_ms": self.applied_at_ms.load(Ordering::Relaxed),
             "leads": self.leading(),
         });
-        let replicas = self.etcd.range(&self.key("replicas/"), None, 0).await;
-        let leaders = self.etcd.range(&self.key("leaders/"), None, 0).await;
+        let (replicas_key, leaders_key) = (self.key("replicas/"), self.key("leaders/"));
+        let both = async {
+            tokio::join!(
+                self.etcd.range(&replicas_key, None, 0),
+                self.etcd.range(&leaders_key, None, 0)
+            )
+        };
+        let limit = self.config.etcd.request_timeout.0 + self.config.etcd.dial_timeout.0;
+        let (replicas, leaders) = tokio::time::timeout(limit, both).await.unwrap_or_else(|_| {
+            let late = || Err(EtcdError::Unavailable("no answer in time".into()));
+            (late(), late())
+        });
         let (replicas, leaders, error) = match (replicas, leaders) {
             (Ok((replicas, _)), Ok((leaders, _))) => {
                 let replicas: Vec<Value> = replicas
@@ -500,10 +555,7 @@ async fn watch(store: &Store, fleet: &Fleet, mut synced: Option<i64>) {
             None => match store.sync().await {
                 Ok(revision) => revision,
                 Err(e) => {
-                    fleet.set_up(false);
-                    tracing::debug!(error = %e, "fleet resync failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    fleet.unreachable(&mut backoff, &e).await;
                     continue;
                 }
             },
@@ -511,10 +563,7 @@ async fn watch(store: &Store, fleet: &Fleet, mut synced: Option<i64>) {
         let mut stream = match fleet.etcd.watch(&fleet.key("state"), false, from + 1).await {
             Ok(stream) => stream,
             Err(e) => {
-                fleet.set_up(false);
-                tracing::debug!(error = %e, "fleet watch not started");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                fleet.unreachable(&mut backoff, &e).await;
                 continue;
             }
         };
@@ -554,6 +603,7 @@ async fn membership(store: &Store, fleet: &Fleet, metrics: &Metrics, addresses: 
     let mut tick = tokio::time::interval(fleet.config.publish_interval.0);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut renewed = Instant::now();
+    let mut checked_id = false;
     loop {
         tick.tick().await;
         let mut lease = fleet.lease.load(Ordering::Relaxed);
@@ -607,6 +657,9 @@ async fn membership(store: &Store, fleet: &Fleet, metrics: &Metrics, addresses: 
             leads: fleet.leading(),
         };
         let windows = fleet.windows(store, metrics);
+        if !checked_id {
+            checked_id = fleet.check_unique(lease).await;
+        }
         let put = |suffix: &str, value: Vec<u8>| Op::Put {
             key: fleet.key(&format!("{suffix}/{}", fleet.replica_id)),
             value,

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::file::{self, FleetCache, StateDir};
-use super::{Event, Next, Overrides, Store, StoreError};
+use super::{Event, Inner, Next, Overrides, Store, StoreError};
 use crate::fleet::etcd::{Compare, EtcdError, Kv, Op};
 use crate::fleet::Fleet;
 
@@ -56,11 +56,18 @@ pub(super) enum Commit {
 pub(super) struct EtcdBackend {
     fleet: Arc<Fleet>,
     cache: Option<StateDir>,
+    /// The revision last written to the cache: writes run in tasks of their
+    /// own, and an older one finishing last must not win.
+    cached: Arc<tokio::sync::Mutex<i64>>,
 }
 
 impl EtcdBackend {
     pub fn new(fleet: Arc<Fleet>, cache: Option<StateDir>) -> EtcdBackend {
-        EtcdBackend { fleet, cache }
+        EtcdBackend {
+            fleet,
+            cache,
+            cached: Arc::new(tokio::sync::Mutex::new(0)),
+        }
     }
 
     pub fn fleet(&self) -> &Arc<Fleet> {
@@ -99,7 +106,7 @@ impl EtcdBackend {
             if event.seq > EVENTS_KEPT {
                 success.push(Op::DeleteRange(
                     fleet.key("events/"),
-                    event_key(fleet, event.seq - EVENTS_KEPT),
+                    event_key(fleet, event.seq - EVENTS_KEPT + 1),
                 ));
             }
         }
@@ -108,15 +115,16 @@ impl EtcdBackend {
             .etcd
             .txn(&compare, &success, &failure)
             .await
-            .map_err(|e| {
-                StoreError::Unavailable(format!(
+            .map_err(|e| match e {
+                EtcdError::Unavailable(_) => StoreError::Unavailable(format!(
                     "the fleet's store is unavailable: {e}. If etcd was only slow the change may \
                      still be committed: check the version (GET /v1/state) before retrying, or \
                      retry with If-Match"
-                ))
+                )),
+                e => unavailable(e),
             })?;
         if result.succeeded {
-            fleet.applied(result.revision, document.written_at_ms);
+            fleet.applied(result.revision, Some(document.written_at_ms));
             self.cache(&document, result.revision);
             return Ok(Commit::Done(result.revision));
         }
@@ -130,7 +138,7 @@ impl EtcdBackend {
                     && found.next_seq == document.next_seq
                     && found.overrides == document.overrides;
                 if ours {
-                    fleet.applied(at, found.written_at_ms);
+                    fleet.applied(at, Some(found.written_at_ms));
                     self.cache(&found, at);
                     return Ok(Commit::Done(at));
                 }
@@ -152,58 +160,14 @@ impl EtcdBackend {
         }
     }
 
-    /// Audit events with `seq > after`, oldest first, at most `limit`.
-    pub async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+    /// `Store::sync` with the write lock held.
+    pub(super) async fn sync_locked(
+        &self,
+        store: &Store,
+        inner: &mut Inner,
+    ) -> Result<i64, StoreError> {
         let fleet = &self.fleet;
-        let from = event_key(fleet, after + 1);
-        let (kvs, _) = fleet
-            .etcd
-            .range(&fleet.key("events/"), Some(&from), limit)
-            .await
-            .map_err(unavailable)?;
-        Ok(kvs
-            .iter()
-            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-            .collect())
-    }
-
-    /// Writes the cache in `state_dir`, off the runtime; a failure is
-    /// logged (the cache serves only a start without etcd).
-    fn cache(&self, document: &Document, revision: i64) {
-        let Some(dir) = self.cache.clone() else {
-            return;
-        };
-        let state = file::new_state(
-            document.version,
-            document.overrides.clone(),
-            Some(FleetCache {
-                prefix: self.fleet.prefix().to_owned(),
-                revision,
-                next_seq: document.next_seq,
-            }),
-        );
-        tokio::spawn(async move {
-            if let Err(e) = dir.write(state).await {
-                tracing::warn!(error = %e, "fleet state cache not written");
-            }
-        });
-    }
-}
-
-impl Store {
-    /// Fleet mode: brings the store to etcd's current state, seeding etcd
-    /// with this replica's state (its cache, else its configuration's
-    /// weights and flags) when the prefix holds none. Returns the revision
-    /// to watch from. Does nothing standalone.
-    pub async fn sync(&self) -> Result<i64, StoreError> {
-        let super::Backend::Etcd(backend) = &self.backend else {
-            return Ok(0);
-        };
-        let fleet = &backend.fleet;
         let state_key = fleet.key("state");
-        // Held across the reads: a write of this replica's landing between
-        // the read and the adoption would otherwise be undone by it.
-        let mut inner = self.write.lock().await;
         let (found, header) = fleet.etcd.get(&state_key).await.map_err(unavailable)?;
         let (document, revision) = match found {
             Some(kv) => decode(&kv)?,
@@ -243,14 +207,73 @@ impl Store {
                 }
             }
         };
-        let written_at = document.written_at_ms;
-        backend.cache(&document, revision);
+        self.cache(&document, revision);
         // Whatever revision this replica saw before: a restored or reseeded
         // etcd may be at a lower one, and what was just read is the truth.
         inner.revision = 0;
-        self.adopt_locked(&mut inner, document, revision);
-        fleet.applied(inner.revision, written_at);
+        store.adopt_locked(inner, document, revision);
+        // A read, not a propagation: no lag to report.
+        fleet.applied(inner.revision, None);
         Ok(header.max(revision))
+    }
+
+    /// Audit events with `seq > after`, oldest first, at most `limit`.
+    pub async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let fleet = &self.fleet;
+        let from = event_key(fleet, after + 1);
+        let (kvs, _) = fleet
+            .etcd
+            .range(&fleet.key("events/"), Some(&from), limit)
+            .await
+            .map_err(unavailable)?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .collect())
+    }
+
+    /// Writes the cache in `state_dir`, off the runtime; a failure is
+    /// logged (the cache serves only a start without etcd).
+    fn cache(&self, document: &Document, revision: i64) {
+        let Some(dir) = self.cache.clone() else {
+            return;
+        };
+        let state = file::new_state(
+            document.version,
+            document.overrides.clone(),
+            Some(FleetCache {
+                prefix: self.fleet.prefix().to_owned(),
+                revision,
+                next_seq: document.next_seq,
+            }),
+        );
+        let cached = self.cached.clone();
+        tokio::spawn(async move {
+            let mut last = cached.lock().await;
+            if revision <= *last {
+                return;
+            }
+            match dir.write(state).await {
+                Ok(()) => *last = revision,
+                Err(e) => tracing::warn!(error = %e, "fleet state cache not written"),
+            }
+        });
+    }
+}
+
+impl Store {
+    /// Fleet mode: brings the store to etcd's current state, seeding etcd
+    /// with this replica's state (its cache, else its configuration's
+    /// weights and flags) when the prefix holds none. Returns the revision
+    /// to watch from. Does nothing standalone.
+    pub async fn sync(&self) -> Result<i64, StoreError> {
+        let super::Backend::Etcd(backend) = &self.backend else {
+            return Ok(0);
+        };
+        // Held across the reads: a write of this replica's landing between
+        // the read and the adoption would otherwise be undone by it.
+        let mut inner = self.write.lock().await;
+        backend.sync_locked(self, &mut inner).await
     }
 
     /// Fleet mode: applies a watched change of `P/state`.
@@ -263,7 +286,7 @@ impl Store {
                 let written_at = document.written_at_ms;
                 backend.cache(&document, revision);
                 self.adopt(document, revision).await;
-                backend.fleet.applied(self.revision(), written_at);
+                backend.fleet.applied(self.revision(), Some(written_at));
             }
             Err(e) => tracing::error!(error = %e, "fleet state not applied"),
         }
@@ -308,8 +331,15 @@ fn event_key(fleet: &Fleet, seq: u64) -> String {
     fleet.key(&format!("events/{seq:020}"))
 }
 
+/// An etcd failure as the write path reports it: a refusal (credentials,
+/// permissions, size) is not something a retry mends.
 pub(crate) fn unavailable(e: EtcdError) -> StoreError {
-    StoreError::Unavailable(format!("the fleet's store is unavailable: {e}"))
+    match e {
+        EtcdError::Refused(why) => {
+            StoreError::Refused(format!("the fleet's store refused this replica: {why}"))
+        }
+        e => StoreError::Unavailable(format!("the fleet's store is unavailable: {e}")),
+    }
 }
 
 pub(crate) fn unix_millis() -> u64 {

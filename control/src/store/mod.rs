@@ -108,6 +108,10 @@ pub enum StoreError {
     /// The fleet's store (etcd) cannot be reached: nothing changed.
     #[error("{0}")]
     Unavailable(String),
+    /// The fleet's store refuses this replica (credentials, permissions):
+    /// nothing changed, and retrying will not help.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// The current effective configuration and its version.
@@ -522,6 +526,16 @@ impl Store {
         change: &mut (dyn FnMut(&Config, &mut Overrides) -> Result<Change, StoreError> + Send),
     ) -> Result<Arc<View>, StoreError> {
         let mut inner = self.write.lock().await;
+        if let Backend::Etcd(etcd) = &self.backend {
+            // Never synced (etcd was away at start): the fleet's state, or
+            // its seed, comes first. A tag newer than this replica's version
+            // means it is a few milliseconds behind the fleet: catch up
+            // rather than refuse the newest tag.
+            let ahead = if_match.is_some_and(|given| given > inner.version);
+            if inner.revision == 0 || ahead {
+                etcd.sync_locked(self, &mut inner).await?;
+            }
+        }
         for _ in 0..COMMIT_ATTEMPTS {
             if let Some(given) = if_match {
                 if given != inner.version {
@@ -615,16 +629,20 @@ impl Store {
             tracing::warn!(target = %change.target, reason = %change.after["reason"], "fleet state has an override this replica's configuration cannot hold; not applied here");
         }
         let effective = overlay(&inner.base, &kept);
-        if let Err(e) = effective.validate() {
-            tracing::error!(revision, error = %e, "fleet state cannot be applied to this replica's configuration; still serving the previous state");
-            inner.revision = revision;
-            return;
-        }
+        // The fleet's state is taken whole either way: a later write of this
+        // replica's must build on it, never on what it had before.
         inner.overrides = document.overrides;
         inner.version = document.version;
         inner.next_seq = document.next_seq;
         inner.revision = revision;
-        self.swap(inner, effective);
+        match effective.validate() {
+            Ok(()) => self.swap(inner, effective),
+            Err(e) => {
+                tracing::error!(revision, error = %e, "fleet state cannot be applied to this replica's configuration; its routing stays as it was");
+                let routing = self.view().config.as_ref().clone();
+                self.swap(inner, routing);
+            }
+        }
     }
 
     /// `adopt_locked` behind the write lock.
