@@ -16,8 +16,9 @@ replica's, and the goal (issue 17) is p99 <= 100 ms.
 
 publish: one real replica leads a canary rollout and carries traffic; 200
 simulated replicas (threads of this script, speaking etcd's JSON gateway as
-the binary does) each hold a lease and publish a membership record and a
-copy of the real replica's windows every second, as a 201-replica fleet
+the binary does) each hold a lease, publish a membership record and a copy
+of the real replica's windows every second, and read the rollout's leader
+key every 500 ms, as the replicas of a 201-replica fleet that do not lead
 would. Measured over the run: the publish transactions per second etcd
 took and their latency, etcd's revision rate, CPU and database size, and the
 time the leader takes to merge the fleet's windows (timed through
@@ -256,7 +257,7 @@ def suite_publish(args, binary, workdir, etcd, origin):
     window_bytes = len(json.dumps(template))
 
     stop = threading.Event()
-    latencies, failures = [], [0]
+    latencies, failures, campaigns = [], [0], [0]
     lock = threading.Lock()
 
     def simulated(i):
@@ -266,11 +267,20 @@ def suite_publish(args, binary, workdir, etcd, origin):
         windows = dict(template, replica=name)
         record = dict(member_template, id=name, leads=[])
         next_publish = time.monotonic() + (i % 100) / 100  # spread over the second
+        next_campaign = next_publish + 0.25
         renewed = time.monotonic()
         while not stop.is_set():
             now = time.monotonic()
+            if now >= next_campaign:
+                # As a replica that does not lead the rollout: every 500 ms it
+                # reads the leader key (and would campaign if it were gone).
+                next_campaign += 0.5
+                http("POST", f"{member}/v3/kv/range", {"key": b64(f"{prefix}/leaders/api")})
+                with lock:
+                    campaigns[0] += 1
+                continue
             if now < next_publish:
-                time.sleep(min(0.05, next_publish - now))
+                time.sleep(min(0.05, next_publish - now, max(0.0, next_campaign - now)))
                 continue
             next_publish += 1.0
             if now - renewed > 5 / 3:
@@ -294,6 +304,7 @@ def suite_publish(args, binary, workdir, etcd, origin):
     time.sleep(3)  # every simulated replica has a lease and has published
     with lock:
         latencies.clear()
+        campaigns[0] = 0
     rev0, cpu0, db0, t0 = etcd.revision(), etcd.cpu_ticks(), etcd.db_size(), time.monotonic()
     merges, merged_replicas = [], set()
     while time.monotonic() - t0 < args.seconds:
@@ -313,11 +324,13 @@ def suite_publish(args, binary, workdir, etcd, origin):
     bench.stop(leader.proc)
     with lock:
         publish = list(latencies)
+        reads = campaigns[0]
     analysis = rollout.get("last_analysis") or {}
     rows = {
         "simulated": args.simulated, "seconds": round(elapsed, 1), "window_bytes": window_bytes,
         "publish_per_s": len(publish) / elapsed, "publish_p50": percentile(publish, 0.5),
         "publish_p99": percentile(publish, 0.99), "failures": failures[0],
+        "leader_reads_per_s": reads / elapsed,
         "revisions_per_s": (rev1 - rev0) / elapsed,
         "etcd_cpu": (cpu1 - cpu0) / CLK_TCK / elapsed, "etcd_rss_mib": etcd.rss_kib() / 1024,
         "db_mib": (db0 / 2**20, db1 / 2**20),
@@ -330,6 +343,7 @@ def suite_publish(args, binary, workdir, etcd, origin):
 | simulated replicas publishing (+1 real leader) | {rows['simulated']} for {rows['seconds']} s |
 | one replica's published windows | {window_bytes} bytes of JSON (route `api`, two backends) |
 | publish transactions taken by etcd | {rows['publish_per_s']:.0f}/s, latency p50 {rows['publish_p50']:.1f} ms, p99 {rows['publish_p99']:.1f} ms, {rows['failures']} failed |
+| leader-key reads of the replicas that do not lead | {rows['leader_reads_per_s']:.0f}/s |
 | etcd revisions | {rows['revisions_per_s']:.0f}/s |
 | etcd CPU (3 members together) | {rows['etcd_cpu']:.2f} cores; RSS {rows['etcd_rss_mib']:.0f} MiB |
 | etcd database | {rows['db_mib'][0]:.1f} → {rows['db_mib'][1]:.1f} MiB (auto-compaction every minute) |

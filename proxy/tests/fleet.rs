@@ -806,6 +806,19 @@ async fn quorum_lost_under_load_costs_no_request_and_writes_503() {
     }
     let version = fleet.replicas[2].version().await;
     fleet.converge(version).await;
+    // One version is one etcd revision: every replica names the same.
+    let mut revisions = Vec::new();
+    for r in &fleet.replicas {
+        revisions.push(
+            r.json("/v1/fleet").await["replica"]["revision"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    assert!(
+        revisions.iter().all(|r| *r == revisions[0] && *r > 0),
+        "{revisions:?}"
+    );
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
     assert!(sent.load(Ordering::Relaxed) > 100);
