@@ -118,7 +118,7 @@ fn record(c: &mut Criterion) {
             window.record(
                 black_box(now),
                 black_box(std::time::Duration::from_micros(1234)),
-                false,
+                Some(200),
             )
         })
     });

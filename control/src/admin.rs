@@ -169,9 +169,12 @@ pub(crate) async fn route_stats(
         }
         _ => metrics.window_span(),
     };
-    let (stats, replicas) = match (fleet_scope, admin.store.fleet()) {
+    let (windows, replicas) = match (fleet_scope, admin.store.fleet()) {
         (false, _) => (
-            backends.iter().map(|b| b.stats.clone()).collect::<Vec<_>>(),
+            names
+                .iter()
+                .map(|b| metrics.backend_histogram(route, b, span))
+                .collect::<Vec<_>>(),
             1,
         ),
         (true, None) => {
@@ -181,19 +184,10 @@ pub(crate) async fn route_stats(
                 "scope=fleet needs fleet mode (`fleet:` in the configuration)",
             ))
         }
-        (true, Some(fleet)) => {
-            let (merged, replicas) = fleet
-                .merged_windows(metrics, route, &names, span)
-                .await
-                .map_err(|e| {
-                    ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "store_unavailable",
-                        e.to_string(),
-                    )
-                })?;
-            (merged.iter().map(|h| h.stats()).collect(), replicas)
-        }
+        (true, Some(fleet)) => fleet
+            .merged_windows(metrics, route, &names, span)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?,
     };
     let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
     let body = serde_json::json!({
@@ -201,15 +195,20 @@ pub(crate) async fn route_stats(
         "scope": if fleet_scope { "fleet" } else { "local" },
         "replicas": replicas,
         "window_seconds": span.as_secs(),
-        "backends": names.iter().zip(&stats).map(|(name, s)| serde_json::json!({
-            "backend": name,
-            "requests": s.requests,
-            "errors": s.errors,
-            "error_rate_percent": s.error_rate_percent(),
-            "p50_ms": ms(s.p50),
-            "p95_ms": ms(s.p95),
-            "p99_ms": ms(s.p99),
-        })).collect::<Vec<_>>(),
+        "backends": names.iter().zip(&windows).map(|(name, w)| {
+            let s = w.stats();
+            let [c1, c2, c3, c4, c5] = w.classes;
+            serde_json::json!({
+                "backend": name,
+                "requests": s.requests,
+                "errors": s.errors,
+                "error_rate_percent": s.error_rate_percent(),
+                "status_classes": { "1xx": c1, "2xx": c2, "3xx": c3, "4xx": c4, "5xx": c5 },
+                "p50_ms": ms(s.p50),
+                "p95_ms": ms(s.p95),
+                "p99_ms": ms(s.p99),
+            })
+        }).collect::<Vec<_>>(),
     });
     Ok(respond_json(StatusCode::OK, &body))
 }

@@ -638,13 +638,12 @@ impl BackendStats {
         let now = Instant::now();
         let latency = now.saturating_duration_since(started);
         self.in_flight.dec();
-        let class = usize::from((status / 100).clamp(1, 5) - 1);
-        self.requests[class].inc();
+        self.requests[window::status_class(status)].inc();
         self.duration.observe(latency.as_secs_f64());
         if let Some(reason) = failure {
             self.failures[reason as usize].inc();
         }
-        self.window.record(now, latency, status >= 500);
+        self.window.record(now, latency, Some(status));
     }
 
     /// The client left before the response headers: no response was sent,
@@ -656,7 +655,7 @@ impl BackendStats {
         self.in_flight.dec();
         self.duration.observe(latency.as_secs_f64());
         self.failures[FailureReason::Cancelled as usize].inc();
-        self.window.record(now, latency, false);
+        self.window.record(now, latency, None);
     }
 
     /// The window read now.

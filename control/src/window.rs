@@ -66,7 +66,9 @@ struct Slot {
     /// The second (since the window's origin) these counts belong to.
     epoch: AtomicU64,
     requests: AtomicU64,
-    errors: AtomicU64,
+    /// Responses by status class, 1xx to 5xx (a request the client left
+    /// before its response counts in `requests` only).
+    classes: [AtomicU64; 5],
     latency: Box<[AtomicU32]>,
 }
 
@@ -75,14 +77,16 @@ impl Slot {
         Slot {
             epoch: AtomicU64::new(UNUSED),
             requests: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
+            classes: std::array::from_fn(|_| AtomicU64::new(0)),
             latency: (0..LATENCY_BUCKETS).map(|_| AtomicU32::new(0)).collect(),
         }
     }
 
     fn clear(&self) {
         self.requests.store(0, Relaxed);
-        self.errors.store(0, Relaxed);
+        for c in &self.classes {
+            c.store(0, Relaxed);
+        }
         for b in self.latency.iter() {
             b.store(0, Relaxed);
         }
@@ -138,8 +142,9 @@ impl RollingWindow {
         at.saturating_duration_since(self.origin).as_secs()
     }
 
-    /// Records one finished request at `at`.
-    pub fn record(&self, at: Instant, latency: Duration, error: bool) {
+    /// Records one finished request at `at`, answered with `status` (`None`:
+    /// the client left before the response).
+    pub fn record(&self, at: Instant, latency: Duration, status: Option<u16>) {
         let sec = self.second(at);
         let slot = &self.slots[(sec % self.slots.len() as u64) as usize];
         let mut spins = 0u32;
@@ -177,8 +182,8 @@ impl RollingWindow {
             }
         }
         slot.requests.fetch_add(1, Relaxed);
-        if error {
-            slot.errors.fetch_add(1, Relaxed);
+        if let Some(status) = status {
+            slot.classes[status_class(status)].fetch_add(1, Relaxed);
         }
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         slot.latency[bucket_index(micros)].fetch_add(1, Relaxed);
@@ -208,7 +213,9 @@ impl RollingWindow {
                 continue;
             }
             out.requests += slot.requests.load(Relaxed);
-            out.errors += slot.errors.load(Relaxed);
+            for (sum, c) in out.classes.iter_mut().zip(&slot.classes) {
+                *sum += c.load(Relaxed);
+            }
             for (sum, b) in out.latency.iter_mut().zip(slot.latency.iter()) {
                 *sum += u64::from(b.load(Relaxed));
             }
@@ -224,7 +231,8 @@ impl RollingWindow {
 pub struct Histogram {
     pub span: Duration,
     pub requests: u64,
-    pub errors: u64,
+    /// Responses by status class, 1xx to 5xx; 5xx are the errors.
+    pub classes: [u64; 5],
     /// Counts per latency bucket, `LATENCY_BUCKETS` long.
     pub latency: Vec<u64>,
 }
@@ -234,7 +242,7 @@ impl Histogram {
         Histogram {
             span,
             requests: 0,
-            errors: 0,
+            classes: [0; 5],
             latency: vec![0; LATENCY_BUCKETS],
         }
     }
@@ -242,7 +250,9 @@ impl Histogram {
     /// Adds `other`'s counts (the span stays this one's).
     pub fn merge(&mut self, other: &Histogram) {
         self.requests += other.requests;
-        self.errors += other.errors;
+        for (sum, n) in self.classes.iter_mut().zip(&other.classes) {
+            *sum += n;
+        }
         for (sum, n) in self.latency.iter_mut().zip(&other.latency) {
             *sum += n;
         }
@@ -262,16 +272,21 @@ impl Histogram {
     pub fn from_sparse(
         span: Duration,
         requests: u64,
-        errors: u64,
+        classes: [u64; 5],
         buckets: &[(u32, u64)],
     ) -> Option<Histogram> {
         let mut out = Histogram::empty(span);
         out.requests = requests;
-        out.errors = errors.min(requests);
+        out.classes = classes.map(|n| n.min(requests));
         for (i, n) in buckets {
             *out.latency.get_mut(*i as usize)? += n;
         }
         Some(out)
+    }
+
+    /// 5xx responses, including the proxy's own 502/503/504.
+    pub fn errors(&self) -> u64 {
+        self.classes[4]
     }
 
     pub fn stats(&self) -> WindowStats {
@@ -279,12 +294,18 @@ impl Histogram {
         WindowStats {
             span: self.span,
             requests: self.requests,
-            errors: self.errors,
+            errors: self.errors(),
             p50: quantile(0.50),
             p95: quantile(0.95),
             p99: quantile(0.99),
         }
     }
+}
+
+/// The index of `status`'s class in `classes`: 1xx is 0, 5xx is 4 (out of
+/// range statuses clamp to the nearest class).
+pub fn status_class(status: u16) -> usize {
+    usize::from((status / 100).clamp(1, 5) - 1)
 }
 
 /// The `q` quantile of a bucketed distribution, as its bucket's midpoint.
@@ -339,7 +360,11 @@ mod tests {
         // 90 % at 10 ms, 10 % at 200 ms.
         for i in 0..1000 {
             let ms = if i % 10 == 0 { 200 } else { 10 };
-            w.record(at, Duration::from_millis(ms), i % 50 == 0);
+            w.record(
+                at,
+                Duration::from_millis(ms),
+                Some(if i % 50 == 0 { 500 } else { 200 }),
+            );
         }
         let s = w.stats(at);
         assert_eq!(s.requests, 1000);
@@ -367,15 +392,15 @@ mod tests {
         );
         // Replica a: 95 fast requests; replica b: 5 slow ones, all errors.
         for _ in 0..95 {
-            a.record(at, Duration::from_millis(2), false);
+            a.record(at, Duration::from_millis(2), Some(200));
         }
         for _ in 0..5 {
-            b.record(at, Duration::from_millis(900), true);
+            b.record(at, Duration::from_millis(900), Some(503));
         }
         let mut merged = a.histogram_over(at, Duration::from_secs(30));
         let wire = b.histogram_over(at, Duration::from_secs(30));
         let wire =
-            Histogram::from_sparse(wire.span, wire.requests, wire.errors, &wire.sparse()).unwrap();
+            Histogram::from_sparse(wire.span, wire.requests, wire.classes, &wire.sparse()).unwrap();
         merged.merge(&wire);
         let s = merged.stats();
         assert_eq!((s.requests, s.errors), (100, 5));
@@ -383,7 +408,10 @@ mod tests {
         // The 95th sample is fast, the 96th slow: p95 is fast, p99 slow.
         assert!(s.p95.unwrap() < Duration::from_millis(3));
         assert!(s.p99.unwrap() > Duration::from_millis(800));
-        assert!(Histogram::from_sparse(s.span, 1, 0, &[(LATENCY_BUCKETS as u32, 1)]).is_none());
+        assert_eq!(merged.classes, [0, 95, 0, 0, 5]);
+        assert!(
+            Histogram::from_sparse(s.span, 1, [0; 5], &[(LATENCY_BUCKETS as u32, 1)]).is_none()
+        );
     }
 
     #[test]
@@ -392,9 +420,13 @@ mod tests {
         let w = RollingWindow::new(Duration::from_secs(10), origin);
         let t0 = origin + Duration::from_secs(100);
         for _ in 0..50 {
-            w.record(t0, Duration::from_millis(1), true);
+            w.record(t0, Duration::from_millis(1), Some(500));
         }
-        w.record(t0 + Duration::from_secs(4), Duration::from_millis(1), false);
+        w.record(
+            t0 + Duration::from_secs(4),
+            Duration::from_millis(1),
+            Some(200),
+        );
         assert_eq!(w.stats(t0 + Duration::from_secs(9)).requests, 51);
         // Ten seconds on, t0's second has left the window; the later sample stays.
         let later = w.stats(t0 + Duration::from_secs(10));
@@ -413,10 +445,10 @@ mod tests {
     fn a_reused_slot_starts_clean() {
         let origin = Instant::now();
         let w = RollingWindow::new(Duration::from_secs(3), origin);
-        w.record(origin, Duration::from_millis(500), true);
+        w.record(origin, Duration::from_millis(500), Some(500));
         // Same slot index, three seconds later.
         let later = origin + Duration::from_secs(3);
-        w.record(later, Duration::from_millis(1), false);
+        w.record(later, Duration::from_millis(1), Some(200));
         let s = w.stats(later);
         assert_eq!((s.requests, s.errors), (1, 0));
         assert!(s.p99.unwrap() < Duration::from_millis(2));
@@ -427,13 +459,13 @@ mod tests {
         let origin = Instant::now();
         let w = std::sync::Arc::new(RollingWindow::new(Duration::from_secs(60), origin));
         let at = origin + Duration::from_secs(1);
-        w.record(at, Duration::from_millis(1), false); // the slot's reset happens here
+        w.record(at, Duration::from_millis(1), Some(200)); // the slot's reset happens here
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let w = w.clone();
                 std::thread::spawn(move || {
                     for _ in 0..10_000 {
-                        w.record(at, Duration::from_millis(3), false);
+                        w.record(at, Duration::from_millis(3), Some(200));
                     }
                 })
             })
@@ -462,7 +494,7 @@ mod tests {
                         let at = origin + Duration::from_secs(second);
                         start.wait();
                         for _ in 0..PER_SECOND {
-                            w.record(at, Duration::from_millis(3), false);
+                            w.record(at, Duration::from_millis(3), Some(200));
                         }
                     }
                 })

@@ -123,6 +123,14 @@ impl Cluster {
         }
     }
 
+    /// Sends `signal` to member `i` (SIGSTOP: silent, its connections
+    /// open; SIGCONT: back).
+    fn signal(&self, i: usize, signal: nix::sys::signal::Signal) {
+        let child = self.members[i].child.as_ref().expect("member running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
     fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
@@ -577,14 +585,15 @@ async fn the_fleets_merged_traffic_rolls_a_faulty_canary_back() {
     let Some(fleet) = Fleet::start(3, Behaviour::failing(1)).await else {
         return;
     };
-    let spec = json!({
-        "strategy": "canary", "stable": "blue", "target": "canary",
-        "steps": [{"weight": 50, "hold": "1h"}, {"weight": 100}],
-        "analysis": {"interval": "1s", "window": "30s", "min_requests": 50,
-                      "failure_threshold": 1},
-    });
-    let (status, body) = put(&fleet.replicas[0], "/v1/routes/api/rollout", spec).await;
-    assert_eq!(status, 201, "{body}");
+    // The traffic comes first, at the split the rollout starts with, so the
+    // first analysis already has all of it whatever the machine's speed.
+    let (status, body) = put(
+        &fleet.replicas[0],
+        "/v1/routes/api/weights",
+        json!({"blue": 50, "canary": 50}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
     fleet.converge(fleet.replicas[0].version().await).await;
     // 30 canary users per replica: no replica alone reaches 50, the fleet's
     // 90 does.
@@ -595,6 +604,14 @@ async fn the_fleets_merged_traffic_rolls_a_faulty_canary_back() {
             let _ = get(&client, &r.url("/"), &[("x-user-id", user)]).await;
         }
     }
+    let spec = json!({
+        "strategy": "canary", "stable": "blue", "target": "canary",
+        "steps": [{"weight": 50, "hold": "1h"}, {"weight": 100}],
+        "analysis": {"interval": "1s", "window": "30s", "min_requests": 50,
+                      "failure_threshold": 1},
+    });
+    let (status, body) = put(&fleet.replicas[0], "/v1/routes/api/rollout", spec).await;
+    assert_eq!(status, 201, "{body}");
     let deadline = Instant::now() + Duration::from_secs(20);
     let rollout = loop {
         let rollout = fleet.replicas[2].rollout().await;
@@ -716,9 +733,26 @@ async fn the_leader_killed_mid_rollout_another_completes_it_each_step_once() {
     let leader = leaders["api"].as_str().expect("a leader").to_owned();
     let index = fleet.replicas.iter().position(|r| r.id == leader).unwrap();
     fleet.replicas[index].kill();
+    let killed_at = Instant::now();
     let killed = fleet.replicas.remove(index);
     drop(killed);
     let survivor = &fleet.replicas[0];
+    // Another replica takes over once the dead one's lease (2 s) expires.
+    loop {
+        let leaders = survivor.json("/v1/fleet").await["leaders"].clone();
+        if leaders["api"].as_str().is_some_and(|l| l != leader) {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(20),
+            "no new leader 20 s after the kill: {leaders}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "takeover {:?} after the leader was killed",
+        killed_at.elapsed()
+    );
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let rollout = survivor.rollout().await;
@@ -844,6 +878,19 @@ async fn a_replica_restarted_without_etcd_serves_its_cache() {
     .await;
     assert_eq!(status, 200, "{body}");
     let version = fleet.replicas[0].version().await;
+    // The cache is written just after the change is served: wait for it.
+    let cache = fleet.dir.join("state-r1").join("state.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let cached: Option<Value> = std::fs::read(&cache)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if cached.is_some_and(|c| c["version"] == version) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no cache of version {version}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for i in 0..3 {
         fleet.cluster.kill_member(i);
     }
@@ -1090,4 +1137,31 @@ async fn a_replica_authenticates_to_etcd_with_a_password_file() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("authentication failed"), "{body}");
     assert_eq!(bad.backend_of("someone").await, "blue");
+}
+
+/// A member that goes silent without closing its connections (a frozen VM):
+/// a replica whose watch hangs on it sees that etcd's state is ahead of what
+/// it serves and watches through another member. Each member is silenced in
+/// turn, so every replica's watch member is silenced once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_member_leaves_no_replica_behind() {
+    use nix::sys::signal::Signal;
+    let Some(fleet) = Fleet::start(3, Behaviour::Name).await else {
+        return;
+    };
+    for member in 0..3 {
+        fleet.cluster.signal(member, Signal::SIGSTOP);
+        let blue = 40 + member as u32 * 10;
+        let writer = &fleet.replicas[member];
+        let (status, body) = put(
+            writer,
+            "/v1/routes/api/weights",
+            json!({"blue": blue, "canary": 100 - blue}),
+        )
+        .await;
+        assert_eq!(status, 200, "member {member} silent: {body}");
+        let version = writer.version().await;
+        fleet.converge(version).await;
+        fleet.cluster.signal(member, Signal::SIGCONT);
+    }
 }

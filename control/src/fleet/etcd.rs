@@ -63,6 +63,8 @@ pub enum Compare {
     ModRevision(String, i64),
     /// The key holds exactly this value.
     Value(String, Vec<u8>),
+    /// The key is bound to this lease.
+    Lease(String, i64),
 }
 
 /// A request inside a transaction.
@@ -233,6 +235,10 @@ impl Etcd {
                     "target": "VALUE", "result": "EQUAL", "key": B64.encode(key),
                     "value": B64.encode(value),
                 }),
+                Compare::Lease(key, lease) => json!({
+                    "target": "LEASE", "result": "EQUAL", "key": B64.encode(key),
+                    "lease": lease.to_string(),
+                }),
             })
             .collect();
         let ops = |ops: &[Op]| -> Vec<Value> {
@@ -304,9 +310,21 @@ impl Etcd {
         }
         let body = json!({ "create_request": create });
         let endpoint = self.inner.current.load(Ordering::Relaxed);
-        let token = self.token(endpoint).await?;
-        let resp = self.send(endpoint, "/v3/watch", &body, token, true).await;
-        let resp = match resp {
+        // Only the creation is bounded: the stream then lives as long as
+        // there is something to say (the fleet checks it is not behind).
+        let created = tokio::time::timeout(self.inner.request_timeout, async {
+            let token = self.token(endpoint).await?;
+            self.send(endpoint, "/v3/watch", &body, token, true).await
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(EtcdError::Unavailable(format!(
+                "{} did not start the watch within {}",
+                self.inner.endpoints[endpoint],
+                humantime::format_duration(self.inner.request_timeout)
+            )))
+        });
+        let resp = match created {
             Ok(resp) if resp.status() == StatusCode::OK => resp,
             Ok(resp) => {
                 self.next_endpoint(endpoint);
@@ -336,40 +354,47 @@ impl Etcd {
         let mut last = EtcdError::Unavailable("no endpoint".into());
         for attempt in 0..count {
             let endpoint = (first + attempt) % count;
-            let result = tokio::time::timeout(self.inner.request_timeout, async {
-                let token = self.token(endpoint).await?;
-                let (status, answer) = self.exchange(endpoint, path, body, token).await?;
-                if status.is_success() {
-                    Ok(answer)
-                } else {
-                    Err(gateway_error(status, &answer))
-                }
-            })
-            .await;
+            let mut result = self.ask(endpoint, path, body).await;
+            if matches!(&result, Err(EtcdError::Refused(why)) if why.contains("invalid auth token"))
+            {
+                // The token expired: a fresh one, from the same member.
+                *self.inner.token.lock().await = None;
+                result = self.ask(endpoint, path, body).await;
+            }
             match result {
-                Ok(Ok(answer)) => {
+                Ok(answer) => {
                     if attempt > 0 {
                         self.inner.current.store(endpoint, Ordering::Relaxed);
                     }
                     return Ok(answer);
                 }
-                Ok(Err(EtcdError::Refused(why))) if why.contains("invalid auth token") => {
-                    *self.inner.token.lock().await = None;
-                    last = EtcdError::Refused(why);
-                }
-                Ok(Err(e @ EtcdError::Refused(_))) => return Err(e),
-                Ok(Err(e)) => last = e,
-                Err(_) => {
-                    last = EtcdError::Unavailable(format!(
-                        "{} gave no answer within {}",
-                        self.inner.endpoints[endpoint],
-                        humantime::format_duration(self.inner.request_timeout)
-                    ))
-                }
+                Err(e @ EtcdError::Refused(_)) => return Err(e),
+                Err(e) => last = e,
             }
             self.next_endpoint(endpoint);
         }
         Err(last)
+    }
+
+    /// One request to one member, within `request_timeout`.
+    async fn ask(&self, endpoint: usize, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        let asked = tokio::time::timeout(self.inner.request_timeout, async {
+            let token = self.token(endpoint).await?;
+            let (status, answer) = self.exchange(endpoint, path, body, token).await?;
+            if status.is_success() {
+                Ok(answer)
+            } else {
+                Err(gateway_error(status, &answer))
+            }
+        })
+        .await;
+        asked.unwrap_or_else(|_| {
+            Err(EtcdError::Unavailable(format!(
+                "{} gave no answer within {}",
+                self.inner.endpoints[endpoint],
+                humantime::format_duration(self.inner.request_timeout)
+            )))
+        })
     }
 
     fn next_endpoint(&self, failed: usize) {
@@ -594,8 +619,11 @@ fn gateway_error(status: StatusCode, answer: &Value) -> EtcdError {
         .or_else(|| answer["error"].as_str())
         .unwrap_or("no message")
         .to_owned();
-    // No leader, no quorum, timeouts: the cluster cannot serve right now.
+    // No leader, no quorum, timeouts, too busy: the cluster cannot serve
+    // right now, another member or a later try may.
     let transient = status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || message.contains("too many requests")
         || message.contains("no leader")
         || message.contains("timed out")
         || message.contains("unavailable");

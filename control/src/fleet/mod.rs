@@ -58,6 +58,11 @@ pub struct Fleet {
     /// was last confirmed.
     leads: Mutex<HashMap<String, (bool, Instant)>>,
     metrics: OnceLock<Arc<Metrics>>,
+    /// Tells the watch loop to drop its watch and read the state again: the
+    /// membership loop saw etcd's state ahead of what this replica serves
+    /// for longer than the watch should take (a member that went silent
+    /// without closing the connection).
+    rewatch: tokio::sync::Notify,
 }
 
 /// A replica's membership record (`P/replicas/<id>`).
@@ -91,7 +96,8 @@ pub struct Windows {
 pub struct WireWindow {
     pub span_s: u64,
     pub requests: u64,
-    pub errors: u64,
+    /// Responses by status class, 1xx to 5xx.
+    pub classes: [u64; 5],
     pub latency: Vec<(u32, u64)>,
 }
 
@@ -120,6 +126,7 @@ impl Fleet {
             applied_at_ms: AtomicU64::new(0),
             leads: Mutex::new(HashMap::new()),
             metrics: OnceLock::new(),
+            rewatch: tokio::sync::Notify::new(),
         })
     }
 
@@ -134,6 +141,17 @@ impl Fleet {
 
     pub fn leader_key(&self, route: &str) -> String {
         self.key(&format!("leaders/{route}"))
+    }
+
+    /// The guards of a write that only `route`'s leader may make: the
+    /// leader key names this replica and is bound to its current lease (a
+    /// second process with this replica's id has another lease).
+    pub(crate) fn fence(&self, route: &str) -> [Compare; 2] {
+        let key = self.leader_key(route);
+        [
+            Compare::Value(key.clone(), self.replica_id.as_bytes().to_vec()),
+            Compare::Lease(key, self.lease.load(Ordering::Relaxed)),
+        ]
     }
 
     pub fn is_up(&self) -> bool {
@@ -229,21 +247,24 @@ impl Fleet {
                     .await;
                 match result {
                     Ok(r) => r.succeeded || r.kvs.first().is_some_and(ours),
-                    Err(e) => {
-                        self.set_up(false);
-                        tracing::debug!(error = %e, route, "leadership not confirmed");
-                        false
-                    }
+                    Err(e) => self.not_confirmed(route, &e),
                 }
             }
-            Err(e) => {
-                self.set_up(false);
-                tracing::debug!(error = %e, route, "leadership not confirmed");
-                false
-            }
+            Err(e) => self.not_confirmed(route, &e),
         };
         self.set_lead(route, leading);
         leading
+    }
+
+    /// Leadership could not be read or taken: `false`, and etcd is marked
+    /// down when it did not answer (a refusal, such as a lease that expired
+    /// a moment ago, is not an outage).
+    fn not_confirmed(&self, route: &str, e: &EtcdError) -> bool {
+        if matches!(e, EtcdError::Unavailable(_)) {
+            self.set_up(false);
+        }
+        tracing::debug!(error = %e, route, "leadership not confirmed");
+        false
     }
 
     fn set_lead(&self, route: &str, leading: bool) {
@@ -363,7 +384,7 @@ impl Fleet {
                 let Some(w) = windows.get(*backend).filter(|w| w.span_s == span.as_secs()) else {
                     continue;
                 };
-                match Histogram::from_sparse(span, w.requests, w.errors, &w.latency) {
+                match Histogram::from_sparse(span, w.requests, w.classes, &w.latency) {
                     Some(h) => {
                         sum.merge(&h);
                         counted = true;
@@ -397,7 +418,7 @@ impl Fleet {
                     let wire = WireWindow {
                         span_s: h.span.as_secs(),
                         requests: h.requests,
-                        errors: h.errors,
+                        classes: h.classes,
                         latency: h.sparse(),
                     };
                     (b.name.clone(), wire)
@@ -567,10 +588,18 @@ async fn watch(store: &Store, fleet: &Fleet, mut synced: Option<i64>) {
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
         loop {
-            match stream.next().await {
+            let next = tokio::select! {
+                next = stream.next() => next,
+                _ = fleet.rewatch.notified() => {
+                    tracing::warn!("fleet watch fell behind etcd's state; watching again");
+                    break;
+                }
+            };
+            match next {
                 Ok(Some((events, _))) => {
+                    // The stream works: the next failure starts a new backoff.
+                    backoff = Duration::from_millis(100);
                     for event in events {
                         if event.deleted {
                             tracing::error!(key = %event.kv.key, "the fleet's state was deleted from etcd; serving the last state (a restarted replica seeds it again)");
@@ -593,6 +622,10 @@ async fn watch(store: &Store, fleet: &Fleet, mut synced: Option<i64>) {
                 }
             }
         }
+        // A watch that ends at once, again and again, must not turn into a
+        // loop of full reads.
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -604,6 +637,8 @@ async fn membership(store: &Store, fleet: &Fleet, metrics: &Metrics, addresses: 
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut renewed = Instant::now();
     let mut checked_id = false;
+    // A revision of the state seen in etcd but not yet served, and when.
+    let mut unserved: Option<(i64, Instant)> = None;
     loop {
         tick.tick().await;
         let mut lease = fleet.lease.load(Ordering::Relaxed);
@@ -672,14 +707,44 @@ async fn membership(store: &Store, fleet: &Fleet, metrics: &Metrics, addresses: 
                 &[
                     put("replicas", serde_json::to_vec(&member).expect("serializes")),
                     put("windows", serde_json::to_vec(&windows).expect("serializes")),
+                    Op::Get(fleet.key("state")),
                 ],
                 &[],
             )
             .await;
         match published {
-            Ok(_) => fleet.set_up(true),
+            Ok(result) => {
+                fleet.set_up(true);
+                // The watch brings a change within milliseconds: one still
+                // not served two intervals after it was seen in etcd means
+                // the watch is not working.
+                let served = fleet.revision.load(Ordering::Relaxed);
+                let latest = result.kvs.first().map_or(0, |kv| kv.mod_revision);
+                unserved = match unserved {
+                    Some((revision, _)) if served >= revision => None,
+                    Some((_, since)) if since.elapsed() >= 2 * fleet.config.publish_interval.0 => {
+                        fleet.rewatch.notify_one();
+                        None
+                    }
+                    Some(pending) => Some(pending),
+                    None if latest > served => Some((latest, Instant::now())),
+                    None => None,
+                };
+            }
+            Err(EtcdError::Refused(why)) if why.contains("lease not found") => {
+                tracing::warn!(
+                    lease,
+                    "this replica's lease expired: its leaderships passed on"
+                );
+                fleet.lease.store(0, Ordering::Relaxed);
+                for route in fleet.leading() {
+                    fleet.set_lead(&route, false);
+                }
+            }
             Err(e) => {
-                fleet.set_up(false);
+                if matches!(e, EtcdError::Unavailable(_)) {
+                    fleet.set_up(false);
+                }
                 tracing::debug!(error = %e, "membership not published");
             }
         }

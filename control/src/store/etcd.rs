@@ -87,10 +87,7 @@ impl EtcdBackend {
         };
         let mut compare = vec![Compare::ModRevision(state_key.clone(), revision)];
         if let Some(route) = next.fence {
-            compare.push(Compare::Value(
-                fleet.leader_key(route),
-                fleet.replica_id.as_bytes().to_vec(),
-            ));
+            compare.extend(fleet.fence(route));
         }
         let mut success = vec![Op::Put {
             key: state_key.clone(),
@@ -110,7 +107,13 @@ impl EtcdBackend {
                 ));
             }
         }
-        let failure = [Op::Get(state_key)];
+        // On failure: the state that got in first, and whatever holds this
+        // write's audit sequence number (this very write, if an earlier
+        // attempt through another member landed after all).
+        let mut failure = vec![Op::Get(state_key.clone())];
+        if let Some(event) = next.event {
+            failure.push(Op::Get(event_key(fleet, event.seq)));
+        }
         let result = fleet
             .etcd
             .txn(&compare, &success, &failure)
@@ -128,11 +131,25 @@ impl EtcdBackend {
             self.cache(&document, result.revision);
             return Ok(Commit::Done(result.revision));
         }
-        match result.kvs.first() {
-            Some(kv) if kv.mod_revision != revision => {
+        let found_state = result.kvs.iter().find(|kv| kv.key == state_key);
+        // The client tries the next member when one gives no answer in
+        // time: the first may have committed this very write, possibly with
+        // other writes after it. Its audit event says so.
+        let landed = next.event.and_then(|event| {
+            let key = event_key(fleet, event.seq);
+            let kv = result.kvs.iter().find(|kv| kv.key == key)?;
+            let found: Event = serde_json::from_slice(&kv.value).ok()?;
+            (found == *event).then_some(kv.mod_revision)
+        });
+        if let Some(at) = landed {
+            fleet.applied(at, Some(document.written_at_ms));
+            return Ok(Commit::Done(at));
+        }
+        match (found_state, next.fence) {
+            (Some(kv), _) if kv.mod_revision != revision => {
                 let (found, at) = decode(kv)?;
-                // The client tries the next member when one gives no answer
-                // in time; the first may have committed this very write.
+                // The same, for a write without an event (rollout progress)
+                // with nothing after it.
                 let ours = found.written_by == fleet.replica_id
                     && found.version == document.version
                     && found.next_seq == document.next_seq
@@ -144,19 +161,19 @@ impl EtcdBackend {
                 }
                 Ok(Commit::Moved(found, at))
             }
+            (None, _) => Err(StoreError::Unavailable(format!(
+                "{state_key} is missing from etcd; restart a replica to seed it again"
+            ))),
             // The state is where it was: the fence failed.
-            _ => match next.fence {
-                Some(route) => {
-                    fleet.lost_lead(route);
-                    Err(StoreError::Conflict(format!(
-                        "this replica no longer leads the rollout of `{route}`"
-                    )))
-                }
-                None => Err(StoreError::Unavailable(format!(
-                    "{} is missing from etcd; restart a replica to seed it again",
-                    fleet.key("state")
-                ))),
-            },
+            (Some(_), Some(route)) => {
+                fleet.lost_lead(route);
+                Err(StoreError::Conflict(format!(
+                    "this replica no longer leads the rollout of `{route}`"
+                )))
+            }
+            (Some(_), None) => Err(StoreError::Unavailable(format!(
+                "the write to {state_key} failed its check without a newer state; try again"
+            ))),
         }
     }
 
@@ -207,9 +224,11 @@ impl EtcdBackend {
                 }
             }
         };
-        self.cache(&document, revision);
         // Whatever revision this replica saw before: a restored or reseeded
-        // etcd may be at a lower one, and what was just read is the truth.
+        // etcd may be at a lower one, and what was just read is the truth
+        // (for the cache too).
+        *self.cached.lock().await = 0;
+        self.cache(&document, revision);
         inner.revision = 0;
         store.adopt_locked(inner, document, revision);
         // A read, not a propagation: no lag to report.

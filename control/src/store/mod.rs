@@ -576,12 +576,12 @@ impl Store {
                     return Ok(self.view());
                 }
                 Commit::Moved(document, revision) => {
-                    self.adopt_locked(&mut inner, document, revision)
+                    self.adopt_moved(&mut inner, document, revision)
                 }
             }
         }
-        Err(StoreError::Unavailable(format!(
-            "the state kept changing under this write ({COMMIT_ATTEMPTS} attempts); try again"
+        Err(StoreError::Conflict(format!(
+            "the fleet's state kept changing under this write ({COMMIT_ATTEMPTS} attempts); try again"
         )))
     }
 
@@ -643,6 +643,14 @@ impl Store {
                 self.swap(inner, routing);
             }
         }
+    }
+
+    /// Adopts the state a failed commit read back: just read from etcd under
+    /// the lock, it is the truth even at a lower revision than this replica
+    /// saw (a restored etcd).
+    fn adopt_moved(&self, inner: &mut Inner, document: Document, revision: i64) {
+        inner.revision = 0;
+        self.adopt_locked(inner, document, revision);
     }
 
     /// `adopt_locked` behind the write lock.
@@ -766,7 +774,7 @@ impl Store {
     ) -> Result<RolloutOutcome, StoreError> {
         let fence = self.fleet().map(|_| route);
         let mut inner = self.write.lock().await;
-        let Some(mut state) = inner
+        let Some(analyzed) = inner
             .overrides
             .rollouts
             .get(route)
@@ -775,6 +783,7 @@ impl Store {
         else {
             return Ok(RolloutOutcome::NotRunning);
         };
+        let mut state = analyzed.clone();
         let mut decision = decide(&mut state, analysis);
         if decision == Decision::Advance {
             match gate {
@@ -786,38 +795,49 @@ impl Store {
             }
         }
         if decision == Decision::Stay {
-            let mut next = inner.overrides.clone();
-            next.rollouts.insert(route.to_owned(), state);
-            let committed = self
-                .commit(
-                    &inner,
-                    Next {
-                        overrides: &next,
-                        version: inner.version,
-                        next_seq: inner.next_seq,
-                        event: None,
-                        fence,
-                    },
-                )
-                .await?;
-            return match committed {
-                Commit::Done(revision) => {
-                    inner.overrides = next;
-                    inner.revision = revision;
-                    let effective = self.view().config.as_ref().clone();
-                    self.swap(&inner, effective);
-                    Ok(RolloutOutcome::Stayed)
+            // Progress is written without a version or an event. Another
+            // write landing first (a flag, another route's rollout) only
+            // means writing it again on the newer state; a change to this
+            // rollout since it was analyzed means the analysis is void.
+            for _ in 0..COMMIT_ATTEMPTS {
+                let mut next = inner.overrides.clone();
+                next.rollouts.insert(route.to_owned(), state.clone());
+                let committed = self
+                    .commit(
+                        &inner,
+                        Next {
+                            overrides: &next,
+                            version: inner.version,
+                            next_seq: inner.next_seq,
+                            event: None,
+                            fence,
+                        },
+                    )
+                    .await?;
+                match committed {
+                    Commit::Done(revision) => {
+                        inner.overrides = next;
+                        inner.revision = revision;
+                        let effective = self.view().config.as_ref().clone();
+                        self.swap(&inner, effective);
+                        return Ok(RolloutOutcome::Stayed);
+                    }
+                    Commit::Moved(document, revision) => {
+                        self.adopt_moved(&mut inner, document, revision);
+                        match inner.overrides.rollouts.get(route) {
+                            // An earlier attempt landed after all.
+                            Some(now) if *now == state => return Ok(RolloutOutcome::Stayed),
+                            Some(now) if *now == analyzed => continue,
+                            _ => break,
+                        }
+                    }
                 }
-                Commit::Moved(document, revision) => {
-                    self.adopt_locked(&mut inner, document, revision);
-                    Err(StoreError::Conflict(format!(
-                        "the rollout of `{route}` changed during its analysis"
-                    )))
-                }
-            };
+            }
+            return Err(StoreError::Conflict(format!(
+                "the rollout of `{route}` changed during its analysis"
+            )));
         }
         drop(inner);
-        let analyzed_step = state.step;
         let last_step = state.spec.steps().len() - 1;
         let (actor, action, outcome) = match &decision {
             Decision::Advance if state.step < last_step => {
@@ -852,13 +872,11 @@ impl Store {
             }
             Decision::Stay => unreachable!("handled above"),
         };
-        self.mutate_fenced(actor, None, fence, &mut |current, overrides| {
-            // An operator may have paused, aborted or promoted meanwhile.
-            let still = overrides
-                .rollouts
-                .get(route)
-                .is_some_and(|r| r.phase == Phase::Progressing && r.step == analyzed_step);
-            if !still {
+        let decided = self.mutate_fenced(actor, None, fence, &mut |current, overrides| {
+            // An operator may have paused, aborted, promoted or replaced the
+            // rollout meanwhile: the decision holds only for the very state
+            // it was made on.
+            if overrides.rollouts.get(route) != Some(&analyzed) {
                 return Err(StoreError::Conflict(format!(
                     "the rollout of `{route}` changed during its analysis"
                 )));
@@ -879,8 +897,16 @@ impl Store {
                 after,
             })
         })
-        .await?;
-        Ok(outcome)
+        .await;
+        match decided {
+            Ok(_) => Ok(outcome),
+            // An earlier attempt through another member landed after all
+            // (and was recognised no more): the decision stands.
+            Err(StoreError::Conflict(_)) if self.view().rollouts.get(route) == Some(&state) => {
+                Ok(outcome)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The audit record of `change`, taking the next sequence number.
