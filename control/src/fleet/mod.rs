@@ -304,6 +304,19 @@ impl Fleet {
         }
     }
 
+    /// `lease` is gone (its keys with it): a new one is granted at the next
+    /// publication, and the leaderships bound to the old one are over.
+    fn lease_expired(&self, lease: i64) {
+        tracing::warn!(
+            lease,
+            "this replica's lease expired: its leaderships passed on"
+        );
+        self.lease.store(0, Ordering::Relaxed);
+        for route in self.leading() {
+            self.set_lead(&route, false);
+        }
+    }
+
     /// A fenced write found another leader (or none).
     pub(crate) fn lost_lead(&self, route: &str) {
         self.set_lead(route, false);
@@ -659,14 +672,7 @@ async fn membership(store: &Store, fleet: &Fleet, metrics: &Metrics, addresses: 
             match fleet.etcd.keep_alive(lease).await {
                 Ok(true) => renewed = Instant::now(),
                 Ok(false) => {
-                    tracing::warn!(
-                        lease,
-                        "this replica's lease expired: its leaderships passed on"
-                    );
-                    fleet.lease.store(0, Ordering::Relaxed);
-                    for route in fleet.leading() {
-                        fleet.set_lead(&route, false);
-                    }
+                    fleet.lease_expired(lease);
                     continue;
                 }
                 Err(e) => {
@@ -732,14 +738,7 @@ async fn membership(store: &Store, fleet: &Fleet, metrics: &Metrics, addresses: 
                 };
             }
             Err(EtcdError::Refused(why)) if why.contains("lease not found") => {
-                tracing::warn!(
-                    lease,
-                    "this replica's lease expired: its leaderships passed on"
-                );
-                fleet.lease.store(0, Ordering::Relaxed);
-                for route in fleet.leading() {
-                    fleet.set_lead(&route, false);
-                }
+                fleet.lease_expired(lease);
             }
             Err(e) => {
                 if matches!(e, EtcdError::Unavailable(_)) {
