@@ -1165,3 +1165,89 @@ async fn a_silent_member_leaves_no_replica_behind() {
         fleet.cluster.signal(member, Signal::SIGCONT);
     }
 }
+
+/// A replica frozen while the fleet's state moves on and etcd compacts the
+/// history its watch still needs (a pod paused, a node under memory
+/// pressure): when it wakes, its lease is gone and its watch is stalled or
+/// ended by the compaction; it reloads, serves the current state and joins
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_frozen_past_a_compaction_catches_up() {
+    use nix::sys::signal::{kill, Signal};
+    let Some(fleet) = Fleet::start(2, Behaviour::Name).await else {
+        return;
+    };
+    // A large state (a flag with 9,000 long-named overrides, some 500 KB)
+    // makes each change's watch event large.
+    let overrides: serde_json::Map<String, Value> = (0..9_000)
+        .map(|i| {
+            (
+                format!("a-rather-long-user-identifier-of-someone-{i:06}"),
+                json!(i % 2 == 0),
+            )
+        })
+        .collect();
+    let flag =
+        json!({"name": "big", "enabled": true, "rollout_percentage": 0, "overrides": overrides});
+    let (status, _, body) = call(
+        "PUT",
+        &fleet.replicas[0].admin_url("/v1/flags/big"),
+        None,
+        &[("content-type", "application/json")],
+        flag.to_string(),
+    )
+    .await;
+    assert!(status.is_success(), "{body}");
+    let frozen = nix::unistd::Pid::from_raw(fleet.replicas[1].child.id() as i32);
+    kill(frozen, Signal::SIGSTOP).unwrap();
+    // Far more than etcd and the sockets between buffer for a watcher that
+    // does not read: etcd gives up on it and, after the compaction, can only
+    // tell it that its history is gone.
+    for i in 0..40u32 {
+        let blue = 40 + i % 20;
+        let (status, body) = put(
+            &fleet.replicas[0],
+            "/v1/routes/api/weights",
+            json!({"blue": blue, "canary": 100 - blue}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let version = fleet.replicas[0].version().await;
+    let endpoint = &fleet.cluster.endpoints()[0];
+    let (_, _, head) = try_call(
+        "POST",
+        &format!("{endpoint}/v3/kv/range"),
+        r#"{"key":"aGVhbHRo"}"#,
+    )
+    .await;
+    let revision = serde_json::from_str::<Value>(&head).unwrap()["header"]["revision"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _, body) = try_call(
+        "POST",
+        &format!("{endpoint}/v3/kv/compaction"),
+        &format!(r#"{{"revision":"{revision}","physical":true}}"#),
+    )
+    .await;
+    assert_eq!(status, Some(200), "{body}");
+    kill(frozen, Signal::SIGCONT).unwrap();
+    fleet.converge(version).await;
+    // And it takes part again: its membership is back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = fleet.replicas[0].json("/v1/fleet").await;
+        let ids: Vec<&str> = status["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["id"].as_str())
+            .collect();
+        if ids == ["r1", "r2"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "r2 not back: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

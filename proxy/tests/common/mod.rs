@@ -361,6 +361,7 @@ pub fn spawn_run_path(
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
+    let child_pid = child.id();
     let mut lines = BufReader::new(stderr).lines();
     let (data, admin) = loop {
         let line = lines
@@ -371,7 +372,15 @@ pub fn spawn_run_path(
             break (data, admin);
         }
     };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    // Keep draining stderr so the child never blocks on a full pipe (and
+    // show it with SWITCHYARD_TEST_LOGS=1, when a test needs looking into).
+    let echo = std::env::var_os("SWITCHYARD_TEST_LOGS").is_some();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if echo {
+                eprintln!("[switchyard {}] {line}", child_pid);
+            }
+        }
+    });
     (child, data, admin)
 }
