@@ -290,6 +290,8 @@ def suite_publish(args, binary, workdir, etcd, origin):
             body = {"success": [
                 {"request_put": {"key": b64(f"{prefix}/replicas/{name}"), "value": b64(json.dumps(record)), "lease": str(lease)}},
                 {"request_put": {"key": b64(f"{prefix}/windows/{name}"), "value": b64(json.dumps(windows)), "lease": str(lease)}},
+                # As the binary does: the state's revision, to notice a watch that fell behind.
+                {"request_range": {"key": b64(f"{prefix}/state"), "keys_only": True}},
             ]}
             t0 = time.monotonic()
             status, _ = http("POST", f"{member}/v3/kv/txn", body)

@@ -79,6 +79,8 @@ pub enum Op {
     /// Every key from the first to the second, excluded.
     DeleteRange(String, String),
     Get(String),
+    /// The key's revisions without its value.
+    Revisions(String),
 }
 
 /// What a transaction did.
@@ -254,6 +256,9 @@ impl Etcd {
                         "key": B64.encode(from), "range_end": B64.encode(to),
                     }}),
                     Op::Get(key) => json!({ "request_range": { "key": B64.encode(key) } }),
+                    Op::Revisions(key) => json!({ "request_range": {
+                        "key": B64.encode(key), "keys_only": true,
+                    }}),
                 })
                 .collect()
         };

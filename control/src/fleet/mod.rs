@@ -713,7 +713,7 @@ async fn membership(store: &Store, fleet: &Fleet, metrics: &Metrics, addresses: 
                 &[
                     put("replicas", serde_json::to_vec(&member).expect("serializes")),
                     put("windows", serde_json::to_vec(&windows).expect("serializes")),
-                    Op::Get(fleet.key("state")),
+                    Op::Revisions(fleet.key("state")),
                 ],
                 &[],
             )
