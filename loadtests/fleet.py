@@ -373,6 +373,16 @@ def main():
         subprocess.run(["cargo", "build", "--release", "-p", "switchyard-proxy"], cwd=ROOT, check=True)
     args.binary, args.binary_sha256 = bench.snapshot_binary(args.binary or bench.BIN)
     workdir = tempfile.mkdtemp(prefix="switchyard-fleet-")
+    try:
+        run(args, workdir)
+    finally:
+        # etcd preallocates 120 MB of log per member: leave nothing behind.
+        bench.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(args.binary.parent, ignore_errors=True)
+
+
+def run(args, workdir):
     etcd = Etcd(workdir)
     origin = start_origin(workdir)
     etcd_version = bench.version([shutil.which("etcd"), "--version"])
