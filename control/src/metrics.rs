@@ -36,15 +36,20 @@ pub enum FailureReason {
     Reset,
     /// The client went away before the response headers.
     Cancelled,
+    /// The client's request body failed on its way up (aborted, incomplete,
+    /// malformed, too large): the client's fault, never the backend's. The
+    /// request counts in no window, error rate or analysis.
+    ClientBody,
 }
 
 impl FailureReason {
-    const ALL: [FailureReason; 5] = [
+    const ALL: [FailureReason; 6] = [
         FailureReason::Connect,
         FailureReason::ConnectTimeout,
         FailureReason::Timeout,
         FailureReason::Reset,
         FailureReason::Cancelled,
+        FailureReason::ClientBody,
     ];
 
     pub fn label(self) -> &'static str {
@@ -54,6 +59,7 @@ impl FailureReason {
             FailureReason::Timeout => "timeout",
             FailureReason::Reset => "reset",
             FailureReason::Cancelled => "cancelled",
+            FailureReason::ClientBody => "client_body",
         }
     }
 }
@@ -161,7 +167,7 @@ pub struct BackendStats {
     pub backend: Arc<str>,
     requests: [IntCounter; 5],
     duration: Histogram,
-    failures: [IntCounter; 5],
+    failures: [IntCounter; 6],
     in_flight: IntGauge,
     window: RollingWindow,
 }
@@ -638,6 +644,14 @@ impl BackendStats {
         let now = Instant::now();
         let latency = now.saturating_duration_since(started);
         self.in_flight.dec();
+        if failure == Some(FailureReason::ClientBody) {
+            // The client's failure: a response was sent (its class counts),
+            // but neither its latency nor its status says anything of the
+            // backend, so the window and the analysis never see it.
+            self.requests[window::status_class(status)].inc();
+            self.failures[FailureReason::ClientBody as usize].inc();
+            return;
+        }
         self.requests[window::status_class(status)].inc();
         self.duration.observe(latency.as_secs_f64());
         if let Some(reason) = failure {

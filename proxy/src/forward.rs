@@ -619,12 +619,11 @@ impl Upload {
                 "a GET or HEAD body of unknown length",
             )));
         }
-        self.left = self
-            .left
-            .checked_sub(data.len() as u64)
-            .ok_or(UploadError::Body(ProxyError::DownstreamMalformed(
-                "request body longer than its content-length",
-            )))?;
+        self.left = self.left.checked_sub(data.len() as u64).ok_or_else(|| {
+            UploadError::Body(ProxyError::DownstreamBody(
+                "request body longer than its content-length".into(),
+            ))
+        })?;
         if data.len() <= COALESCE {
             out.extend_from_slice(&data);
         } else {
@@ -638,8 +637,8 @@ impl Upload {
         if self.framing == RequestFraming::Chunked {
             out.extend_from_slice(h1::LAST_CHUNK);
         } else if self.left != 0 {
-            return Err(UploadError::Body(ProxyError::DownstreamMalformed(
-                "request body shorter than its content-length",
+            return Err(UploadError::Body(ProxyError::DownstreamBody(
+                "request body shorter than its content-length".into(),
             )));
         }
         Ok(())
@@ -970,13 +969,15 @@ fn connect_error(err: &(dyn StdError + 'static)) -> ProxyError {
     }
 }
 
-/// The client's request body failed on its way up.
+/// The client's request body failed on its way up: always the client's
+/// doing (it aborted, broke the framing, or sent too much), never the
+/// backend's.
 fn body_error(err: &(dyn StdError + 'static)) -> ProxyError {
     if caused_by::<LengthLimitError>(err) {
         // The client's streamed body passed `limits.max_request_body_bytes`.
         return ProxyError::DownstreamBodyTooLarge;
     }
-    ProxyError::UpstreamReset(source_text(err))
+    ProxyError::DownstreamBody(source_text(err))
 }
 
 fn caused_by<E: StdError + 'static>(err: &(dyn StdError + 'static)) -> bool {

@@ -26,6 +26,12 @@ pub enum ProxyError {
     /// The request body is larger than `limits.max_request_body_bytes`.
     #[error("request body too large")]
     DownstreamBodyTooLarge,
+    /// The client's request body failed on its way up: the client aborted
+    /// it, sent less or more than it declared, or broke its chunked framing.
+    /// The upstream exchange is abandoned mid-request (the upstream never
+    /// sees a complete request) and the backend is not blamed.
+    #[error("request body failed: {0}")]
+    DownstreamBody(String),
     /// The forced-backend header names a backend the route does not have.
     #[error("forced backend is not a backend of this route")]
     DownstreamUnknownBackend,
@@ -57,9 +63,9 @@ impl ProxyError {
     /// timeout, 503 no endpoint or overload, 400 malformed, 431 too large).
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::DownstreamMalformed(_) | Self::DownstreamUnknownBackend => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::DownstreamMalformed(_)
+            | Self::DownstreamUnknownBackend
+            | Self::DownstreamBody(_) => StatusCode::BAD_REQUEST,
             Self::DownstreamHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::DownstreamBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoRoute => StatusCode::NOT_FOUND,
@@ -90,6 +96,11 @@ impl ProxyError {
             Self::UpstreamConnectTimeout => Some(FailureReason::ConnectTimeout),
             Self::UpstreamTimeout => Some(FailureReason::Timeout),
             Self::UpstreamReset(_) => Some(FailureReason::Reset),
+            // Only once a backend was chosen: a body refused by its declared
+            // size alone is answered before that (`unrouted`).
+            Self::DownstreamBody(_) | Self::DownstreamBodyTooLarge => {
+                Some(FailureReason::ClientBody)
+            }
             _ => None,
         }
     }
@@ -101,6 +112,7 @@ impl ProxyError {
             Self::DownstreamMalformed(_) => "switchyard: malformed request\n",
             Self::DownstreamHeadersTooLarge => "switchyard: request headers too large\n",
             Self::DownstreamBodyTooLarge => "switchyard: request body too large\n",
+            Self::DownstreamBody(_) => "switchyard: request body incomplete or malformed\n",
             Self::DownstreamUnknownBackend => {
                 "switchyard: unknown backend in forced-backend header\n"
             }

@@ -677,3 +677,117 @@ async fn blue_green_shifts_validates_swaps_and_rolls_back_instantly() {
     );
     proxy.stop().await;
 }
+
+/// Sums `switchyard_analysis_checks_total` for `check`, all verdicts.
+async fn analyses(proxy: &Running, check: &str) -> u64 {
+    let (_, _, text) = call(
+        "GET",
+        &format!("http://{}/metrics", proxy.admin),
+        None,
+        &[],
+        "",
+    )
+    .await;
+    text.lines()
+        .filter(|l| {
+            l.starts_with("switchyard_analysis_checks_total{")
+                && l.contains(&format!("check=\"{check}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The value of the metric line starting with `series` (0 when absent).
+async fn metric(proxy: &Running, series: &str) -> u64 {
+    let (_, _, text) = call(
+        "GET",
+        &format!("http://{}/metrics", proxy.admin),
+        None,
+        &[],
+        "",
+    )
+    .await;
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 18: a client's failure is never the backend's. POSTs that declare
+/// 1,000 bytes, send 10 and close (what rolled a healthy canary back from
+/// outside: `error_rate 4.261 > 2`) are counted as the clients' own
+/// (`reason="client_body"`), outside the canary's window, so its rollout
+/// holds through several analyses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_abandoning_their_bodies_never_roll_a_healthy_canary_back() {
+    use tokio::io::AsyncWriteExt;
+    let blue = Upstream::start("blue", Behaviour::EchoBody).await;
+    let canary = Upstream::start("canary", Behaviour::EchoBody).await;
+    let proxy = proxy_with(&blue, &canary).await;
+    let body = fast_rollout(
+        json!([{"weight": 50, "hold": "1h"}, {"weight": 100}]),
+        json!({"min_requests": 10, "failure_threshold": 1}),
+    );
+    let (status, started) = api(&proxy, "POST", "/v1/routes/api/rollout", &body).await;
+    assert_eq!(status, 201, "{started}");
+    let traffic = Traffic::start(&proxy);
+    for i in 0..150 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\nx-user-id: abandoner-{i}\r\nContent-Length: 1000\r\n\r\n0123456789"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // Closed with 990 bytes still owed.
+        drop(s);
+    }
+    // Three analyses judge windows holding the abandoned uploads.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while analyses(&proxy, "error_rate").await < 3 {
+        assert!(Instant::now() < deadline, "no analyses");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    traffic.stop().await;
+    let (_, status) = api(&proxy, "GET", "/v1/routes/api/rollout", "").await;
+    assert_eq!(status["phase"], "progressing", "{status}");
+    assert_eq!(status["consecutive_failures"], 0, "{status}");
+    let client_body = metric(
+        &proxy,
+        r#"switchyard_upstream_failures_total{backend="canary",reason="client_body",route="api"}"#,
+    )
+    .await;
+    assert!(
+        client_body > 10,
+        "abandoned canary uploads counted: {client_body}"
+    );
+    let resets = metric(
+        &proxy,
+        r#"switchyard_upstream_failures_total{backend="canary",reason="reset",route="api"}"#,
+    )
+    .await;
+    assert_eq!(resets, 0, "no abandoned upload is the canary's reset");
+}
+
+/// Issue 18: a chunked body with a bad or overflowing chunk size is the
+/// client's error: 400, as nginx answers, not a 502 blamed on the backend.
+#[tokio::test]
+async fn a_malformed_chunked_body_is_a_400() {
+    let blue = Upstream::start("blue", Behaviour::EchoBody).await;
+    let canary = Upstream::start("canary", Behaviour::EchoBody).await;
+    let proxy = proxy_with(&blue, &canary).await;
+    for size in ["zz", "ffffffffffffffffffff"] {
+        let request = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{size}\r\nhello\r\n0\r\n\r\n"
+        );
+        let answer = common::raw_exchange(proxy.addr, request.as_bytes()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "chunk size {size}: {answer}"
+        );
+    }
+    let resets = metric(
+        &proxy,
+        r#"switchyard_upstream_failures_total{backend="blue",reason="reset",route="api"}"#,
+    )
+    .await;
+    assert_eq!(resets, 0);
+}
