@@ -98,6 +98,13 @@ pub struct Config {
     /// same etcd prefix (docs/fleet.md). Default none: standalone.
     #[serde(default)]
     pub fleet: Option<crate::fleet::config::FleetConfig>,
+    /// Which failed requests are retried, and the budget that bounds them
+    /// (docs/resilience.md).
+    #[serde(default)]
+    pub retries: crate::resilience::RetriesConfig,
+    /// Passive ejection of endpoints that keep failing.
+    #[serde(default)]
+    pub outlier: crate::resilience::OutlierConfig,
 }
 
 /// A feature flag (DESIGN.md): evaluated per request in this order — `enabled:
@@ -555,6 +562,14 @@ pub struct RouteConfig {
     /// Backends in bucket order: the one being rolled out goes last, so raising
     /// its weight only adds users to it.
     pub backends: Vec<BackendConfig>,
+    /// Where requests go when every endpoint of the user's backend is down
+    /// or ejected: `stable` (default) or `none`.
+    #[serde(default)]
+    pub failover: crate::resilience::Failover,
+    /// The rollout's stable backend while a rollout is active (set from the
+    /// runtime state, not the file): the failover target.
+    #[serde(skip)]
+    pub stable: Option<String>,
     /// Flag rules, tried in order before the weighted split: the first whose
     /// flag is on for the user picks the backend. Default none.
     #[serde(default)]
@@ -898,6 +913,8 @@ impl Config {
         if let Some(fleet) = &self.fleet {
             fleet.validate()?;
         }
+        self.retries.validate()?;
+        self.outlier.validate()?;
         self.timeouts.validate()?;
         self.limits.validate()?;
         let window = self.metrics.window.0;

@@ -12,6 +12,7 @@ pub mod flags;
 pub mod fleet;
 pub mod metrics;
 pub mod ofrep;
+pub mod resilience;
 pub mod rollout;
 pub mod store;
 pub mod webhook;

@@ -40,16 +40,20 @@ pub enum FailureReason {
     /// malformed, too large): the client's fault, never the backend's. The
     /// request counts in no window, error rate or analysis.
     ClientBody,
+    /// Every endpoint of the backend was ejected or down: the request went
+    /// to the stable backend instead, and counts as this backend's failure.
+    Ejected,
 }
 
 impl FailureReason {
-    const ALL: [FailureReason; 6] = [
+    pub const ALL: [FailureReason; 7] = [
         FailureReason::Connect,
         FailureReason::ConnectTimeout,
         FailureReason::Timeout,
         FailureReason::Reset,
         FailureReason::Cancelled,
         FailureReason::ClientBody,
+        FailureReason::Ejected,
     ];
 
     pub fn label(self) -> &'static str {
@@ -60,6 +64,7 @@ impl FailureReason {
             FailureReason::Reset => "reset",
             FailureReason::Cancelled => "cancelled",
             FailureReason::ClientBody => "client_body",
+            FailureReason::Ejected => "ejected",
         }
     }
 }
@@ -109,6 +114,8 @@ pub struct Metrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     failures: IntCounterVec,
+    retries: IntCounterVec,
+    failovers: IntCounterVec,
     in_flight: IntGaugeVec,
     weight: prometheus::GaugeVec,
     connections: IntGauge,
@@ -167,7 +174,13 @@ pub struct BackendStats {
     pub backend: Arc<str>,
     requests: [IntCounter; 5],
     duration: Histogram,
-    failures: [IntCounter; 6],
+    failures: [IntCounter; 7],
+    /// `switchyard_retries_total{reason}`: attempts sent again after a
+    /// failure on this backend.
+    retries: [IntCounter; 7],
+    /// `switchyard_failovers_total`: requests of this backend's users served
+    /// by the stable backend.
+    failovers: IntCounter,
     in_flight: IntGauge,
     window: RollingWindow,
 }
@@ -207,6 +220,22 @@ impl Metrics {
                 "Upstream exchanges that failed, by reason.",
             ),
             &["route", "backend", "reason"],
+        )
+        .expect("valid metric");
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "switchyard_retries_total",
+                "Requests sent again after a failure on this backend, by the failure's reason.",
+            ),
+            &["route", "backend", "reason"],
+        )
+        .expect("valid metric");
+        let failovers = IntCounterVec::new(
+            Opts::new(
+                "switchyard_failovers_total",
+                "Requests of this backend's users served by the route's stable backend instead.",
+            ),
+            &["route", "backend"],
         )
         .expect("valid metric");
         let in_flight = IntGaugeVec::new(
@@ -318,6 +347,8 @@ impl Metrics {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
             Box::new(failures.clone()),
+            Box::new(retries.clone()),
+            Box::new(failovers.clone()),
             Box::new(in_flight.clone()),
             Box::new(weight.clone()),
             Box::new(connections.clone()),
@@ -348,6 +379,8 @@ impl Metrics {
             requests,
             duration,
             failures,
+            retries,
+            failovers,
             in_flight,
             weight,
             connections: connections.with_label_values(&["data"]),
@@ -393,6 +426,9 @@ impl Metrics {
             backend: backend.into(),
             requests: CODE_CLASSES.map(|c| self.requests.with_label_values(&[route, backend, c])),
             duration: self.duration.with_label_values(&[route, backend]),
+            retries: FailureReason::ALL
+                .map(|r| self.retries.with_label_values(&[route, backend, r.label()])),
+            failovers: self.failovers.with_label_values(&[route, backend]),
             failures: FailureReason::ALL.map(|r| {
                 self.failures
                     .with_label_values(&[route, backend, r.label()])
@@ -670,6 +706,29 @@ impl BackendStats {
         self.duration.observe(latency.as_secs_f64());
         self.failures[FailureReason::Cancelled as usize].inc();
         self.window.record(now, latency, None);
+    }
+
+    /// An attempt on this backend failed with `reason` and the request goes
+    /// on elsewhere (`retried`: sent again; else it failed over, counted by
+    /// `failed_over`). The final outcome is recorded by `finish`.
+    pub fn attempt_failed(&self, reason: FailureReason, retried: bool) {
+        self.failures[reason as usize].inc();
+        if retried {
+            self.retries[reason as usize].inc();
+        }
+    }
+
+    /// One of this backend's users, whose attempt here failed with `reason`
+    /// (or found every endpoint ejected), goes to the stable backend. The
+    /// failure itself is recorded by `finish`.
+    pub fn failed_over(&self, reason: FailureReason) {
+        self.retries[reason as usize].inc();
+        self.failovers.inc();
+    }
+
+    /// Requests recorded in the last `span` (the retry budget's base).
+    pub fn requests_over(&self, span: std::time::Duration) -> u64 {
+        self.window.requests_over(Instant::now(), span)
     }
 
     /// The window read now.

@@ -200,6 +200,21 @@ impl RollingWindow {
         self.histogram_over(at, span).stats()
     }
 
+    /// The requests of the last `span` only (cheaper than `histogram_over`).
+    pub fn requests_over(&self, at: Instant, span: Duration) -> u64 {
+        let now = self.second(at);
+        let len = (span.as_secs().max(1) as usize).min(self.slots.len()) as u64;
+        let oldest = now.saturating_sub(len - 1);
+        self.slots
+            .iter()
+            .filter(|slot| {
+                let epoch = slot.epoch.load(Acquire);
+                epoch >= oldest && epoch <= now
+            })
+            .map(|slot| slot.requests.load(Relaxed))
+            .sum()
+    }
+
     /// The counts behind `stats_over`, mergeable with other replicas'.
     pub fn histogram_over(&self, at: Instant, span: Duration) -> Histogram {
         let now = self.second(at);

@@ -59,6 +59,39 @@ pub struct Endpoint {
     pool: Arc<Pool>,
 }
 
+impl Endpoint {
+    /// Its outlier state.
+    pub fn health(&self) -> &crate::health::EndpointHealth {
+        &self.pool.health
+    }
+}
+
+/// Why a send failed, and whether the request may go elsewhere.
+#[derive(Debug)]
+pub enum SendError {
+    /// The upstream cannot have acted on the request (its connection failed
+    /// before any of it was written, or it is idempotent and bodiless and
+    /// no response began): it may be sent again, with its body, untouched,
+    /// given back.
+    Unsent(ProxyError, UpstreamBody),
+    /// It may have been acted on, or the failure is the client's.
+    Sent(ProxyError),
+}
+
+impl SendError {
+    pub fn error(&self) -> &ProxyError {
+        match self {
+            SendError::Unsent(e, _) | SendError::Sent(e) => e,
+        }
+    }
+
+    pub fn into_error(self) -> ProxyError {
+        match self {
+            SendError::Unsent(e, _) | SendError::Sent(e) => e,
+        }
+    }
+}
+
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &self.pool.connect {
@@ -79,8 +112,10 @@ enum Connect {
     Unusable(Arc<str>),
 }
 
-/// One endpoint's idle connections.
+/// One endpoint's idle connections, and its health.
 struct Pool {
+    /// Outlier state: kept with the pool, so across snapshots.
+    health: crate::health::EndpointHealth,
     /// `scheme://authority/`: what the connector dials.
     target: Uri,
     connect: Connect,
@@ -174,6 +209,7 @@ impl Upstreams {
             Connect::Plain(connector(&self.timeouts))
         };
         Pool {
+            health: Default::default(),
             target,
             connect,
             idle: ArrayQueue::new(MAX_IDLE_PER_ENDPOINT),
@@ -219,8 +255,8 @@ impl Upstreams {
         added: &Added,
         body: UpstreamBody,
         upgrade: bool,
-    ) -> Result<Response<PooledBody>, ProxyError> {
-        let target = origin_form(&parts.uri)?;
+    ) -> Result<Response<PooledBody>, SendError> {
+        let target = origin_form(&parts.uri).map_err(SendError::Sent)?;
         let request = Head {
             method: &parts.method,
             target,
@@ -230,7 +266,7 @@ impl Upstreams {
         };
         let sent = endpoint.pool.send(request, body, &self.timeouts);
         match tokio::time::timeout(self.timeouts.request.0, sent).await {
-            Err(_elapsed) => Err(ProxyError::UpstreamTimeout),
+            Err(_elapsed) => Err(SendError::Sent(ProxyError::UpstreamTimeout)),
             Ok(sent) => sent,
         }
     }
@@ -242,7 +278,7 @@ impl Pool {
         mut request: Head<'_>,
         body: UpstreamBody,
         timeouts: &Timeouts,
-    ) -> Result<Response<PooledBody>, ProxyError> {
+    ) -> Result<Response<PooledBody>, SendError> {
         let asked_upgrade = request.upgrade;
         let mut upload = Upload::new(request.method, body);
         // A pooled connection the upstream closed just as it was taken
@@ -250,18 +286,29 @@ impl Pool {
         // request goes once more, on a new connection.
         if let Some(conn) = self.checkout() {
             match exchange(conn, &mut request, upload, true).await {
-                Ok(exchanged) => return self.respond(exchanged, asked_upgrade),
+                Ok(exchanged) => {
+                    return self
+                        .respond(exchanged, asked_upgrade)
+                        .map_err(SendError::Sent)
+                }
                 Err(Failed::Unsent(e, unsent)) => {
                     tracing::debug!(error = %e, "pooled connection dropped the request; sending it once more");
                     upload = unsent.restart(request.method);
                 }
-                Err(Failed::Sent(e)) => return Err(e),
+                Err(Failed::Sent(e)) => return Err(SendError::Sent(e)),
             }
         }
-        let conn = self.connect(timeouts).await?;
+        let conn = match self.connect(timeouts).await {
+            Ok(conn) => conn,
+            // Nothing was written: the request may go to another endpoint.
+            Err(e) => return Err(SendError::Unsent(e, upload.body)),
+        };
         match exchange(conn, &mut request, upload, false).await {
-            Ok(exchanged) => self.respond(exchanged, asked_upgrade),
-            Err(Failed::Unsent(e, _) | Failed::Sent(e)) => Err(e),
+            Ok(exchanged) => self
+                .respond(exchanged, asked_upgrade)
+                .map_err(SendError::Sent),
+            Err(Failed::Unsent(e, unsent)) => Err(SendError::Unsent(e, unsent.body)),
+            Err(Failed::Sent(e)) => Err(SendError::Sent(e)),
         }
     }
 
@@ -736,7 +783,10 @@ async fn exchange(
                 upload: (!uploaded && !write_failed).then_some(upload),
             })
         }
-        Err(e) if reused && !saw_bytes && !upload.touched && (write_failed || idempotent) => {
+        // On a reused connection a failed write also counts as unsent (the
+        // upstream closed it while idle); on a new one only an idempotent,
+        // bodiless request may go again.
+        Err(e) if !saw_bytes && !upload.touched && (idempotent || (reused && write_failed)) => {
             Err(Failed::Unsent(e, upload))
         }
         Err(e) => Err(Failed::Sent(e)),
@@ -1084,6 +1134,7 @@ mod tests {
         let (mut conn, _upstream) = conn_pair().await;
         let timeouts = Timeouts::default();
         let pool = Pool {
+            health: Default::default(),
             target: "http://127.0.0.1:9/".parse().unwrap(),
             connect: Connect::Plain(connector(&timeouts)),
             idle: ArrayQueue::new(2),

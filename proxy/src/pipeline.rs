@@ -23,16 +23,17 @@ use arc_swap::ArcSwap;
 use http::header::{HeaderValue, HOST, SET_COOKIE};
 use http::request::Parts;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use crate::forward::{Endpoint, Tunnel, Upstreams};
+use crate::forward::{Tunnel, Upstreams};
 use crate::headers::{self, Added, Forwarding};
 use crate::record::Recording;
 use crate::respond::{ProxyBody, ProxyError};
+use crate::retry::{self, Target};
 use crate::snapshot::Snapshot;
 use crate::{flags, route, split};
 use switchyard_control::metrics::Metrics;
@@ -96,18 +97,13 @@ pub async fn handle<G: Send>(
         let snapshot = shared.snapshot.load();
         decide(&snapshot, &mut parts, conn, upgrade)
     };
-    let (endpoint, added, set_cookie, recording) = match decided {
+    let (target, added, set_cookie, recording) = match decided {
         Ok(d) => d,
         Err(e) => return Ok(unrouted(shared, e)),
     };
-    let sent = match keep_host(&mut parts) {
-        Ok(()) => {
-            shared
-                .upstreams
-                .send(&endpoint, &mut parts, &added, body, upgrade)
-                .await
-        }
-        Err(e) => Err(e),
+    let (sent, recording) = match keep_host(&mut parts) {
+        Ok(()) => retry::send(shared, &mut parts, &added, body, upgrade, target, recording).await,
+        Err(e) => (Err(e), recording),
     };
     let mut resp = match sent {
         Ok(resp) => resp,
@@ -146,27 +142,24 @@ fn decide(
     parts: &mut Parts,
     conn: ConnInfo,
     upgrade: bool,
-) -> Result<(Endpoint, Added, Option<HeaderValue>, Recording), ProxyError> {
+) -> Result<(Target, Added, Option<HeaderValue>, Recording), ProxyError> {
     check_head_size(snapshot, parts)?;
     if route::has_dot_segment(parts.uri.path()) {
         return Err(ProxyError::DownstreamMalformed("dot segment in path"));
     }
-    let route = route::find(snapshot, parts).ok_or(ProxyError::NoRoute)?;
+    let route_index = route::find_index(snapshot, parts).ok_or(ProxyError::NoRoute)?;
+    let route = &snapshot.routes[route_index];
     let (chosen, set_cookie, flag_header) = {
         let user = split::user_key(snapshot, parts, conn.peer);
         let flags = flags::evaluate(snapshot, parts, &user.key);
         let chosen = split::choose(snapshot, route, parts, &user.key, &flags.on)?;
         (chosen, user.set_cookie, flags.header)
     };
-    let backend = &route.backends[chosen];
-    let recording = Recording::start(backend.stats.as_ref());
-    let Some(endpoint) = backend.endpoint().cloned() else {
-        recording.finish(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::NoEndpoint.failure_reason(),
-        );
-        return Err(ProxyError::NoEndpoint);
-    };
+    let forced = snapshot
+        .forced_backend_header
+        .as_ref()
+        .is_some_and(|h| parts.headers.contains_key(h));
+    let (target, recording) = retry::first(snapshot, route_index, chosen, forced)?;
     let mut added = headers::rewrite_request(
         &mut parts.headers,
         &Forwarding {
@@ -179,7 +172,7 @@ fn decide(
         },
     );
     added.flags = flag_header.map(|value| (snapshot.flag_header.clone(), value));
-    Ok((endpoint, added, set_cookie, recording))
+    Ok((target, added, set_cookie, recording))
 }
 
 /// HTTP/2 requests carry the host in `:authority`; the HTTP/1.1 upstream

@@ -27,9 +27,14 @@ fn strip_port(host: &str) -> &str {
 
 /// The first route whose match fits the request.
 pub fn find<'s>(snapshot: &'s Snapshot, parts: &Parts) -> Option<&'s Route> {
+    find_index(snapshot, parts).map(|i| &snapshot.routes[i])
+}
+
+/// As `find`, the route's index.
+pub fn find_index(snapshot: &Snapshot, parts: &Parts) -> Option<usize> {
     let host = request_host(parts);
     let path = parts.uri.path();
-    snapshot.routes.iter().find(|route| {
+    snapshot.routes.iter().position(|route| {
         host_matches(&route.host, host)
             && path_matches(&route.path_prefix, path)
             && route

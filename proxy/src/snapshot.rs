@@ -7,12 +7,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::forward::{Endpoint, Upstreams};
+use crate::health::RetryBudget;
 use http::header::HeaderValue;
 use http::HeaderName;
 use switchyard_control::bucket::{Salt, BUCKETS};
 use switchyard_control::config::{normalized_prefix, Config, Fallback, RouteConfig, Weight};
 use switchyard_control::flags::CompiledFlag;
 use switchyard_control::metrics::{BackendStats, FlagCounters, Metrics};
+use switchyard_control::resilience::{Failover, OutlierConfig, RetriesConfig};
 
 /// The whole routing state at one moment.
 #[derive(Debug)]
@@ -32,6 +34,10 @@ pub struct Snapshot {
     pub trust_forwarded_for: bool,
     /// Enforced by the proxy itself only below hyper's 8 KiB parse buffer.
     pub max_header_bytes: usize,
+    /// What is retried and how much (`retries:`).
+    pub retries: RetriesConfig,
+    /// When endpoints are ejected (`outlier:`).
+    pub outlier: OutlierConfig,
 }
 
 #[derive(Debug)]
@@ -71,6 +77,12 @@ pub struct Route {
     pub backends: Box<[Backend]>,
     /// Flag rules, tried before the weighted split.
     pub rules: Box<[Rule]>,
+    /// Where requests go when every endpoint of their backend is down or
+    /// ejected (`failover: stable`): the rollout's stable backend, else the
+    /// first backend with weight above 0. `None` with `failover: none`.
+    pub failover_to: Option<usize>,
+    /// Bounds this route's retries. Starts afresh with each snapshot.
+    pub budget: RetryBudget,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,14 +109,51 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// The next endpoint, round robin.
+    /// The next endpoint, round robin, ignoring health.
     pub fn endpoint(&self) -> Option<&Endpoint> {
-        match self.endpoints.len() {
-            0 => None,
-            1 => self.endpoints.first(),
-            n => self
-                .endpoints
-                .get(self.next.fetch_add(1, Ordering::Relaxed) % n),
+        self.pick_except(0, false).map(|(_, e)| e)
+    }
+
+    /// The next endpoint not ejected, round robin, with its index; `None`
+    /// when every endpoint is ejected (or there is none).
+    pub fn pick(&self) -> Option<(usize, &Endpoint)> {
+        self.pick_except(0, true)
+    }
+
+    /// As `pick`, skipping the endpoints in `tried` (a bit per index).
+    pub fn pick_except(&self, tried: u64, healthy: bool) -> Option<(usize, &Endpoint)> {
+        let n = self.endpoints.len();
+        let start = match n {
+            0 => return None,
+            1 => 0,
+            // A retry does not move the cursor: the next request's first
+            // pick stays where round robin would have put it.
+            n if tried != 0 => self.next.load(Ordering::Relaxed) % n,
+            n => self.next.fetch_add(1, Ordering::Relaxed) % n,
+        };
+        let skip = |i: usize| i < 64 && tried & (1 << i) != 0;
+        // Healthy endpoints are never flagged: one load each, no clock.
+        let flagged = healthy && self.endpoints.iter().any(|e| e.health().flagged());
+        let now = if flagged { crate::health::now_ms() } else { 0 };
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| !skip(i) && (!flagged || self.endpoints[i].health().available(now)))
+            .map(|i| (i, &self.endpoints[i]))
+    }
+
+    /// A connect failure, reset or timeout on endpoint `index`: counted for
+    /// outlier ejection; logs an ejection.
+    pub fn report_failure(&self, index: usize, route: &str, outlier: &OutlierConfig) {
+        let healths: Vec<&crate::health::EndpointHealth> =
+            self.endpoints.iter().map(|e| e.health()).collect();
+        if let Some(length) = crate::health::report_failure(&healths, index, outlier) {
+            tracing::warn!(
+                route,
+                backend = %self.name,
+                endpoint = ?self.endpoints[index],
+                seconds = length.as_secs_f64(),
+                "endpoint ejected after consecutive failures"
+            );
         }
     }
 }
@@ -182,6 +231,8 @@ impl Snapshot {
                 .then(|| header_name(&config.user_groups.header)),
             trust_forwarded_for: config.trust_forwarded_for,
             max_header_bytes: config.limits.max_header_bytes,
+            retries: config.retries.clone(),
+            outlier: config.outlier.clone(),
         }
     }
 
@@ -254,6 +305,15 @@ fn build_route(
                     .expect("rule backend validated"),
             })
             .collect(),
+        failover_to: match rc.failover {
+            Failover::None => None,
+            Failover::Stable => rc
+                .stable
+                .as_ref()
+                .and_then(|s| rc.backends.iter().position(|b| &b.name == s))
+                .or_else(|| rc.backends.iter().position(|b| b.weight.basis_points() > 0)),
+        },
+        budget: RetryBudget::default(),
     }
 }
 

@@ -697,22 +697,6 @@ async fn analyses(proxy: &Running, check: &str) -> u64 {
         .sum()
 }
 
-/// The value of the metric line starting with `series` (0 when absent).
-async fn metric(proxy: &Running, series: &str) -> u64 {
-    let (_, _, text) = call(
-        "GET",
-        &format!("http://{}/metrics", proxy.admin),
-        None,
-        &[],
-        "",
-    )
-    .await;
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Issue 18: a client's failure is never the backend's. POSTs that declare
 /// 1,000 bytes, send 10 and close (what rolled a healthy canary back from
 /// outside: `error_rate 4.261 > 2`) are counted as the clients' own
@@ -750,8 +734,8 @@ async fn clients_abandoning_their_bodies_never_roll_a_healthy_canary_back() {
     let (_, status) = api(&proxy, "GET", "/v1/routes/api/rollout", "").await;
     assert_eq!(status["phase"], "progressing", "{status}");
     assert_eq!(status["consecutive_failures"], 0, "{status}");
-    let client_body = metric(
-        &proxy,
+    let client_body = common::metric(
+        proxy.admin,
         r#"switchyard_upstream_failures_total{backend="canary",reason="client_body",route="api"}"#,
     )
     .await;
@@ -759,8 +743,8 @@ async fn clients_abandoning_their_bodies_never_roll_a_healthy_canary_back() {
         client_body > 10,
         "abandoned canary uploads counted: {client_body}"
     );
-    let resets = metric(
-        &proxy,
+    let resets = common::metric(
+        proxy.admin,
         r#"switchyard_upstream_failures_total{backend="canary",reason="reset",route="api"}"#,
     )
     .await;
@@ -784,8 +768,8 @@ async fn a_malformed_chunked_body_is_a_400() {
             "chunk size {size}: {answer}"
         );
     }
-    let resets = metric(
-        &proxy,
+    let resets = common::metric(
+        proxy.admin,
         r#"switchyard_upstream_failures_total{backend="blue",reason="reset",route="api"}"#,
     )
     .await;

@@ -489,13 +489,14 @@ async fn https_endpoints_are_verified_against_the_configured_ca_and_name() {
     let good = tls_upstream(&ca.leaf(&["backend.test"], 30), "secure").await;
     let untrusted = tls_upstream(&stranger.leaf(&["backend.test"], 30), "untrusted").await;
     let yaml = format!(
-        "routes:\n  - name: api\n    backends:\n      - {{ name: blue, endpoints: [\"https://{good}\"], weight: 50, tls: {{ ca: \"{ca}\", server_name: backend.test }} }}\n      - {{ name: green, endpoints: [\"https://{untrusted}\"], weight: 50, tls: {{ ca: \"{ca}\", server_name: backend.test }} }}\n",
+        "routes:\n  - name: api\n    failover: none\n    backends:\n      - {{ name: blue, endpoints: [\"https://{good}\"], weight: 50, tls: {{ ca: \"{ca}\", server_name: backend.test }} }}\n      - {{ name: green, endpoints: [\"https://{untrusted}\"], weight: 50, tls: {{ ca: \"{ca}\", server_name: backend.test }} }}\n",
         ca = ca_file.display()
     );
     let proxy = Running::start(&yaml).await;
     let c = common::client();
     // Users land on both backends; the verified one answers, the other is a
-    // 502 (certificate from an unknown CA), never served unverified.
+    // 502 (certificate from an unknown CA), never served unverified. (No
+    // failover, so the refusal shows.)
     let (mut ok, mut refused) = (0, 0);
     for i in 0..40 {
         let user = format!("user-{i}");

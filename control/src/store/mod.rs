@@ -1045,6 +1045,14 @@ fn summary(config: &Config) -> Value {
 /// `base` with `overrides` laid over it.
 pub fn overlay(base: &Config, overrides: &Overrides) -> Config {
     let mut out = base.clone();
+    // An active rollout's stable backend is where its route fails over.
+    for (route, rollout) in &overrides.rollouts {
+        if let Some(rc) = out.routes.iter_mut().find(|r| &r.name == route) {
+            if rollout.phase.active() {
+                rc.stable = Some(rollout.spec.stable.clone());
+            }
+        }
+    }
     for (route, weights) in &overrides.weights {
         if let Some(rc) = out.routes.iter_mut().find(|r| &r.name == route) {
             for b in &mut rc.backends {

@@ -60,7 +60,12 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(name: &str, behaviour: Behaviour) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at("127.0.0.1:0".parse().unwrap(), name, behaviour).await
+    }
+
+    /// As `start`, on `addr` (an endpoint that comes back on its port).
+    pub async fn start_at(addr: SocketAddr, name: &str, behaviour: Behaviour) -> Upstream {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let arrived = Arc::new(AtomicUsize::new(0));
         let arrival = Arc::new(Notify::new());
@@ -383,4 +388,14 @@ pub fn spawn_run_path(
         }
     });
     (child, data, admin)
+}
+
+/// The sum of the `/metrics` lines of the proxy at `admin` that start with
+/// `series` (0 when there are none).
+pub async fn metric(admin: SocketAddr, series: &str) -> u64 {
+    let (_, _, text) = call("GET", &format!("http://{admin}/metrics"), None, &[], "").await;
+    text.lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
