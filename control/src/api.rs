@@ -116,7 +116,7 @@ pub async fn serve(admin: &Admin, req: Request<Incoming>) -> Resp {
     let method = req.method().clone();
     let param = params.first().copied().unwrap_or_default();
     let result = match (template, method.as_str()) {
-        ("/v1/state", "GET") => Ok(state(&admin.store.view())),
+        ("/v1/state", "GET") => Ok(state(&admin.store.view(), &admin.metrics)),
         ("/v1/routes/{route}/weights", "PUT") => put_weights(admin, &actor, param, req).await,
         ("/v1/routes/{route}/stats", "GET") => {
             crate::admin::route_stats(admin, param, req.uri().query().unwrap_or("")).await
@@ -224,7 +224,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 // === handlers ===
 
-fn state(view: &View) -> Resp {
+fn state(view: &View, metrics: &crate::metrics::Metrics) -> Resp {
     let config = &view.config;
     let routes: Vec<Value> = config
         .routes
@@ -233,10 +233,30 @@ fn state(view: &View) -> Resp {
             json!({
                 "name": r.name,
                 "match": { "host": r.matches.host, "path_prefix": r.matches.path_prefix },
+                "failover": r.failover,
                 "backends": r.backends.iter().map(|b| json!({
                     "name": b.name, "weight": b.weight, "endpoints": b.endpoints,
                 })).collect::<Vec<_>>(),
             })
+        })
+        .collect();
+    // Observed, not state: route → backend → endpoint → healthy | ejected |
+    // unhealthy, as the data plane last saw it (no version of its own).
+    let health: serde_json::Map<String, Value> = config
+        .routes
+        .iter()
+        .map(|r| {
+            let backends: serde_json::Map<String, Value> = r
+                .backends
+                .iter()
+                .map(|b| {
+                    (
+                        b.name.clone(),
+                        json!(metrics.endpoint_states(&r.name, &b.name)),
+                    )
+                })
+                .collect();
+            (r.name.clone(), Value::Object(backends))
         })
         .collect();
     let body = json!({
@@ -244,6 +264,7 @@ fn state(view: &View) -> Resp {
         "routes": routes,
         "flags": config.flags,
         "rollouts": &*view.rollouts,
+        "endpoint_health": health,
     });
     versioned(StatusCode::OK, &body, view.version)
 }

@@ -624,6 +624,10 @@ pub struct BackendConfig {
     /// system's CA certificates, and the endpoint's host as the name.
     #[serde(default)]
     pub tls: Option<UpstreamTlsConfig>,
+    /// Active health checks of this backend's endpoints. Default none (only
+    /// passive outlier ejection).
+    #[serde(default)]
+    pub health_check: Option<crate::resilience::HealthCheckConfig>,
 }
 
 /// Verification of a backend's `https://` endpoints.
@@ -740,7 +744,7 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
 }
 
 /// A duration written as `500ms`, `30s`, `5m`, `1h`, `365d`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Dur(pub Duration);
 
 impl serde::Serialize for Dur {
@@ -1187,6 +1191,9 @@ impl RouteConfig {
             }
             for (j, e) in b.endpoints.iter().enumerate() {
                 check_endpoint(&format!("{bfield}.endpoints[{j}]"), split_endpoint(e).1)?;
+            }
+            if let Some(hc) = &b.health_check {
+                hc.validate(&format!("{bfield}.health_check"))?;
             }
             total += b.weight.basis_points();
         }

@@ -132,7 +132,16 @@ pub struct Metrics {
     backends: ArcSwap<Vec<Arc<BackendStats>>>,
     /// Registered when the replica runs in a fleet (`enable_fleet`).
     fleet: std::sync::OnceLock<FleetMetrics>,
+    /// `switchyard_endpoint_healthy{route,backend,endpoint}`.
+    endpoint_healthy: IntGaugeVec,
+    /// (route, backend) → endpoint → `healthy` | `ejected` | `unhealthy`,
+    /// as last seen by the data plane's health supervisor.
+    endpoint_states: ArcSwap<EndpointStates>,
 }
+
+/// (route, backend) → endpoint → its state's label.
+pub type EndpointStates =
+    std::collections::BTreeMap<(String, String), std::collections::BTreeMap<String, &'static str>>;
 
 /// The fleet families: only a fleet replica has them, so a standalone
 /// proxy exports no `store_up 0` for an alert to misread.
@@ -236,6 +245,14 @@ impl Metrics {
                 "Requests of this backend's users served by the route's stable backend instead.",
             ),
             &["route", "backend"],
+        )
+        .expect("valid metric");
+        let endpoint_healthy = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_endpoint_healthy",
+                "1 while the endpoint takes requests; 0 while ejected or failing its health checks.",
+            ),
+            &["route", "backend", "endpoint"],
         )
         .expect("valid metric");
         let in_flight = IntGaugeVec::new(
@@ -349,6 +366,7 @@ impl Metrics {
             Box::new(failures.clone()),
             Box::new(retries.clone()),
             Box::new(failovers.clone()),
+            Box::new(endpoint_healthy.clone()),
             Box::new(in_flight.clone()),
             Box::new(weight.clone()),
             Box::new(connections.clone()),
@@ -396,6 +414,8 @@ impl Metrics {
             tls_expiry,
             backends: ArcSwap::from_pointee(Vec::new()),
             fleet: std::sync::OnceLock::new(),
+            endpoint_healthy,
+            endpoint_states: ArcSwap::from_pointee(EndpointStates::new()),
         }
     }
 
@@ -574,6 +594,35 @@ impl Metrics {
     pub fn connection_opened(&self) -> ConnectionGuard {
         self.connections.inc();
         ConnectionGuard(self.connections.clone())
+    }
+
+    /// Publishes every endpoint's state (gauges and `/v1/state`), replacing
+    /// what was there (endpoints no longer configured drop out).
+    pub fn set_endpoint_states(&self, states: EndpointStates) {
+        if **self.endpoint_states.load() == states {
+            return;
+        }
+        self.endpoint_healthy.reset();
+        for ((route, backend), endpoints) in &states {
+            for (endpoint, state) in endpoints {
+                self.endpoint_healthy
+                    .with_label_values(&[route, backend, endpoint])
+                    .set(i64::from(*state == "healthy"));
+            }
+        }
+        self.endpoint_states.store(Arc::new(states));
+    }
+
+    /// The endpoints of (route, backend) and their states, as last published.
+    pub fn endpoint_states(
+        &self,
+        route: &str,
+        backend: &str,
+    ) -> Option<std::collections::BTreeMap<String, &'static str>> {
+        self.endpoint_states
+            .load()
+            .get(&(route.to_owned(), backend.to_owned()))
+            .cloned()
     }
 
     /// Registers the fleet families (once) and returns them.

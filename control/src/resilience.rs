@@ -160,9 +160,97 @@ impl OutlierConfig {
     }
 }
 
+/// `health_check:` of a backend — the source document's defaults: every
+/// 10 s, 3 failures to take an endpoint out, 2 successes to bring it back.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// Path of a `GET` each endpoint answers 2xx or 3xx while healthy.
+    /// Default `/healthz`.
+    #[serde(default = "default_hc_path")]
+    pub path: String,
+    /// Time between checks of an endpoint. Default `10s`.
+    #[serde(default = "default_hc_interval")]
+    pub interval: Dur,
+    /// Longest wait for a check's answer (connect included). Default `2s`.
+    #[serde(default = "default_hc_timeout")]
+    pub timeout: Dur,
+    /// Failed checks in a row that take an endpoint out. Default `3`.
+    #[serde(default = "default_unhealthy")]
+    pub unhealthy_threshold: u32,
+    /// Passed checks in a row that bring it back. Default `2`.
+    #[serde(default = "default_healthy")]
+    pub healthy_threshold: u32,
+}
+
+fn default_hc_path() -> String {
+    "/healthz".to_owned()
+}
+fn default_hc_interval() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_hc_timeout() -> Dur {
+    Dur(Duration::from_secs(2))
+}
+fn default_unhealthy() -> u32 {
+    3
+}
+fn default_healthy() -> u32 {
+    2
+}
+
+impl HealthCheckConfig {
+    pub fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        let ok_path = self.path.starts_with('/')
+            && self.path.len() <= 1024
+            && self.path.bytes().all(|b| b.is_ascii_graphic());
+        if !ok_path {
+            return Err(ConfigError::new(
+                format!("{field}.path"),
+                format!(
+                    "`{}` must be a path starting with `/`, without spaces or control characters",
+                    self.path
+                ),
+            ));
+        }
+        let (interval, timeout) = (self.interval.0, self.timeout.0);
+        if interval < Duration::from_millis(100) || interval > Duration::from_secs(3600) {
+            return Err(ConfigError::new(
+                format!("{field}.interval"),
+                format!(
+                    "{} is not between 100ms and 1h",
+                    humantime::format_duration(interval)
+                ),
+            ));
+        }
+        if timeout < Duration::from_millis(10) || timeout > interval {
+            return Err(ConfigError::new(
+                format!("{field}.timeout"),
+                format!(
+                    "{} is not between 10ms and the interval ({})",
+                    humantime::format_duration(timeout),
+                    humantime::format_duration(interval)
+                ),
+            ));
+        }
+        for (name, n) in [
+            ("unhealthy_threshold", self.unhealthy_threshold),
+            ("healthy_threshold", self.healthy_threshold),
+        ] {
+            if !(1..=100).contains(&n) {
+                return Err(ConfigError::new(
+                    format!("{field}.{name}"),
+                    format!("{n} is not between 1 and 100"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Per route: where a request goes when every endpoint of its user's
 /// backend is down or ejected.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Failover {
     /// To the stable backend: the rollout's `stable` while one is active,
@@ -226,5 +314,41 @@ mod tests {
         ))
         .expect_err("failover");
         assert!(e.field.contains("failover"), "{e}");
+        for (hc, field) in [
+            ("{ path: healthz }", "health_check.path"),
+            ("{ path: \"/a b\" }", "health_check.path"),
+            ("{ interval: 10ms }", "health_check.interval"),
+            ("{ interval: 1s, timeout: 2s }", "health_check.timeout"),
+            (
+                "{ unhealthy_threshold: 0 }",
+                "health_check.unhealthy_threshold",
+            ),
+            (
+                "{ healthy_threshold: 101 }",
+                "health_check.healthy_threshold",
+            ),
+            ("{ every: 1s }", "health_check"),
+        ] {
+            let yaml = ROUTES.replace(
+                "weight: 100 }",
+                &format!("weight: 100, health_check: {hc} }}"),
+            );
+            let e = Config::from_yaml(&yaml).expect_err(hc);
+            assert!(e.field.contains(field), "{hc}: {e}");
+        }
+        let ok = ROUTES.replace("weight: 100 }", "weight: 100, health_check: {} }");
+        let hc = Config::from_yaml(&ok).unwrap().routes[0].backends[0]
+            .health_check
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (
+                hc.path.as_str(),
+                hc.interval.0.as_secs(),
+                hc.timeout.0.as_secs()
+            ),
+            ("/healthz", 10, 2)
+        );
+        assert_eq!((hc.unhealthy_threshold, hc.healthy_threshold), (3, 2));
     }
 }

@@ -64,6 +64,37 @@ impl Endpoint {
     pub fn health(&self) -> &crate::health::EndpointHealth {
         &self.pool.health
     }
+
+    /// One active health check: `GET path` on a new connection (TLS for an
+    /// `https://` endpoint), healthy on a 2xx or 3xx status line within
+    /// `timeout` (connect included).
+    pub async fn probe(&self, path: &str, timeout: Duration, timeouts: &Timeouts) -> bool {
+        let pool = &self.pool;
+        let check = async {
+            let mut conn = pool.connect(timeouts).await.ok()?;
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: switchyard-health-check\r\nConnection: close\r\n\r\n",
+                self.authority
+            );
+            conn.io.write_all(request.as_bytes()).await.ok()?;
+            conn.io.flush().await.ok()?;
+            let mut line = Vec::new();
+            let mut buf = [0u8; 256];
+            while !line.contains(&b'\n') && line.len() < 4096 {
+                let n = tokio::io::AsyncReadExt::read(&mut conn.io, &mut buf)
+                    .await
+                    .ok()?;
+                if n == 0 {
+                    break;
+                }
+                line.extend_from_slice(&buf[..n]);
+            }
+            // `HTTP/1.1 204 ...`: the status's first digit.
+            let status = line.split(|b| *b == b' ').nth(1)?;
+            Some(matches!(status.first(), Some(b'2' | b'3')) && status.len() == 3)
+        };
+        matches!(tokio::time::timeout(timeout, check).await, Ok(Some(true)))
+    }
 }
 
 /// Why a send failed, and whether the request may go elsewhere.

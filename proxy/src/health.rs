@@ -10,7 +10,16 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use switchyard_control::resilience::{OutlierConfig, RetriesConfig};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use switchyard_control::config::Timeouts;
+use switchyard_control::metrics::EndpointStates;
+use switchyard_control::resilience::{HealthCheckConfig, OutlierConfig, RetriesConfig};
+use switchyard_control::store::Store;
+
+use crate::forward::Endpoint;
+use crate::pipeline::Shared;
 
 /// Milliseconds since the first use (a monotonic clock for ejections).
 pub fn now_ms() -> u64 {
@@ -29,18 +38,39 @@ pub struct EndpointHealth {
     until_ms: AtomicU64,
     /// Ejections so far: each doubles the next one's length.
     ejections: AtomicU32,
+    /// Taken out by active health checks (`health_check:`) until they pass
+    /// again.
+    checked_out: AtomicBool,
 }
 
 impl EndpointHealth {
     /// Whether any ejection was ever recorded and not cleared: the fast
     /// path's one load.
     pub fn flagged(&self) -> bool {
-        self.ejected.load(Relaxed)
+        self.ejected.load(Relaxed) || self.checked_out.load(Relaxed)
     }
 
     /// Takes requests at `now`.
     pub fn available(&self, now: u64) -> bool {
-        !self.ejected.load(Relaxed) || now >= self.until_ms.load(Relaxed)
+        !self.checked_out.load(Relaxed)
+            && (!self.ejected.load(Relaxed) || now >= self.until_ms.load(Relaxed))
+    }
+
+    /// What the admin API and the metrics say of it at `now`.
+    pub fn state(&self, now: u64) -> EndpointState {
+        if self.checked_out.load(Relaxed) {
+            EndpointState::Unhealthy
+        } else if !self.available(now) {
+            EndpointState::Ejected
+        } else {
+            EndpointState::Healthy
+        }
+    }
+
+    /// The active checks' verdict: `false` takes it out, `true` brings it
+    /// back.
+    pub fn set_checked(&self, healthy: bool) {
+        self.checked_out.store(!healthy, Relaxed);
     }
 
     /// A response came back: the run of failures ends, and an endpoint back
@@ -72,6 +102,25 @@ impl EndpointHealth {
         self.ejected.store(true, Relaxed);
         self.consecutive.store(0, Relaxed);
         length
+    }
+}
+
+/// An endpoint as reported: `healthy`, `ejected` (passively, for a while)
+/// or `unhealthy` (its active checks fail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointState {
+    Healthy,
+    Ejected,
+    Unhealthy,
+}
+
+impl EndpointState {
+    pub fn label(self) -> &'static str {
+        match self {
+            EndpointState::Healthy => "healthy",
+            EndpointState::Ejected => "ejected",
+            EndpointState::Unhealthy => "unhealthy",
+        }
     }
 }
 
@@ -138,6 +187,122 @@ impl RetryBudget {
         }
         n.fetch_add(1, Relaxed);
         true
+    }
+}
+
+// === the supervisor ===
+
+/// How often endpoint states are published and checks reconciled.
+const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs until the process ends: every second, starts the health checks the
+/// current snapshot asks for (and stops those it no longer does), publishes
+/// every endpoint's state (`switchyard_endpoint_healthy`, `/v1/state`), and
+/// records each change of state in the log and the audit log.
+pub async fn supervise(shared: Arc<Shared>, store: Arc<Store>, timeouts: Timeouts) {
+    let mut checks = Checks::default();
+    let mut last: EndpointStates = EndpointStates::new();
+    let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snapshot = shared.snapshot.load_full();
+        let now = now_ms();
+        let mut wanted = HashMap::new();
+        let mut states = EndpointStates::new();
+        for route in snapshot.routes.iter() {
+            for backend in route.backends.iter() {
+                let mut endpoints = std::collections::BTreeMap::new();
+                for (endpoint, spec) in backend.endpoints.iter().zip(backend.specs.iter()) {
+                    endpoints.insert(spec.to_string(), endpoint.health().state(now).label());
+                    if let Some(hc) = &backend.health_check {
+                        wanted.insert((spec.clone(), hc.clone()), endpoint.clone());
+                    }
+                }
+                states.insert(
+                    (route.name.to_string(), backend.name.to_string()),
+                    endpoints,
+                );
+            }
+        }
+        checks.0.retain(|key, (task, endpoint)| {
+            let keep = wanted.contains_key(key);
+            if !keep {
+                // No longer checked (so: no longer out by its checks).
+                task.abort();
+                endpoint.health().set_checked(true);
+            }
+            keep
+        });
+        for (key, endpoint) in wanted {
+            checks.0.entry(key.clone()).or_insert_with(|| {
+                let task = tokio::spawn(check(endpoint.clone(), key.0, key.1, timeouts.clone()));
+                (task, endpoint)
+            });
+        }
+        for ((route, backend), endpoints) in &states {
+            for (endpoint, state) in endpoints {
+                let before = last
+                    .get(&(route.clone(), backend.clone()))
+                    .and_then(|e| e.get(endpoint))
+                    .copied()
+                    .unwrap_or("healthy");
+                if before != *state {
+                    tracing::warn!(route = %route, backend = %backend, endpoint = %endpoint, from = before, to = state, "endpoint health changed");
+                    store
+                        .note(
+                            "endpoint.health",
+                            format!("routes/{route}/backends/{backend}/endpoints/{endpoint}"),
+                            serde_json::json!(before),
+                            serde_json::json!(state),
+                        )
+                        .await;
+                }
+            }
+        }
+        shared.metrics.set_endpoint_states(states.clone());
+        last = states;
+    }
+}
+
+/// The running checks, by endpoint and settings; stopped when the
+/// supervisor is.
+#[derive(Default)]
+#[allow(clippy::type_complexity)]
+struct Checks(HashMap<(Arc<str>, HealthCheckConfig), (tokio::task::JoinHandle<()>, Endpoint)>);
+
+impl Drop for Checks {
+    fn drop(&mut self) {
+        for (task, _) in self.0.values() {
+            task.abort();
+        }
+    }
+}
+
+/// Checks `endpoint` every `hc.interval`: `unhealthy_threshold` failures in
+/// a row take it out of service, `healthy_threshold` passes bring it back.
+async fn check(endpoint: Endpoint, spec: Arc<str>, hc: HealthCheckConfig, timeouts: Timeouts) {
+    let mut tick = tokio::time::interval(hc.interval.0);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut passed, mut failed) = (0u32, 0u32);
+    let mut healthy = true;
+    loop {
+        tick.tick().await;
+        if endpoint.probe(&hc.path, hc.timeout.0, &timeouts).await {
+            (passed, failed) = (passed.saturating_add(1), 0);
+            if !healthy && passed >= hc.healthy_threshold {
+                healthy = true;
+                endpoint.health().set_checked(true);
+                tracing::info!(endpoint = %spec, "health checks pass again");
+            }
+        } else {
+            (passed, failed) = (0, failed.saturating_add(1));
+            if healthy && failed >= hc.unhealthy_threshold {
+                healthy = false;
+                endpoint.health().set_checked(false);
+                tracing::warn!(endpoint = %spec, path = %hc.path, "health checks fail: out of service");
+            }
+        }
     }
 }
 

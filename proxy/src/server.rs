@@ -291,6 +291,11 @@ impl Proxy {
             _ => None,
         };
         let sweeper = tokio::spawn(sweep_upstreams(self.shared.clone()));
+        let supervisor = tokio::spawn(crate::health::supervise(
+            self.shared.clone(),
+            self.store.clone(),
+            self.config.timeouts.clone(),
+        ));
         let health = self.health.clone();
         let config = self.config;
         let drained = listen::serve(
@@ -310,6 +315,7 @@ impl Proxy {
             watch.abort();
         }
         sweeper.abort();
+        supervisor.abort();
         let _ = driver_stop.send(true);
         let _ = driver.await;
         // Leaves the fleet (revokes the lease) after the driver stopped.

@@ -14,7 +14,7 @@ use switchyard_control::bucket::{Salt, BUCKETS};
 use switchyard_control::config::{normalized_prefix, Config, Fallback, RouteConfig, Weight};
 use switchyard_control::flags::CompiledFlag;
 use switchyard_control::metrics::{BackendStats, FlagCounters, Metrics};
-use switchyard_control::resilience::{Failover, OutlierConfig, RetriesConfig};
+use switchyard_control::resilience::{Failover, HealthCheckConfig, OutlierConfig, RetriesConfig};
 
 /// The whole routing state at one moment.
 #[derive(Debug)]
@@ -102,6 +102,10 @@ pub struct Backend {
     /// where the previous backend's ends.
     pub bucket_end: u32,
     pub endpoints: Box<[Endpoint]>,
+    /// Each endpoint as configured (`host:port`, `https://host:port`).
+    pub specs: Box<[Arc<str>]>,
+    /// Active health checks of the endpoints (`health_check:`).
+    pub health_check: Option<HealthCheckConfig>,
     /// Metric handles and rolling window; `None` with metrics disabled.
     pub stats: Option<Arc<BackendStats>>,
     /// Round-robin cursor over `endpoints`.
@@ -262,6 +266,8 @@ fn build_route(
                     .iter()
                     .map(|e| upstreams.endpoint(e, b.tls.as_ref()))
                     .collect(),
+                specs: b.endpoints.iter().map(|e| e.as_str().into()).collect(),
+                health_check: b.health_check.clone(),
                 stats: metrics.backend(&rc.name, &b.name, b.weight.percent()),
                 next: AtomicUsize::new(0),
             }

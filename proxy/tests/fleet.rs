@@ -1248,13 +1248,22 @@ async fn a_silent_member_leaves_no_replica_behind() {
         fleet.cluster.signal(member, Signal::SIGSTOP);
         let blue = 40 + member as u32 * 10;
         let writer = &fleet.replicas[member];
-        let (status, body) = put(
-            writer,
-            "/v1/routes/api/weights",
-            json!({"blue": blue, "canary": 100 - blue}),
-        )
-        .await;
-        assert_eq!(status, 200, "member {member} silent: {body}");
+        // A write while the silenced member was etcd's leader may meet the
+        // election (a 503 that says so): the next one goes through.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (status, body) = put(
+                writer,
+                "/v1/routes/api/weights",
+                json!({"blue": blue, "canary": 100 - blue}),
+            )
+            .await;
+            if status == 200 {
+                break;
+            }
+            assert_eq!(status, 503, "member {member} silent: {body}");
+            assert!(Instant::now() < deadline, "member {member} silent: {body}");
+        }
         let version = writer.version().await;
         // Noticed within two publications once a publication gets through
         // (a request to the silent member costs request_timeout first).

@@ -116,7 +116,36 @@ async fn a_refused_endpoint_is_retried_elsewhere_then_ejected() {
     )
     .await;
     assert_eq!(retried, 5, "five refusals, then ejected");
+    // The ejection shows in the state (published every second).
+    let dead = proxy_dead_endpoint(&proxy).await;
+    assert_eq!(dead, "ejected");
     proxy.stop().await;
+}
+
+/// The state of the first endpoint of backend `blue`, once the supervisor
+/// published it as something other than healthy (at most 10 s).
+async fn proxy_dead_endpoint(proxy: &Running) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, _, text) = call(
+            "GET",
+            &format!("http://{}/v1/state", proxy.admin),
+            None,
+            &[],
+            "",
+        )
+        .await;
+        let state: Value = serde_json::from_str(&text).unwrap();
+        let health = &state["endpoint_health"]["api"]["blue"];
+        if let Some(first) = health
+            .as_object()
+            .and_then(|h| h.values().find(|v| *v != "healthy"))
+        {
+            return first.clone();
+        }
+        assert!(Instant::now() < deadline, "no endpoint ever left: {state}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A POST whose body went up is never sent again; one refused before
@@ -361,5 +390,127 @@ async fn a_dead_canary_is_rolled_back_while_its_users_are_served() {
         assert!(Instant::now() < deadline, "never rolled back");
     }
     assert!(sent >= 40);
+    proxy.stop().await;
+}
+
+/// An upstream answering `name` on every path but `/healthz`, which answers
+/// the status in the returned cell.
+async fn with_health(name: &'static str) -> (SocketAddr, Arc<std::sync::atomic::AtomicU16>) {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
+    let cell = health.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let cell = cell.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let status = if req.uri().path() == "/healthz" {
+                        cell.load(Ordering::SeqCst)
+                    } else {
+                        200
+                    };
+                    async move {
+                        let mut resp =
+                            http::Response::new(Full::new(bytes::Bytes::from(format!("{name}\n"))));
+                        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, health)
+}
+
+/// The state `/v1/state` gives endpoint `endpoint` of backend `blue`.
+async fn endpoint_state(proxy: &Running, endpoint: SocketAddr) -> Value {
+    let (_, _, text) = call(
+        "GET",
+        &format!("http://{}/v1/state", proxy.admin),
+        None,
+        &[],
+        "",
+    )
+    .await;
+    let state: Value = serde_json::from_str(&text).unwrap();
+    state["endpoint_health"]["api"]["blue"][endpoint.to_string()].clone()
+}
+
+async fn wait_endpoint_state(proxy: &Running, endpoint: SocketAddr, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = endpoint_state(proxy, endpoint).await;
+        if state == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{endpoint} is {state}, never {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Active health checks take a failing endpoint out of service and bring it
+/// back once its checks pass again; the state shows in `/v1/state`, the
+/// metrics and the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_take_an_endpoint_out_and_bring_it_back() {
+    let (a, _) = with_health("a").await;
+    let (b, b_health) = with_health("b").await;
+    let yaml = config("", &[("blue", vec![a, b], 100.0)]).replace(
+        "weight: 100 }",
+        "weight: 100, health_check: { interval: 100ms, timeout: 80ms, unhealthy_threshold: 2, healthy_threshold: 2 } }",
+    );
+    let proxy = Running::start(&yaml).await;
+    wait_endpoint_state(&proxy, b, "healthy").await;
+    b_health.store(503, Ordering::SeqCst);
+    wait_endpoint_state(&proxy, b, "unhealthy").await;
+    let answers = gets(&proxy, 20, &[]).await;
+    assert!(
+        answers.iter().all(|(s, body)| *s == 200 && body == "a"),
+        "{answers:?}"
+    );
+    let gauge =
+        format!(r#"switchyard_endpoint_healthy{{backend="blue",endpoint="{b}",route="api"}}"#);
+    assert_eq!(common::metric(proxy.admin, &gauge).await, 0);
+    b_health.store(200, Ordering::SeqCst);
+    wait_endpoint_state(&proxy, b, "healthy").await;
+    let answers = gets(&proxy, 20, &[]).await;
+    assert!(
+        answers.iter().any(|(_, body)| body == "b"),
+        "b serves again"
+    );
+    assert_eq!(common::metric(proxy.admin, &gauge).await, 1);
+    let (_, _, events) = call(
+        "GET",
+        &format!("http://{}/v1/events", proxy.admin),
+        None,
+        &[],
+        "",
+    )
+    .await;
+    let events: Value = serde_json::from_str(&events).unwrap();
+    let health: Vec<(&Value, &Value)> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "endpoint.health")
+        .map(|e| (&e["before"], &e["after"]))
+        .collect();
+    assert_eq!(
+        health,
+        [
+            (&json!("healthy"), &json!("unhealthy")),
+            (&json!("unhealthy"), &json!("healthy"))
+        ],
+        "{events}"
+    );
     proxy.stop().await;
 }

@@ -503,6 +503,26 @@ impl Store {
         }
     }
 
+    /// Records an observation that changes no state (an endpoint ejected or
+    /// readmitted) in the audit log, under the actor `health`. Standalone
+    /// only: in a fleet each replica sees its own endpoints, so these stay
+    /// in its log and metrics rather than the fleet's audit.
+    pub async fn note(&self, action: &'static str, target: String, before: Value, after: Value) {
+        if let Backend::Etcd(_) = &self.backend {
+            return;
+        }
+        let mut inner = self.write.lock().await;
+        let change = Change {
+            action,
+            target,
+            before,
+            after,
+        };
+        if let Err(e) = self.record(&mut inner, "health", change).await {
+            tracing::warn!(error = %e, "health event not recorded");
+        }
+    }
+
     // === the one write path ===
 
     /// Applies `change` to the current state and commits the result. In
