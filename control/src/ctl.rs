@@ -582,11 +582,16 @@ fn status_table(state: &Value) -> String {
     let mut rows = Vec::new();
     for route in state["routes"].as_array().into_iter().flatten() {
         for b in route["backends"].as_array().into_iter().flatten() {
+            // An endpoint out of service says so: `127.0.0.1:8082 (ejected)`.
+            let health = &state["endpoint_health"][text(&route["name"])][text(&b["name"])];
             let endpoints: Vec<String> = b["endpoints"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(text)
+                .map(|e| match health[text(e)].as_str() {
+                    Some(s) if s != "healthy" => format!("{} ({s})", text(e)),
+                    _ => text(e),
+                })
                 .collect();
             rows.push(vec![
                 text(&route["name"]),

@@ -472,6 +472,17 @@ async fn health_checks_take_an_endpoint_out_and_bring_it_back() {
     wait_endpoint_state(&proxy, b, "healthy").await;
     b_health.store(503, Ordering::SeqCst);
     wait_endpoint_state(&proxy, b, "unhealthy").await;
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "ctl",
+            "--admin",
+            &format!("http://{}", proxy.admin),
+            "status",
+        ])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains(&format!("{b} (unhealthy)")), "{status}");
     let answers = gets(&proxy, 20, &[]).await;
     assert!(
         answers.iter().all(|(s, body)| *s == 200 && body == "a"),
