@@ -288,15 +288,22 @@ impl Upstreams {
         upgrade: bool,
     ) -> Result<Response<PooledBody>, SendError> {
         let target = origin_form(&parts.uri).map_err(SendError::Sent)?;
+        let waiting_on_client = std::sync::atomic::AtomicBool::new(false);
         let request = Head {
             method: &parts.method,
             target,
             headers: &mut parts.headers,
             added,
             upgrade,
+            waiting_on_client: &waiting_on_client,
         };
         let sent = endpoint.pool.send(request, body, &self.timeouts);
         match tokio::time::timeout(self.timeouts.request.0, sent).await {
+            // Still waiting for the client's body: its slowness, not the
+            // backend's.
+            Err(_) if waiting_on_client.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(SendError::Sent(ProxyError::DownstreamBodyTimeout))
+            }
             Err(_elapsed) => Err(SendError::Sent(ProxyError::UpstreamTimeout)),
             Ok(sent) => sent,
         }
@@ -646,17 +653,30 @@ impl Upload {
         cx: &mut Context<'_>,
         io: &mut Io,
         out: &mut BytesMut,
+        waiting_on_client: Option<&std::sync::atomic::AtomicBool>,
     ) -> Poll<Result<(), UploadError>> {
+        let waiting = |now: bool| {
+            if let Some(w) = waiting_on_client {
+                w.store(now, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
         loop {
             while !self.ended && self.pending.is_empty() && out.len() < COALESCE {
                 self.touched = true;
                 match Pin::new(&mut self.body).poll_frame(cx) {
-                    Poll::Pending => break,
-                    Poll::Ready(None) => self.end(out)?,
+                    Poll::Pending => {
+                        waiting(true);
+                        break;
+                    }
+                    Poll::Ready(None) => {
+                        waiting(false);
+                        self.end(out)?
+                    }
                     Poll::Ready(Some(Err(e))) => {
                         return Poll::Ready(Err(UploadError::Body(body_error(&*e))))
                     }
                     Poll::Ready(Some(Ok(frame))) => {
+                        waiting(false);
                         // Trailers are not passed on (docs/decisions.md).
                         if let Ok(data) = frame.into_data() {
                             self.take(data, out)?;
@@ -746,6 +766,8 @@ struct Head<'a> {
     added: &'a Added,
     /// The request asks to switch protocols (a 101 is welcome).
     upgrade: bool,
+    /// Set while the upload waits for the client's next body bytes.
+    waiting_on_client: &'a std::sync::atomic::AtomicBool,
 }
 
 /// A request sent and its response head read.
@@ -789,7 +811,12 @@ async fn exchange(
     let mut informational = 0;
     let head = std::future::poll_fn(|cx| {
         if !uploaded && !write_failed {
-            match upload.poll(cx, &mut conn.io, &mut conn.write_buf) {
+            match upload.poll(
+                cx,
+                &mut conn.io,
+                &mut conn.write_buf,
+                Some(request.waiting_on_client),
+            ) {
                 Poll::Ready(Ok(())) => uploaded = true,
                 Poll::Ready(Err(UploadError::Body(e))) => return Poll::Ready(Err(e)),
                 // The response may still be readable (a 413 sent before
@@ -920,7 +947,7 @@ impl Body for PooledBody {
                 return Poll::Ready(None);
             };
             if let Some(upload) = this.upload.as_mut() {
-                match upload.poll(cx, &mut conn.io, &mut conn.write_buf) {
+                match upload.poll(cx, &mut conn.io, &mut conn.write_buf, None) {
                     Poll::Ready(Ok(())) => this.upload = None,
                     Poll::Ready(Err(e)) => {
                         if let UploadError::Io(e) = e {

@@ -32,6 +32,10 @@ pub enum ProxyError {
     /// sees a complete request) and the backend is not blamed.
     #[error("request body failed: {0}")]
     DownstreamBody(String),
+    /// `timeouts.request` passed while the upload still waited for the
+    /// client's body: the client is too slow, not the backend.
+    #[error("request body too slow")]
+    DownstreamBodyTimeout,
     /// The forced-backend header names a backend the route does not have.
     #[error("forced backend is not a backend of this route")]
     DownstreamUnknownBackend,
@@ -67,6 +71,7 @@ impl ProxyError {
             | Self::DownstreamUnknownBackend
             | Self::DownstreamBody(_) => StatusCode::BAD_REQUEST,
             Self::DownstreamHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::DownstreamBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::DownstreamBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::Overloaded | Self::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
@@ -98,9 +103,9 @@ impl ProxyError {
             Self::UpstreamReset(_) => Some(FailureReason::Reset),
             // Only once a backend was chosen: a body refused by its declared
             // size alone is answered before that (`unrouted`).
-            Self::DownstreamBody(_) | Self::DownstreamBodyTooLarge => {
-                Some(FailureReason::ClientBody)
-            }
+            Self::DownstreamBody(_)
+            | Self::DownstreamBodyTooLarge
+            | Self::DownstreamBodyTimeout => Some(FailureReason::ClientBody),
             _ => None,
         }
     }
@@ -113,6 +118,7 @@ impl ProxyError {
             Self::DownstreamHeadersTooLarge => "switchyard: request headers too large\n",
             Self::DownstreamBodyTooLarge => "switchyard: request body too large\n",
             Self::DownstreamBody(_) => "switchyard: request body incomplete or malformed\n",
+            Self::DownstreamBodyTimeout => "switchyard: request body too slow\n",
             Self::DownstreamUnknownBackend => {
                 "switchyard: unknown backend in forced-backend header\n"
             }

@@ -775,3 +775,42 @@ async fn a_malformed_chunked_body_is_a_400() {
     .await;
     assert_eq!(resets, 0);
 }
+
+/// Issue 18: a client too slow to send its body gets 408 when
+/// `timeouts.request` passes, counted as its own failure (`client_body`),
+/// not as the backend's timeout.
+#[tokio::test]
+async fn a_client_too_slow_with_its_body_gets_408_not_the_backend_a_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = Upstream::start("blue", Behaviour::EchoBody).await;
+    let yaml = common::config(
+        "timeouts: { request: 300ms }",
+        &[("blue", blue.addr, 100.0)],
+    );
+    let proxy = Running::start(&yaml).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n0")
+        .await
+        .unwrap();
+    // The other nine bytes never come; the answer does.
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let client_body = common::metric(
+        proxy.admin,
+        r#"switchyard_upstream_failures_total{backend="blue",reason="client_body",route="api"}"#,
+    )
+    .await;
+    assert_eq!(client_body, 1);
+    let timeouts = common::metric(
+        proxy.admin,
+        r#"switchyard_upstream_failures_total{backend="blue",reason="timeout",route="api"}"#,
+    )
+    .await;
+    assert_eq!(timeouts, 0, "the backend is not blamed");
+    proxy.stop().await;
+}
