@@ -144,6 +144,7 @@ fn decide(
     upgrade: bool,
 ) -> Result<(Target, Added, Option<HeaderValue>, Recording), ProxyError> {
     check_head_size(snapshot, parts)?;
+    check_host(parts)?;
     if route::has_dot_segment(parts.uri.path()) {
         return Err(ProxyError::DownstreamMalformed("dot segment in path"));
     }
@@ -192,6 +193,68 @@ fn keep_host(parts: &mut Parts) -> Result<(), ProxyError> {
         parts.headers.insert(HOST, value);
     }
     Ok(())
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host` (and no authority in
+/// its target), with more than one, or with one that is not a valid
+/// `host[:port]` (userinfo, spaces, a bad port, nothing at all) is refused
+/// with 400, never routed or forwarded.
+fn check_host(parts: &Parts) -> Result<(), ProxyError> {
+    let mut hosts = parts.headers.get_all(HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::DownstreamMalformed("more than one Host header"));
+    }
+    match first {
+        None if parts.version == http::Version::HTTP_11 && parts.uri.authority().is_none() => {
+            Err(ProxyError::DownstreamMalformed("no Host header"))
+        }
+        Some(host) if !valid_host(host.as_bytes()) => {
+            Err(ProxyError::DownstreamMalformed("invalid Host header"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `host[:port]`: a name of letters, digits, `-`, `.`, `_` (or an IPv6
+/// literal in brackets) and at most a 1–65535 port.
+fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = match value.first() {
+        None => return false,
+        Some(b'[') => match value.iter().position(|&b| b == b']') {
+            Some(end) => (&value[..=end], &value[end + 1..]),
+            None => return false,
+        },
+        Some(_) => match value.iter().position(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon..]),
+            None => (value, &value[value.len()..]),
+        },
+    };
+    let host_ok = if host.first() == Some(&b'[') {
+        host.len() > 2
+            && host[1..host.len() - 1]
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+    } else {
+        !host.is_empty()
+            && host
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => {
+            !digits.is_empty()
+                && digits.len() <= 5
+                && digits.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|d| d.parse::<u32>().ok())
+                    .is_some_and(|p| (1..=65535).contains(&p))
+        }
+        Some(_) => false,
+    };
+    host_ok && port_ok
 }
 
 /// hyper refuses heads over its 8 KiB minimum parse buffer by itself (431);
@@ -271,6 +334,36 @@ impl Drop for Admitted<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_are_checked_as_rfc_9112_asks() {
+        for good in [
+            "a.example",
+            "a.example:8080",
+            "127.0.0.1:1",
+            "[::1]:443",
+            "[::1]",
+            "x_y-z.io",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "",
+            "a.example:80@evil.example",
+            "a b",
+            "a.example:",
+            "a.example:99999",
+            "a.example:0",
+            "a.example:8o",
+            "[::1",
+            "[]",
+            "a:1:2",
+            "user@a",
+            "a/b",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+        }
+    }
 
     #[test]
     fn admission_refuses_past_the_limit_and_frees_on_drop() {
