@@ -101,7 +101,13 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Ou
 
 async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    if path == "/v1" || path.starts_with("/v1/") {
+    let api = path == "/v1" || path.starts_with("/v1/");
+    if api || path.starts_with("/ofrep/") {
+        if let Some(refused) = browser_safe(admin, &req) {
+            return refused;
+        }
+    }
+    if api {
         return crate::api::serve(admin, req).await;
     }
     if path.starts_with("/ofrep/") {
@@ -121,6 +127,70 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         ),
         _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
     }
+}
+
+/// What keeps a web page from steering traffic through the admin API (a
+/// browser on the same machine, DNS rebinding, a request forged by an app
+/// to loopback):
+/// - without tokens (an open loopback admin), `Host` must name loopback
+///   (`localhost`, `127.x.x.x`, `[::1]`): a rebound name is refused;
+/// - an `Origin` other than the admin listener's own (`http://` + `Host`)
+///   is refused: browsers send it with every cross-origin request;
+/// - `POST`, `PUT` and `PATCH` must say `Content-Type: application/json`,
+///   which a page can only send after a CORS preflight this API never
+///   grants.
+///
+/// Returns the refusal, if any.
+fn browser_safe(admin: &Admin, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let host = header(header::HOST);
+    if admin.tokens.is_empty() && host.is_some_and(|h| !loopback_host(h)) {
+        return Some(json_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "an admin API without tokens answers only requests to a loopback name or address (Host)",
+        ));
+    }
+    if let Some(origin) = header(header::ORIGIN) {
+        let own = host.is_some_and(|h| {
+            origin.strip_prefix("http://") == Some(h) || origin.strip_prefix("https://") == Some(h)
+        });
+        if !own {
+            return Some(json_error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "requests from another origin (a web page) are refused",
+            ));
+        }
+    }
+    let writes = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
+    let json = header(header::CONTENT_TYPE).is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+    });
+    (writes && !json).then(|| {
+        json_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send Content-Type: application/json",
+        )
+    })
+}
+
+/// `localhost` (or a name under it), `127.0.0.0/8` or `[::1]`, with or
+/// without a port.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `GET /v1/routes/{route}/stats`: the rolling window of each backend, as

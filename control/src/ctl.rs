@@ -501,9 +501,10 @@ impl Api {
             req = req.header("if-match", format!("\"{v}\""));
         }
         let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        if !bytes.is_empty() {
-            req = req.header("content-type", "application/json");
-        }
+        // Every write says JSON, even without a body (the API refuses
+        // writes that do not: a web page cannot send it without a CORS
+        // preflight).
+        req = req.header("content-type", "application/json");
         let req = req
             .body(Full::new(bytes))
             .map_err(|e| CtlError::Usage(format!("bad admin URL {url}: {e}")))?;

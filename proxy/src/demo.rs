@@ -90,7 +90,7 @@ fn print_banner(config: &Config, listeners: &Listeners, upstreams: &[String]) {
     println!("  for u in $(seq 1 100); do curl -s -H \"x-user-id: user-$u\" http://{proxy}/; done | sort | uniq -c");
     println!("  curl -s -H 'x-switchyard-backend: canary' http://{proxy}/   # QA: force a backend");
     println!("  curl -si http://{proxy}/ | grep -i set-cookie          # anonymous users get a sticky id");
-    println!("  curl -s -H 'x-user-id: alice' http://{admin}/ofrep/v1/evaluate/flags -d '{{\"context\":{{\"targetingKey\":\"alice\"}}}}'");
+    println!("  curl -s -H 'content-type: application/json' http://{admin}/ofrep/v1/evaluate/flags -d '{{\"context\":{{\"targetingKey\":\"alice\"}}}}'");
     println!("  switchyard ctl --admin http://{admin} rollout status demo   # the running canary rollout");
     println!("  switchyard ctl --admin http://{admin} status");
     println!("  curl -s http://{admin}/metrics | grep switchyard_requests_total");

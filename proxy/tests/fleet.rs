@@ -855,8 +855,21 @@ async fn quorum_lost_under_load_costs_no_request_and_writes_503() {
     let (status, body) = put(&fleet.replicas[0], "/v1/routes/api/rollout", spec).await;
     assert_eq!(status, 201, "{body}");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while fleet.replicas[2].rollout().await["step"].as_u64() < Some(1) {
-        assert!(Instant::now() < deadline, "the rollout never moved");
+    loop {
+        // (r3 may not have the rollout yet: a 404 until it does.)
+        let (_, _, body) = call(
+            "GET",
+            &fleet.replicas[2].admin_url("/v1/routes/api/rollout"),
+            None,
+            &[],
+            "",
+        )
+        .await;
+        let rollout: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        if rollout["step"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rollout never moved: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     fleet.cluster.kill_member(0);

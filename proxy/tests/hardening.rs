@@ -55,3 +55,87 @@ async fn bad_host_headers_are_refused_and_never_forwarded() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     proxy.stop().await;
 }
+
+/// The token-less loopback admin API is not open to web pages: a rebound
+/// `Host` (DNS rebinding), a foreign `Origin`, or a write that is not
+/// `application/json` (what a page can send without a CORS preflight) are
+/// refused, and nothing changes. Its own origin and JSON still work; the
+/// open endpoints stay open.
+#[tokio::test]
+async fn the_open_admin_api_refuses_what_a_web_page_could_send() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::Name).await;
+    let proxy = Running::start(&common::config(
+        "",
+        &[("blue", blue.addr, 100.0), ("canary", canary.addr, 0.0)],
+    ))
+    .await;
+    let url = |path: &str| format!("http://{}{path}", proxy.admin);
+    let weights = r#"{"blue": 0, "canary": 100}"#;
+    for (headers, status, code) in [
+        (vec![("host", "rebind.evil.example:9901")], 403, "forbidden"),
+        (vec![("origin", "http://evil.example")], 403, "forbidden"),
+        (vec![("origin", "null")], 403, "forbidden"),
+        (
+            vec![("content-type", "text/plain")],
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            vec![("content-type", "application/x-www-form-urlencoded")],
+            415,
+            "unsupported_media_type",
+        ),
+    ] {
+        let (got, _, body) = common::call(
+            "PUT",
+            &url("/v1/routes/api/weights"),
+            None,
+            &headers,
+            weights,
+        )
+        .await;
+        assert_eq!(got, status, "{headers:?}: {body}");
+        assert!(body.contains(code), "{body}");
+    }
+    // A rollout action forged by a page as a "simple" POST.
+    let (got, _, _) = common::call(
+        "POST",
+        &url("/v1/routes/api/rollout"),
+        None,
+        &[
+            ("content-type", "text/plain"),
+            ("origin", "http://evil.example"),
+        ],
+        r#"{"stable":"blue","target":"canary"}"#,
+    )
+    .await;
+    assert_eq!(got, 403);
+    let (_, _, state) = common::call("GET", &url("/v1/state"), None, &[], "").await;
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(state["version"], 0, "nothing changed");
+    // Its own origin, with JSON: fine.
+    let own = format!("http://{}", proxy.admin);
+    let (got, _, body) = common::call(
+        "PUT",
+        &url("/v1/routes/api/weights"),
+        None,
+        &[
+            ("origin", own.as_str()),
+            ("content-type", "application/json; charset=utf-8"),
+        ],
+        weights,
+    )
+    .await;
+    assert_eq!(got, 200, "{body}");
+    let (got, _, _) = common::call(
+        "GET",
+        &url("/metrics"),
+        None,
+        &[("origin", "http://evil.example")],
+        "",
+    )
+    .await;
+    assert_eq!(got, 200, "the open endpoints stay open");
+    proxy.stop().await;
+}

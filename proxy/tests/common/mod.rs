@@ -315,6 +315,16 @@ pub async fn call(
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
+    // Writes to the admin API say JSON (it refuses those that do not),
+    // unless the test says otherwise.
+    let writes = matches!(method, "POST" | "PUT" | "PATCH");
+    if writes
+        && !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        req = req.header("content-type", "application/json");
+    }
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
