@@ -62,6 +62,9 @@ pub struct Admin {
     pub store: Arc<Store>,
     /// Accepted bearer tokens; empty means an open (loopback-only) admin API.
     pub tokens: Arc<[Token]>,
+    /// `admin.max_connections` and `admin.header_timeout`.
+    pub max_connections: usize,
+    pub header_timeout: std::time::Duration,
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves.
@@ -71,8 +74,12 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Ou
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(10));
+        .header_read_timeout(admin.header_timeout);
     let builder = Arc::new(builder);
+    // Bounded like the data listener, and apart from it: a flood of
+    // connections here is closed at its own limit, long before it could
+    // take the file descriptors the data plane needs.
+    let open = Arc::new(tokio::sync::Semaphore::new(admin.max_connections));
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -87,9 +94,22 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Ou
                 }
             },
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::debug!("admin connection limit reached: closed");
+            drop(stream);
+            continue;
+        };
         let admin = admin.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            // hyper's head timeout starts with the first byte; a connection
+            // that never sends one is closed here.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(admin.header_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
             let svc = service_fn(move |req| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(route(&admin, req).await) }

@@ -323,11 +323,30 @@ pub struct AdminConfig {
     /// loopback address.
     #[serde(default)]
     pub tokens: Vec<TokenSource>,
+    /// Open admin connections at most; past it, new ones are closed at once
+    /// (a flood on the admin port cannot take the data plane's file
+    /// descriptors). Default `256`; allowed 1 to 10000.
+    #[serde(default = "default_admin_max_connections")]
+    pub max_connections: usize,
+    /// Time a new admin connection has to send its first request head, and
+    /// every later one once started (silent connections are closed).
+    /// Default `10s`.
+    #[serde(default = "default_admin_header_timeout")]
+    pub header_timeout: Dur,
+}
+
+fn default_admin_max_connections() -> usize {
+    256
+}
+fn default_admin_header_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
+            max_connections: default_admin_max_connections(),
+            header_timeout: default_admin_header_timeout(),
             listen: default_admin_listen(),
             tokens: Vec::new(),
         }
@@ -940,6 +959,22 @@ impl Config {
                 format!(
                     "admin.listen {} is not a loopback address, so at least one token is required",
                     self.admin.listen
+                ),
+            ));
+        }
+        if !(1..=10_000).contains(&self.admin.max_connections) {
+            return Err(ConfigError::new(
+                "admin.max_connections",
+                format!("{} is not between 1 and 10000", self.admin.max_connections),
+            ));
+        }
+        let ht = self.admin.header_timeout.0;
+        if ht < Duration::from_millis(100) || ht > Duration::from_secs(600) {
+            return Err(ConfigError::new(
+                "admin.header_timeout",
+                format!(
+                    "{} is not between 100ms and 10m",
+                    humantime::format_duration(ht)
                 ),
             ));
         }
@@ -1594,6 +1629,7 @@ routes:
                 "limits: { max_request_body_bytes: 0 }",
                 "limits.max_request_body_bytes",
             ),
+
             (
                 "limits: { max_request_body_bytes: -1 }",
                 "limits.max_request_body_bytes",
@@ -1635,6 +1671,18 @@ routes:
         ] {
             let e = err(&format!("{GOOD}{extra}\n"));
             assert!(e.field.starts_with(field), "{extra}: {e}");
+        }
+        for (admin, field) in [
+            ("max_connections: 0", "admin.max_connections"),
+            ("max_connections: 20000", "admin.max_connections"),
+            ("header_timeout: 10ms", "admin.header_timeout"),
+            ("header_timeout: 1h", "admin.header_timeout"),
+        ] {
+            let e = err(&with(
+                "admin: { listen: 127.0.0.1:9901 }",
+                &format!("admin: {{ listen: 127.0.0.1:9901, {admin} }}"),
+            ));
+            assert_eq!(e.field, field, "{admin}: {e}");
         }
         let tls = Config::from_yaml(&format!(
             "{GOOD}tls: {{ certificates: [{{ cert: a.pem, key: a.key }}], unknown_server_name: reject, min_version: \"1.3\" }}\n"

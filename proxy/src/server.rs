@@ -247,6 +247,8 @@ impl Proxy {
             metrics: self.shared.metrics.clone(),
             store: self.store.clone(),
             tokens: self.tokens.clone(),
+            max_connections: self.config.admin.max_connections,
+            header_timeout: self.config.admin.header_timeout.0,
         };
         let (driver_stop, mut driver_stopped) = watch::channel(false);
         let driver = tokio::spawn(switchyard_control::driver::run(

@@ -139,3 +139,65 @@ async fn the_open_admin_api_refuses_what_a_web_page_could_send() {
     assert_eq!(got, 200, "the open endpoints stay open");
     proxy.stop().await;
 }
+
+/// Each listener is bounded apart from the other: a flood of silent
+/// connections on the admin port is capped at `admin.max_connections` and
+/// closed after `admin.header_timeout`, while the data plane keeps
+/// serving; a flood on the data port leaves the admin API answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_on_one_listener_does_not_stop_the_other() {
+    use tokio::io::AsyncReadExt;
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let proxy = Running::start(&common::config(
+        "admin: { listen: 127.0.0.1:9901, max_connections: 20, header_timeout: 300ms }\nlimits: { max_connections: 20 }\ntimeouts: { request_header: 300ms }",
+        &[("blue", blue.addr, 100.0)],
+    ))
+    .await;
+    let c = common::client();
+    // 200 silent connections to the admin port.
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(tokio::net::TcpStream::connect(proxy.admin).await.unwrap());
+    }
+    for i in 0..20 {
+        let (status, _, _) =
+            common::get(&c, &proxy.url("/"), &[("x-user-id", &format!("u{i}"))]).await;
+        assert_eq!(status, 200, "the data plane serves through the admin flood");
+    }
+    // Every one of them is closed by the proxy: past the limit at once,
+    // the rest after the header timeout.
+    for (i, s) in silent.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        let closed =
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut byte)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "silent admin connection {i} still open"
+        );
+    }
+    let (status, _, _) = common::call(
+        "GET",
+        &format!("http://{}/health/live", proxy.admin),
+        None,
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    // The reverse: the data port's limit full of silent connections.
+    let mut data_flood = Vec::new();
+    for _ in 0..40 {
+        data_flood.push(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    let (status, _, _) = common::call(
+        "GET",
+        &format!("http://{}/metrics", proxy.admin),
+        None,
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "the admin API answers through the data flood");
+    drop(data_flood);
+    proxy.stop().await;
+}
