@@ -1629,7 +1629,6 @@ routes:
                 "limits: { max_request_body_bytes: 0 }",
                 "limits.max_request_body_bytes",
             ),
-
             (
                 "limits: { max_request_body_bytes: -1 }",
                 "limits.max_request_body_bytes",

@@ -28,11 +28,20 @@ pub async fn run(store: Arc<Store>, metrics: Arc<Metrics>, shutdown: impl Future
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // When each route's rollout was last analyzed (or first seen running).
     let mut last: HashMap<String, Instant> = HashMap::new();
+    let mut persist_tried = Instant::now();
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tick.tick() => {}
         }
+        // Decisions applied while state_dir could not be written are
+        // persisted once it can be (tried every second).
+        if persist_tried.elapsed() >= Duration::from_secs(1) {
+            persist_tried = Instant::now();
+            store.retry_persist().await;
+        }
+        let (failures, unpersisted) = store.persistence();
+        metrics.set_persistence(failures, unpersisted);
         let view = store.view();
         for (route, state) in view.rollouts.iter() {
             let step = match state.phase {

@@ -134,6 +134,11 @@ pub struct Metrics {
     fleet: std::sync::OnceLock<FleetMetrics>,
     /// `switchyard_endpoint_healthy{route,backend,endpoint}`.
     endpoint_healthy: IntGaugeVec,
+    /// `switchyard_state_persist_failures_total`.
+    persist_failures: IntCounter,
+    /// `switchyard_state_unpersisted`: 1 while rollout decisions wait for
+    /// `state_dir` to be writable.
+    unpersisted: IntGauge,
     /// (route, backend) → endpoint → `healthy` | `ejected` | `unhealthy`,
     /// as last seen by the data plane's health supervisor.
     endpoint_states: ArcSwap<EndpointStates>,
@@ -255,6 +260,16 @@ impl Metrics {
             &["route", "backend", "endpoint"],
         )
         .expect("valid metric");
+        let persist_failures = IntCounter::new(
+            "switchyard_state_persist_failures_total",
+            "Writes of the state or audit log in state_dir that failed (a full or broken disk).",
+        )
+        .expect("valid metric");
+        let unpersisted = IntGauge::new(
+            "switchyard_state_unpersisted",
+            "1 while rollout decisions applied in memory wait for state_dir to be writable (admin changes are refused meanwhile).",
+        )
+        .expect("valid metric");
         let in_flight = IntGaugeVec::new(
             Opts::new(
                 "switchyard_requests_in_flight",
@@ -367,6 +382,8 @@ impl Metrics {
             Box::new(retries.clone()),
             Box::new(failovers.clone()),
             Box::new(endpoint_healthy.clone()),
+            Box::new(persist_failures.clone()),
+            Box::new(unpersisted.clone()),
             Box::new(in_flight.clone()),
             Box::new(weight.clone()),
             Box::new(connections.clone()),
@@ -415,6 +432,8 @@ impl Metrics {
             backends: ArcSwap::from_pointee(Vec::new()),
             fleet: std::sync::OnceLock::new(),
             endpoint_healthy,
+            persist_failures,
+            unpersisted,
             endpoint_states: ArcSwap::from_pointee(EndpointStates::new()),
         }
     }
@@ -623,6 +642,16 @@ impl Metrics {
             .load()
             .get(&(route.to_owned(), backend.to_owned()))
             .cloned()
+    }
+
+    /// The store's persistence: `failures` so far (the counter catches up),
+    /// and whether decisions wait for the disk.
+    pub fn set_persistence(&self, failures: u64, unpersisted: bool) {
+        let seen = self.persist_failures.get();
+        if failures > seen {
+            self.persist_failures.inc_by(failures - seen);
+        }
+        self.unpersisted.set(i64::from(unpersisted));
     }
 
     /// Registers the fleet families (once) and returns them.

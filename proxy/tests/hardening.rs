@@ -201,3 +201,87 @@ async fn a_flood_on_one_listener_does_not_stop_the_other() {
     drop(data_flood);
     proxy.stop().await;
 }
+
+/// Issue 19, 1: a `state_dir` that cannot be written never switches
+/// auto-rollback off. The rollback is applied in memory at once; the
+/// metrics say decisions wait for the disk, readiness stays 200, admin
+/// changes get 503; once the disk is back the state and the rollback's
+/// audit event are persisted and admin changes are accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_never_waits_for_the_disk() {
+    let dir = common::temp_dir("full-disk");
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::failing(1)).await;
+    let proxy = Running::start(&common::config(
+        &format!("state_dir: {}", dir.display()),
+        &[("blue", blue.addr, 100.0), ("canary", canary.addr, 0.0)],
+    ))
+    .await;
+    let admin = |path: &str| format!("http://{}{path}", proxy.admin);
+    let spec = r#"{"stable":"blue","target":"canary","steps":[{"weight":50,"hold":"1h"},{"weight":100}],
+        "analysis":{"interval":"1s","window":"5s","min_requests":10,"failure_threshold":2}}"#;
+    let (status, _, body) =
+        common::call("POST", &admin("/v1/routes/api/rollout"), None, &[], spec).await;
+    assert_eq!(status, 201, "{body}");
+    // The disk breaks: the state file's temp file cannot be made.
+    std::fs::create_dir(dir.join("state.json.tmp")).unwrap();
+    let c = common::client();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut sent = 0;
+    let rollout = loop {
+        common::get(&c, &proxy.url("/"), &[("x-user-id", &format!("u{sent}"))]).await;
+        sent += 1;
+        if sent % 20 == 0 {
+            let (_, _, body) =
+                common::call("GET", &admin("/v1/routes/api/rollout"), None, &[], "").await;
+            let rollout: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if rollout["phase"] == "rolled-back" {
+                break rollout;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never rolled back without a disk"
+        );
+    };
+    assert!(
+        rollout["reason"].as_str().unwrap().contains("error_rate"),
+        "{rollout}"
+    );
+    assert_eq!(
+        common::metric(proxy.admin, "switchyard_state_unpersisted ").await,
+        1
+    );
+    assert!(common::metric(proxy.admin, "switchyard_state_persist_failures_total ").await > 0);
+    let (ready, _, _) = common::call("GET", &admin("/health/ready"), None, &[], "").await;
+    assert_eq!(ready, 200);
+    let weights = r#"{"blue": 100, "canary": 0}"#;
+    let (status, _, body) =
+        common::call("PUT", &admin("/v1/routes/api/weights"), None, &[], weights).await;
+    assert_eq!(status, 503, "{body}");
+    let on_disk = std::fs::read_to_string(dir.join("state.json")).unwrap();
+    assert!(
+        on_disk.contains("progressing"),
+        "not yet persisted: {on_disk}"
+    );
+    // The disk is back.
+    std::fs::remove_dir(dir.join("state.json.tmp")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while common::metric(proxy.admin, "switchyard_state_unpersisted ").await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never persisted again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let on_disk = std::fs::read_to_string(dir.join("state.json")).unwrap();
+    assert!(on_disk.contains("rolled-back"), "{on_disk}");
+    let events = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
+    assert!(events.contains("rollout.rollback"), "{events}");
+    assert!(!dir.join("state.json.tmp").exists());
+    let (status, _, body) =
+        common::call("PUT", &admin("/v1/routes/api/weights"), None, &[], weights).await;
+    assert_eq!(status, 200, "{body}");
+    proxy.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -204,12 +204,17 @@ fn read_state(path: &Path) -> Result<StateFile, StoreError> {
 /// temp file, fsync, rename over, fsync the directory.
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
-    {
+    let written = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        fs::rename(&tmp, dir.join(name))
+    })();
+    if written.is_err() {
+        // A full disk leaves no half-written temp file behind.
+        let _ = fs::remove_file(&tmp);
     }
-    fs::rename(&tmp, dir.join(name))?;
+    written?;
     File::open(dir)?.sync_all()
 }
 

@@ -148,6 +148,14 @@ pub struct Store {
     apply: Applier,
     backend: Backend,
     memory_events: std::sync::Mutex<VecDeque<Event>>,
+    /// Standalone: rollout decisions applied while `state_dir` could not be
+    /// written (they never wait for the disk); persisted again by
+    /// `retry_persist`. Admin writes are refused meanwhile.
+    unpersisted: std::sync::atomic::AtomicBool,
+    /// Their audit events, appended once the disk takes them.
+    pending_events: std::sync::Mutex<Vec<Event>>,
+    /// Writes of `state_dir` that failed (`switchyard_state_persist_failures_total`).
+    persist_failures: std::sync::atomic::AtomicU64,
 }
 
 /// A change described for the audit log.
@@ -167,6 +175,10 @@ struct Next<'a> {
     /// Fleet mode: commit only while this replica leads this route's
     /// rollout.
     fence: Option<&'a str>,
+    /// A rollout's own decision or progress: standalone, applied even when
+    /// `state_dir` cannot be written (a rollback must never wait for the
+    /// disk), and persisted later.
+    judged: bool,
 }
 
 impl Store {
@@ -251,6 +263,9 @@ impl Store {
             apply,
             backend,
             memory_events: std::sync::Mutex::new(VecDeque::new()),
+            unpersisted: Default::default(),
+            pending_events: Default::default(),
+            persist_failures: Default::default(),
         };
         if let (false, Backend::File(dir)) = (startup_events.is_empty(), &store.backend) {
             let mut inner = store
@@ -535,7 +550,8 @@ impl Store {
         if_match: Option<u64>,
         mut change: impl FnMut(&Config, &mut Overrides) -> Result<Change, StoreError> + Send,
     ) -> Result<Arc<View>, StoreError> {
-        self.mutate_fenced(actor, if_match, None, &mut change).await
+        self.mutate_fenced(actor, if_match, None, false, &mut change)
+            .await
     }
 
     async fn mutate_fenced(
@@ -543,6 +559,7 @@ impl Store {
         actor: &str,
         if_match: Option<u64>,
         fence: Option<&str>,
+        judged: bool,
         change: &mut (dyn FnMut(&Config, &mut Overrides) -> Result<Change, StoreError> + Send),
     ) -> Result<Arc<View>, StoreError> {
         let mut inner = self.write.lock().await;
@@ -582,6 +599,7 @@ impl Store {
                         next_seq: inner.next_seq + 1,
                         event: Some(&event),
                         fence,
+                        judged,
                     },
                 )
                 .await?;
@@ -592,7 +610,7 @@ impl Store {
                     inner.next_seq += 1;
                     inner.revision = revision;
                     self.swap(&inner, effective);
-                    self.record_committed(event).await?;
+                    self.record_committed(event, judged).await?;
                     return Ok(self.view());
                 }
                 Commit::Moved(document, revision) => {
@@ -610,9 +628,30 @@ impl Store {
         match &self.backend {
             Backend::File(None) => Ok(Commit::Done(0)),
             Backend::File(Some(dir)) => {
-                dir.write(file::new_state(next.version, next.overrides.clone(), None))
-                    .await?;
-                Ok(Commit::Done(0))
+                use std::sync::atomic::Ordering::Relaxed;
+                if self.unpersisted.load(Relaxed) && !next.judged {
+                    return Err(StoreError::Unavailable(format!(
+                        "{} cannot be written, and rollout decisions wait to be persisted; changes are refused until it can be (nothing changed)",
+                        dir.state_path().display()
+                    )));
+                }
+                match dir
+                    .write(file::new_state(next.version, next.overrides.clone(), None))
+                    .await
+                {
+                    Ok(()) => Ok(Commit::Done(0)),
+                    Err(e) => {
+                        self.persist_failures.fetch_add(1, Relaxed);
+                        if next.judged {
+                            if !self.unpersisted.swap(true, Relaxed) {
+                                tracing::error!(error = %e, "state cannot be persisted: rollout decisions are applied in memory and persisted once the disk takes them; admin changes are refused until then");
+                            }
+                            Ok(Commit::Done(0))
+                        } else {
+                            Err(StoreError::Unavailable(format!("{e} (nothing changed)")))
+                        }
+                    }
+                }
             }
             Backend::Etcd(etcd) => etcd.commit(inner.revision, &next).await,
         }
@@ -831,6 +870,7 @@ impl Store {
                             next_seq: inner.next_seq,
                             event: None,
                             fence,
+                            judged: true,
                         },
                     )
                     .await?;
@@ -892,7 +932,7 @@ impl Store {
             }
             Decision::Stay => unreachable!("handled above"),
         };
-        let decided = self.mutate_fenced(actor, None, fence, &mut |current, overrides| {
+        let decided = self.mutate_fenced(actor, None, fence, true, &mut |current, overrides| {
             // An operator may have paused, aborted, promoted or replaced the
             // rollout meanwhile: the decision holds only for the very state
             // it was made on.
@@ -949,9 +989,32 @@ impl Store {
     /// Records an event the commit did not already keep: appended to
     /// `events.jsonl`, or remembered without a `state_dir`. (etcd keeps its
     /// events in the commit's transaction.)
-    async fn record_committed(&self, event: Event) -> Result<(), StoreError> {
+    async fn record_committed(&self, event: Event, judged: bool) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::Relaxed;
         match &self.backend {
             Backend::Etcd(_) => Ok(()),
+            // A rollout decision applied while the disk is away: its event
+            // waits with it.
+            Backend::File(Some(_)) if judged && self.unpersisted.load(Relaxed) => {
+                self.pending_events
+                    .lock()
+                    .expect("pending lock")
+                    .push(event);
+                Ok(())
+            }
+            Backend::File(Some(dir)) if judged => match dir.append(event.clone()).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    self.persist_failures.fetch_add(1, Relaxed);
+                    tracing::error!(error = %e, "audit event of a rollout decision waits for the disk");
+                    self.pending_events
+                        .lock()
+                        .expect("pending lock")
+                        .push(event);
+                    self.unpersisted.store(true, Relaxed);
+                    Ok(())
+                }
+            },
             Backend::File(Some(dir)) => dir.append(event).await,
             Backend::File(None) => {
                 self.remember(event);
@@ -970,7 +1033,55 @@ impl Store {
     ) -> Result<(), StoreError> {
         let event = self.make_event(inner, actor, change, inner.version);
         inner.next_seq += 1;
-        self.record_committed(event).await
+        self.record_committed(event, false).await
+    }
+
+    /// Standalone: writes what rollout decisions left in memory while
+    /// `state_dir` could not be written (the state, then their events in
+    /// order). Called by the driver; cheap when nothing waits.
+    pub async fn retry_persist(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Backend::File(Some(dir)) = &self.backend else {
+            return;
+        };
+        if !self.unpersisted.load(Relaxed) {
+            return;
+        }
+        let inner = self.write.lock().await;
+        let state = file::new_state(inner.version, inner.overrides.clone(), None);
+        if let Err(e) = dir.write(state).await {
+            self.persist_failures.fetch_add(1, Relaxed);
+            tracing::debug!(error = %e, "state still cannot be persisted");
+            return;
+        }
+        let pending: Vec<Event> =
+            std::mem::take(&mut *self.pending_events.lock().expect("pending lock"));
+        for (i, event) in pending.iter().enumerate() {
+            if let Err(e) = dir.append(event.clone()).await {
+                self.persist_failures.fetch_add(1, Relaxed);
+                tracing::debug!(error = %e, "audit events still cannot be appended");
+                self.pending_events
+                    .lock()
+                    .expect("pending lock")
+                    .splice(0..0, pending[i..].iter().cloned());
+                return;
+            }
+        }
+        self.unpersisted.store(false, Relaxed);
+        tracing::warn!(
+            version = inner.version,
+            "state persisted again: admin changes are accepted"
+        );
+    }
+
+    /// `(failed writes of state_dir so far, decisions waiting to be
+    /// persisted)`.
+    pub fn persistence(&self) -> (u64, bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.persist_failures.load(Relaxed),
+            self.unpersisted.load(Relaxed),
+        )
     }
 
     fn remember(&self, event: Event) {
