@@ -197,9 +197,12 @@ pub(crate) fn authorize(headers: &HeaderMap, tokens: &[Token]) -> Result<String,
     }
     let unauthorized =
         |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` is `Bearer`.
     let presented = headers
         .get(AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .map(|v| v.as_bytes())
+        .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+        .map(|v| &v[7..])
         .ok_or_else(|| unauthorized("missing `Authorization: Bearer <token>`"))?;
     // Every token is compared, in constant time, whatever matched earlier.
     let mut found = None;

@@ -83,6 +83,20 @@ pub async fn handle<G: Send>(
             ProxyError::DownstreamMalformed("CONNECT is not proxied"),
         ));
     }
+    if req.method() == Method::TRACE {
+        return Ok(unrouted(shared, ProxyError::DownstreamMethodNotAllowed));
+    }
+    // Origin-form targets start with `/` (absolute-form has a scheme; `*`
+    // is only for OPTIONS).
+    let target_ok = req.uri().scheme().is_some()
+        || req.uri().path().starts_with('/')
+        || (req.uri().path() == "*" && req.method() == Method::OPTIONS);
+    if !target_ok {
+        return Ok(unrouted(
+            shared,
+            ProxyError::DownstreamMalformed("request target without a leading /"),
+        ));
+    }
     let client_upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let declared = hyper::body::Body::size_hint(req.body()).lower();
     if declared > shared.max_body {

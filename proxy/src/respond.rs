@@ -20,6 +20,10 @@ pub enum ProxyError {
     /// The request is not one the proxy can carry (bad URI, CONNECT, ...).
     #[error("malformed request: {0}")]
     DownstreamMalformed(&'static str),
+    /// A method the proxy refuses to carry (`TRACE`: it would echo the
+    /// request, credentials included, back to a page).
+    #[error("method not allowed")]
+    DownstreamMethodNotAllowed,
     /// The request head is larger than `limits.max_header_bytes`.
     #[error("request headers too large")]
     DownstreamHeadersTooLarge,
@@ -71,6 +75,7 @@ impl ProxyError {
             | Self::DownstreamUnknownBackend
             | Self::DownstreamBody(_) => StatusCode::BAD_REQUEST,
             Self::DownstreamHeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::DownstreamMethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::DownstreamBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::DownstreamBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoRoute => StatusCode::NOT_FOUND,
@@ -84,7 +89,9 @@ impl ProxyError {
     /// chosen (`None` for upstream failures, counted per backend).
     pub fn unrouted(&self) -> Option<Unrouted> {
         match self {
-            Self::DownstreamMalformed(_) => Some(Unrouted::Malformed),
+            Self::DownstreamMalformed(_) | Self::DownstreamMethodNotAllowed => {
+                Some(Unrouted::Malformed)
+            }
             Self::DownstreamHeadersTooLarge => Some(Unrouted::HeadersTooLarge),
             Self::DownstreamBodyTooLarge => Some(Unrouted::BodyTooLarge),
             Self::DownstreamUnknownBackend => Some(Unrouted::UnknownForcedBackend),
@@ -115,6 +122,7 @@ impl ProxyError {
     fn body(&self) -> &'static str {
         match self {
             Self::DownstreamMalformed(_) => "switchyard: malformed request\n",
+            Self::DownstreamMethodNotAllowed => "switchyard: method not allowed\n",
             Self::DownstreamHeadersTooLarge => "switchyard: request headers too large\n",
             Self::DownstreamBodyTooLarge => "switchyard: request body too large\n",
             Self::DownstreamBody(_) => "switchyard: request body incomplete or malformed\n",

@@ -255,7 +255,7 @@ async fn a_rollback_never_waits_for_the_disk() {
     assert!(common::metric(proxy.admin, "switchyard_state_persist_failures_total ").await > 0);
     let (ready, _, _) = common::call("GET", &admin("/health/ready"), None, &[], "").await;
     assert_eq!(ready, 200);
-    let weights = r#"{"blue": 100, "canary": 0}"#;
+    let weights = r#"{"blue": 90, "canary": 10}"#;
     let (status, _, body) =
         common::call("PUT", &admin("/v1/routes/api/weights"), None, &[], weights).await;
     assert_eq!(status, 503, "{body}");
@@ -282,6 +282,79 @@ async fn a_rollback_never_waits_for_the_disk() {
     let (status, _, body) =
         common::call("PUT", &admin("/v1/routes/api/weights"), None, &[], weights).await;
     assert_eq!(status, 200, "{body}");
+    proxy.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 19, 7: `TRACE` is refused (405), a request target without a
+/// leading `/` is a 400, neither forwarded.
+#[tokio::test]
+async fn trace_and_targets_without_a_slash_are_refused() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let proxy = Running::start(&common::config("", &[("blue", blue.addr, 100.0)])).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"TRACE / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET foo HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(blue.arrived.load(std::sync::atomic::Ordering::SeqCst), 0);
+    proxy.stop().await;
+}
+
+/// Issue 19, 7: the bearer scheme is case-insensitive; a change to what
+/// already is makes no new version and no event.
+#[tokio::test]
+async fn bearer_in_any_case_and_no_op_writes_change_nothing() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::Name).await;
+    let dir = common::temp_dir("bearer");
+    let token = "a-token-of-sixteen-bytes-or-more";
+    std::fs::write(dir.join("token"), token).unwrap();
+    let proxy = Running::start(&common::config(
+        &format!(
+            "admin: {{ listen: 127.0.0.1:9901, tokens: [{{ name: ci, file: \"{}\" }}] }}",
+            dir.join("token").display()
+        ),
+        &[("blue", blue.addr, 100.0), ("canary", canary.addr, 0.0)],
+    ))
+    .await;
+    let url = format!("http://{}/v1/routes/api/weights", proxy.admin);
+    let lower = format!("bearer {token}");
+    let weights = r#"{"blue": 50, "canary": 50}"#;
+    let mut versions = Vec::new();
+    for _ in 0..2 {
+        let (status, headers, body) = common::call(
+            "PUT",
+            &url,
+            None,
+            &[("authorization", lower.as_str())],
+            weights,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        versions.push(headers["etag"].to_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        versions,
+        ["\"1\"", "\"1\""],
+        "the same weights again: no new version"
+    );
+    let (_, _, events) = common::call(
+        "GET",
+        &format!("http://{}/v1/events", proxy.admin),
+        None,
+        &[("authorization", lower.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(events.matches("weights.set").count(), 1, "{events}");
     proxy.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

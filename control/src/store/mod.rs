@@ -585,6 +585,11 @@ impl Store {
             let current = self.view().config.clone();
             let mut next = inner.overrides.clone();
             let described = change(&current, &mut next)?;
+            if next == inner.overrides {
+                // A change to what already is (the same weights again, an
+                // identical flag): no new version, no event.
+                return Ok(self.view());
+            }
             let (kept, _) = fit(&inner.base, next.clone());
             let effective = overlay(&inner.base, &kept);
             effective.validate().map_err(StoreError::Invalid)?;
