@@ -162,6 +162,11 @@ fn decide(
     if route::has_dot_segment(parts.uri.path()) {
         return Err(ProxyError::DownstreamMalformed("dot segment in path"));
     }
+    if route::is_ambiguous(parts.uri.path()) {
+        return Err(ProxyError::DownstreamMalformed(
+            "empty segment or encoded unreserved character in path",
+        ));
+    }
     let route_index = route::find_index(snapshot, parts).ok_or(ProxyError::NoRoute)?;
     let route = &snapshot.routes[route_index];
     let (chosen, set_cookie, flag_header) = {

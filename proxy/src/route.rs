@@ -61,6 +61,29 @@ fn host_matches(rule: &HostMatch, host: Option<&str>) -> bool {
 /// path could match one route's prefix here and resolve to another path at
 /// the upstream (`/api/../admin`), so it is refused rather than forwarded.
 /// Clients normalize paths before sending; browsers always do.
+/// A path a proxy and its upstream could read differently, refused (400)
+/// like dot segments rather than guessed at: an empty segment (`//echo`,
+/// which nginx merges and an upstream may not) or a percent-encoded
+/// unreserved character (`/%65cho` is `/echo` to many upstreams, not to the
+/// route match).
+pub fn is_ambiguous(path: &str) -> bool {
+    if path.contains("//") {
+        return true;
+    }
+    let bytes = path.as_bytes();
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && bytes.get(i + 1..i + 3).is_some_and(|hex| {
+                std::str::from_utf8(hex)
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .is_some_and(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~')
+                    })
+            })
+    })
+}
+
 pub fn has_dot_segment(path: &str) -> bool {
     if !path.contains('.') && !path.contains('%') {
         return false;
@@ -101,6 +124,23 @@ fn path_matches(prefix: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ambiguous_paths_are_found() {
+        for bad in [
+            "//echo/x",
+            "/echo//x",
+            "/%65cho/x",
+            "/a%2Db",
+            "/%7e",
+            "/a/%2E",
+        ] {
+            assert!(is_ambiguous(bad), "{bad}");
+        }
+        for good in ["/echo/x", "/", "/a%20b", "/a%2Fb", "/%e2%82%ac", "/a?x=//y"] {
+            assert!(!is_ambiguous(good.split('?').next().unwrap()), "{good}");
+        }
+    }
     use http::Request;
     use switchyard_control::config::Config;
     use switchyard_control::metrics::Metrics;

@@ -358,3 +358,24 @@ async fn bearer_in_any_case_and_no_op_writes_change_nothing() {
     proxy.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 19, 7: `//echo/x` and `/%65cho/x` are refused (400) rather than
+/// routed differently from how an upstream would read them.
+#[tokio::test]
+async fn ambiguous_paths_are_refused() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let proxy = Running::start(&common::config("", &[("blue", blue.addr, 100.0)])).await;
+    for path in ["//echo/x", "/echo//x", "/%65cho/x"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let answer = raw_exchange(proxy.addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+    }
+    assert_eq!(blue.arrived.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET /a%20b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    proxy.stop().await;
+}
