@@ -100,6 +100,10 @@ pub async fn handle<G: Send>(
     let client_upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let declared = hyper::body::Body::size_hint(req.body()).lower();
     if declared > shared.max_body {
+        // Read what the client still sends (bounded), as nginx's lingering
+        // close does: closing with its bytes unread would reset the
+        // connection before it reads the 413.
+        tokio::spawn(linger(req.into_body()));
         return Ok(unrouted(shared, ProxyError::DownstreamBodyTooLarge));
     }
     let (mut parts, body) = req.into_parts();
@@ -139,6 +143,20 @@ pub async fn handle<G: Send>(
         resp.headers_mut().append(SET_COOKIE, cookie);
     }
     Ok(resp.map(Either::Left))
+}
+
+/// Reads and drops a refused request's body, for at most 30 s and while
+/// bytes keep coming (5 s without any ends it).
+async fn linger(mut body: Incoming) {
+    use http_body_util::BodyExt;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let idle = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        match tokio::time::timeout_at(idle.min(deadline), body.frame()).await {
+            Ok(Some(Ok(_))) => {}
+            _ => return,
+        }
+    }
 }
 
 /// Answers a request that never reached a backend, counting why.

@@ -379,3 +379,35 @@ async fn ambiguous_paths_are_refused() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     proxy.stop().await;
 }
+
+/// Issue 19, 7: a body declared over `limits.max_request_body_bytes` gets
+/// its 413 and the client can finish sending and read it (the proxy reads
+/// the rest, bounded, as nginx does), rather than a reset mid-upload.
+#[tokio::test]
+async fn an_oversized_upload_reads_its_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = Upstream::start("blue", Behaviour::EchoBody).await;
+    let proxy = Running::start(&common::config(
+        "limits: { max_request_body_bytes: 1048576 }",
+        &[("blue", blue.addr, 100.0)],
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let size = 4 * 1024 * 1024;
+    s.write_all(format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    for _ in 0..size / chunk.len() {
+        s.write_all(&chunk).await.expect("the whole body goes out");
+    }
+    let mut answer = vec![0u8; 256];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut answer))
+        .await
+        .expect("an answer")
+        .expect("read, not reset");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(blue.arrived.load(std::sync::atomic::Ordering::SeqCst), 0);
+    proxy.stop().await;
+}
