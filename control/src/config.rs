@@ -496,10 +496,18 @@ pub struct Timeouts {
     /// Opening a connection to an upstream endpoint. Default `1s`.
     #[serde(default = "default_connect")]
     pub connect: Dur,
-    /// From sending a request upstream to receiving its response headers.
-    /// Default `30s`. A streaming body after the headers is not cut short.
+    /// From the end of sending a request upstream (its body included) to
+    /// receiving its response headers. Default `30s`. A streaming body
+    /// after the headers is not cut short.
     #[serde(default = "default_request")]
     pub request: Dur,
+    /// While a request body is being sent up: the longest time without any
+    /// progress (no bytes from the client, or none taken by the upstream).
+    /// A client that stalls gets 408 (its failure, not the backend's); an
+    /// upstream that stops reading, 504. Default `60s` (nginx's
+    /// `client_body_timeout`).
+    #[serde(default = "default_upload_idle")]
+    pub upload_idle: Dur,
     /// Idle keep-alive connections (client side: time to start the next
     /// request, HTTP/1.1 and HTTP/2; upstream side: pooled idle connections).
     /// Default `90s`.
@@ -521,6 +529,7 @@ impl Default for Timeouts {
         Self {
             connect: default_connect(),
             request: default_request(),
+            upload_idle: default_upload_idle(),
             idle: default_idle(),
             request_header: default_request_header(),
             drain: default_drain(),
@@ -810,6 +819,9 @@ fn default_request() -> Dur {
 }
 fn default_idle() -> Dur {
     Dur(Duration::from_secs(90))
+}
+fn default_upload_idle() -> Dur {
+    Dur(Duration::from_secs(60))
 }
 fn default_request_header() -> Dur {
     Dur(Duration::from_secs(10))
@@ -1113,6 +1125,7 @@ impl Timeouts {
         for (name, d) in [
             ("connect", self.connect),
             ("request", self.request),
+            ("upload_idle", self.upload_idle),
             ("idle", self.idle),
             ("request_header", self.request_header),
             ("drain", self.drain),

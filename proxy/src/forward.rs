@@ -288,24 +288,67 @@ impl Upstreams {
         upgrade: bool,
     ) -> Result<Response<PooledBody>, SendError> {
         let target = origin_form(&parts.uri).map_err(SendError::Sent)?;
-        let waiting_on_client = std::sync::atomic::AtomicBool::new(false);
+        // Without a body there is no upload to wait for: one timer, from
+        // the start (a new connection's connect included).
+        if body.is_end_stream() {
+            let request = Head {
+                method: &parts.method,
+                target,
+                headers: &mut parts.headers,
+                added,
+                upgrade,
+                progress: None,
+            };
+            let sent = endpoint.pool.send(request, body, &self.timeouts);
+            return match tokio::time::timeout(self.timeouts.request.0, sent).await {
+                Err(_elapsed) => Err(SendError::Sent(ProxyError::UpstreamTimeout)),
+                Ok(sent) => sent,
+            };
+        }
+        let progress = Progress::default();
         let request = Head {
             method: &parts.method,
             target,
             headers: &mut parts.headers,
             added,
             upgrade,
-            waiting_on_client: &waiting_on_client,
+            progress: Some(&progress),
         };
         let sent = endpoint.pool.send(request, body, &self.timeouts);
-        match tokio::time::timeout(self.timeouts.request.0, sent).await {
-            // Still waiting for the client's body: its slowness, not the
-            // backend's.
-            Err(_) if waiting_on_client.load(std::sync::atomic::Ordering::Relaxed) => {
-                Err(SendError::Sent(ProxyError::DownstreamBodyTimeout))
+        tokio::pin!(sent);
+        // While the body goes up, `upload_idle` without progress ends it;
+        // once it is all sent, `request` bounds the wait for the head.
+        let started = tokio::time::Instant::now();
+        let timer = tokio::time::sleep_until(started + self.timeouts.upload_idle.0);
+        tokio::pin!(timer);
+        loop {
+            let (sent_at, last) = progress.marks();
+            let deadline = match sent_at {
+                Some(at) => started + at + self.timeouts.request.0,
+                None => started + last + self.timeouts.upload_idle.0,
+            };
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
             }
-            Err(_elapsed) => Err(SendError::Sent(ProxyError::UpstreamTimeout)),
-            Ok(sent) => sent,
+            tokio::select! {
+                biased;
+                done = &mut sent => return done,
+                // Progress: the deadline moves.
+                _ = progress.changed.notified() => continue,
+                _ = &mut timer => {
+                    if progress.marks() != (sent_at, last) {
+                        continue; // progress meanwhile: a later deadline
+                    }
+                    let error = match sent_at {
+                        Some(_) => ProxyError::UpstreamTimeout,
+                        // Stalled waiting for the client's body: its
+                        // slowness, not the backend's.
+                        None if progress.waiting_on_client() => ProxyError::DownstreamBodyTimeout,
+                        None => ProxyError::UpstreamTimeout,
+                    };
+                    return Err(SendError::Sent(error));
+                }
+            }
         }
     }
 }
@@ -653,11 +696,14 @@ impl Upload {
         cx: &mut Context<'_>,
         io: &mut Io,
         out: &mut BytesMut,
-        waiting_on_client: Option<&std::sync::atomic::AtomicBool>,
+        progress: Option<&Progress>,
     ) -> Poll<Result<(), UploadError>> {
-        let waiting = |now: bool| {
-            if let Some(w) = waiting_on_client {
-                w.store(now, std::sync::atomic::Ordering::Relaxed);
+        let waiting = |on_client: bool| {
+            if let Some(p) = progress {
+                p.waiting(on_client);
+                if !on_client {
+                    p.moved();
+                }
             }
         };
         loop {
@@ -766,8 +812,61 @@ struct Head<'a> {
     added: &'a Added,
     /// The request asks to switch protocols (a 101 is welcome).
     upgrade: bool,
-    /// Set while the upload waits for the client's next body bytes.
-    waiting_on_client: &'a std::sync::atomic::AtomicBool,
+    /// How far the upload is (for the timeouts).
+    progress: Option<&'a Progress>,
+}
+
+/// An upload's progress, for `Upstreams::send`'s timeouts: times are
+/// milliseconds since the send started.
+#[derive(Default)]
+struct Progress {
+    origin: std::sync::OnceLock<Instant>,
+    /// When the last body bytes moved.
+    last_ms: std::sync::atomic::AtomicU64,
+    /// When the whole request was sent (0: not yet; stored as ms + 1).
+    sent_ms: std::sync::atomic::AtomicU64,
+    /// The upload waits for the client's next body bytes.
+    waiting_on_client: std::sync::atomic::AtomicBool,
+    /// Woken when the marks move.
+    changed: tokio::sync::Notify,
+}
+
+impl Progress {
+    fn now(&self) -> u64 {
+        self.origin.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+
+    fn moved(&self) {
+        self.last_ms
+            .store(self.now(), std::sync::atomic::Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
+    fn sent(&self) {
+        self.sent_ms
+            .store(self.now() + 1, std::sync::atomic::Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
+    fn waiting(&self, on_client: bool) {
+        self.waiting_on_client
+            .store(on_client, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn waiting_on_client(&self) -> bool {
+        self.waiting_on_client
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// (sent at, last progress at), as durations since the start.
+    fn marks(&self) -> (Option<Duration>, Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sent = self.sent_ms.load(Relaxed);
+        (
+            (sent != 0).then(|| Duration::from_millis(sent - 1)),
+            Duration::from_millis(self.last_ms.load(Relaxed)),
+        )
+    }
 }
 
 /// A request sent and its response head read.
@@ -811,13 +910,13 @@ async fn exchange(
     let mut informational = 0;
     let head = std::future::poll_fn(|cx| {
         if !uploaded && !write_failed {
-            match upload.poll(
-                cx,
-                &mut conn.io,
-                &mut conn.write_buf,
-                Some(request.waiting_on_client),
-            ) {
-                Poll::Ready(Ok(())) => uploaded = true,
+            match upload.poll(cx, &mut conn.io, &mut conn.write_buf, request.progress) {
+                Poll::Ready(Ok(())) => {
+                    uploaded = true;
+                    if let Some(p) = request.progress {
+                        p.sent();
+                    }
+                }
                 Poll::Ready(Err(UploadError::Body(e))) => return Poll::Ready(Err(e)),
                 // The response may still be readable (a 413 sent before
                 // closing): read on, and fail if there is none.

@@ -202,12 +202,31 @@ const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
 pub async fn supervise(shared: Arc<Shared>, store: Arc<Store>, timeouts: Timeouts) {
     let mut checks = Checks::default();
     let mut last: EndpointStates = EndpointStates::new();
+    // What the last round saw, flat: a round that finds the same snapshot
+    // and the same states does nothing more (it runs every second, also
+    // on a proxy busy with requests).
+    let mut seen: Option<(Arc<crate::snapshot::Snapshot>, Vec<EndpointState>)> = None;
     let mut tick = tokio::time::interval(SUPERVISE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let snapshot = shared.snapshot.load_full();
         let now = now_ms();
+        let flat: Vec<EndpointState> = snapshot
+            .routes
+            .iter()
+            .flat_map(|r| r.backends.iter())
+            .flat_map(|b| b.endpoints.iter())
+            .map(|e| e.health().state(now))
+            .collect();
+        // (Held, the last snapshot's address cannot be reused by a new one.)
+        if seen
+            .as_ref()
+            .is_some_and(|(s, f)| Arc::ptr_eq(s, &snapshot) && *f == flat)
+        {
+            continue;
+        }
+        seen = Some((snapshot.clone(), flat));
         let mut wanted = HashMap::new();
         let mut states = EndpointStates::new();
         for route in snapshot.routes.iter() {

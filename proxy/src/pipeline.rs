@@ -267,7 +267,7 @@ fn valid_host(value: &[u8]) -> bool {
             None => (value, &value[value.len()..]),
         },
     };
-    let host_ok = if host.first() == Some(&b'[') {
+    let host_ok = if host[0] == b'[' {
         host.len() > 2
             && host[1..host.len() - 1]
                 .iter()
@@ -278,16 +278,18 @@ fn valid_host(value: &[u8]) -> bool {
                 .iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
     };
+    // `:` and 1 to 5 digits, 1 to 65535.
     let port_ok = match port.split_first() {
         None => true,
-        Some((b':', digits)) => {
-            !digits.is_empty()
-                && digits.len() <= 5
-                && digits.iter().all(u8::is_ascii_digit)
-                && std::str::from_utf8(digits)
-                    .ok()
-                    .and_then(|d| d.parse::<u32>().ok())
-                    .is_some_and(|p| (1..=65535).contains(&p))
+        Some((b':', digits)) if (1..=5).contains(&digits.len()) => {
+            let mut n = 0u32;
+            for d in digits {
+                if !d.is_ascii_digit() {
+                    return false;
+                }
+                n = n * 10 + u32::from(d - b'0');
+            }
+            (1..=65535).contains(&n)
         }
         Some(_) => false,
     };

@@ -67,21 +67,33 @@ fn host_matches(rule: &HostMatch, host: Option<&str>) -> bool {
 /// unreserved character (`/%65cho` is `/echo` to many upstreams, not to the
 /// route match).
 pub fn is_ambiguous(path: &str) -> bool {
-    if path.contains("//") {
-        return true;
-    }
+    // One pass over the bytes, no searcher to set up: most paths are short
+    // and have neither.
     let bytes = path.as_bytes();
-    bytes.iter().enumerate().any(|(i, &b)| {
-        b == b'%'
-            && bytes.get(i + 1..i + 3).is_some_and(|hex| {
-                std::str::from_utf8(hex)
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .is_some_and(|c| {
-                        c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~')
-                    })
-            })
-    })
+    let mut previous = 0u8;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'/' && previous == b'/' {
+            return true;
+        }
+        if b == b'%' && encoded_unreserved(bytes.get(i + 1..i + 3)) {
+            return true;
+        }
+        previous = b;
+    }
+    false
+}
+
+/// Two hex digits naming an unreserved character (RFC 3986 §2.3).
+fn encoded_unreserved(hex: Option<&[u8]>) -> bool {
+    let digit = |h: u8| (h as char).to_digit(16);
+    let Some(&[a, b]) = hex else {
+        return false;
+    };
+    let (Some(a), Some(b)) = (digit(a), digit(b)) else {
+        return false;
+    };
+    let c = (a * 16 + b) as u8;
+    c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~')
 }
 
 pub fn has_dot_segment(path: &str) -> bool {

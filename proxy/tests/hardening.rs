@@ -411,3 +411,38 @@ async fn an_oversized_upload_reads_its_413() {
     assert_eq!(blue.arrived.load(std::sync::atomic::Ordering::SeqCst), 0);
     proxy.stop().await;
 }
+
+/// Issue 19, 2: `timeouts.request` starts once the request is sent: an
+/// upload that keeps moving may take longer (nginx's behaviour), and only
+/// `timeouts.upload_idle` without progress ends it.
+#[tokio::test]
+async fn a_slow_but_steady_upload_is_not_cut_by_the_request_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = Upstream::start("blue", Behaviour::EchoBody).await;
+    let proxy = Running::start(&common::config(
+        "timeouts: { request: 300ms, upload_idle: 2s }",
+        &[("blue", blue.addr, 100.0)],
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // Six bytes over about 1.2 s: four times the request timeout.
+    for byte in b"steady" {
+        s.write_all(&[*byte]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_end(&mut answer),
+    )
+    .await
+    .expect("an answer")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("steady"), "{answer}");
+    proxy.stop().await;
+}

@@ -777,14 +777,14 @@ async fn a_malformed_chunked_body_is_a_400() {
 }
 
 /// Issue 18: a client too slow to send its body gets 408 when
-/// `timeouts.request` passes, counted as its own failure (`client_body`),
-/// not as the backend's timeout.
+/// `timeouts.upload_idle` passes without its bytes, counted as its own
+/// failure (`client_body`), not as the backend's timeout.
 #[tokio::test]
 async fn a_client_too_slow_with_its_body_gets_408_not_the_backend_a_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let blue = Upstream::start("blue", Behaviour::EchoBody).await;
     let yaml = common::config(
-        "timeouts: { request: 300ms }",
+        "timeouts: { upload_idle: 300ms }",
         &[("blue", blue.addr, 100.0)],
     );
     let proxy = Running::start(&yaml).await;
