@@ -288,23 +288,7 @@ impl Upstreams {
         upgrade: bool,
     ) -> Result<Response<PooledBody>, SendError> {
         let target = origin_form(&parts.uri).map_err(SendError::Sent)?;
-        // Without a body there is no upload to wait for: one timer, from
-        // the start (a new connection's connect included).
-        if body.is_end_stream() {
-            let request = Head {
-                method: &parts.method,
-                target,
-                headers: &mut parts.headers,
-                added,
-                upgrade,
-                progress: None,
-            };
-            let sent = endpoint.pool.send(request, body, &self.timeouts);
-            return match tokio::time::timeout(self.timeouts.request.0, sent).await {
-                Err(_elapsed) => Err(SendError::Sent(ProxyError::UpstreamTimeout)),
-                Ok(sent) => sent,
-            };
-        }
+        let bodiless = body.is_end_stream();
         let progress = Progress::default();
         let request = Head {
             method: &parts.method,
@@ -312,9 +296,17 @@ impl Upstreams {
             headers: &mut parts.headers,
             added,
             upgrade,
-            progress: Some(&progress),
+            progress: (!bodiless).then_some(&progress),
         };
         let sent = endpoint.pool.send(request, body, &self.timeouts);
+        // Without a body there is no upload to wait for: one timer, from
+        // the start (a new connection's connect included).
+        if bodiless {
+            return match tokio::time::timeout(self.timeouts.request.0, sent).await {
+                Err(_elapsed) => Err(SendError::Sent(ProxyError::UpstreamTimeout)),
+                Ok(sent) => sent,
+            };
+        }
         tokio::pin!(sent);
         // While the body goes up, `upload_idle` without progress ends it;
         // once it is all sent, `request` bounds the wait for the head.
