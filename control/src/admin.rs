@@ -242,14 +242,14 @@ pub(crate) async fn route_stats(
             "metrics.enabled is false in the configuration",
         ));
     }
-    let Some(backends) = metrics.route_window(route) else {
+    let Some(backends) = metrics.route_backends(route) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no route named `{route}`"),
         ));
     };
-    let names: Vec<&str> = backends.iter().map(|b| &*b.backend).collect();
+    let names: Vec<&str> = backends.iter().map(|b| &**b).collect();
     // The fleet's windows are published over the analysis window of the
     // route's rollout while one progresses (what its leader judges), else
     // over `metrics.window`.

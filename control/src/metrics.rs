@@ -496,6 +496,19 @@ impl Metrics {
             .cloned()
     }
 
+    /// The backends of `route` with stats (in the order they were first
+    /// configured); `None` if the route has none.
+    pub fn route_backends(&self, route: &str) -> Option<Vec<Arc<str>>> {
+        let list: Vec<Arc<str>> = self
+            .backends
+            .load()
+            .iter()
+            .filter(|b| &*b.route == route)
+            .map(|b| b.backend.clone())
+            .collect();
+        (!list.is_empty()).then_some(list)
+    }
+
     /// Window figures for each backend of `route` (in the order they were
     /// first configured), read now; `None` if the route has no stats.
     pub fn route_window(&self, route: &str) -> Option<Vec<BackendWindow>> {

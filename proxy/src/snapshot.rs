@@ -113,11 +113,6 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// The next endpoint, round robin, ignoring health.
-    pub fn endpoint(&self) -> Option<&Endpoint> {
-        self.pick_except(0, false).map(|(_, e)| e)
-    }
-
     /// The next endpoint not ejected, round robin, with its index; `None`
     /// when every endpoint is ejected (or there is none).
     pub fn pick(&self) -> Option<(usize, &Endpoint)> {
