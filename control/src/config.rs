@@ -80,6 +80,9 @@ pub struct Config {
     /// runtime changes live in memory only and are lost on restart.
     #[serde(default)]
     pub state_dir: Option<std::path::PathBuf>,
+    /// The audit log's files in `state_dir`.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Feature flags, evaluated per request (initial values; the admin API
     /// changes them at run time).
     #[serde(default)]
@@ -513,6 +516,12 @@ pub struct Timeouts {
     /// Default `90s`.
     #[serde(default = "default_idle")]
     pub idle: Dur,
+    /// An upstream response body's longest wait for its next bytes once
+    /// the head arrived (nginx's `proxy_read_timeout`); past it the body is
+    /// cut off and the client's connection or stream reset. Default `60s`:
+    /// raise it for long polls and event streams without heartbeats.
+    #[serde(default = "default_upload_idle")]
+    pub response_body_idle: Dur,
     /// Time a client has to send a whole request head once its first byte
     /// arrived, and to finish a TLS handshake: slow clients (slowloris) are
     /// cut off after it. Default `10s`.
@@ -531,6 +540,7 @@ impl Default for Timeouts {
             request: default_request(),
             upload_idle: default_upload_idle(),
             idle: default_idle(),
+            response_body_idle: default_upload_idle(),
             request_header: default_request_header(),
             drain: default_drain(),
         }
@@ -572,6 +582,59 @@ impl Default for Limits {
             max_request_body_bytes: default_max_request_body_bytes(),
             http2_max_concurrent_streams: default_http2_max_streams(),
         }
+    }
+}
+
+/// The audit log in `state_dir` (`events.jsonl`, docs/security.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// `events.jsonl` is rotated (renamed `events.<first seq>.jsonl`) once
+    /// an append takes it past this size. Default `16777216` (16 MiB, about
+    /// 40,000 events); allowed 65536 to 1073741824.
+    #[serde(default = "default_audit_file_bytes")]
+    pub max_file_bytes: u64,
+    /// Rotated files kept; the oldest past this are deleted. Default `8`;
+    /// allowed 0 to 10000.
+    #[serde(default = "default_audit_keep_files")]
+    pub keep_files: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: default_audit_file_bytes(),
+            keep_files: default_audit_keep_files(),
+        }
+    }
+}
+
+fn default_audit_file_bytes() -> u64 {
+    16 * 1024 * 1024
+}
+
+fn default_audit_keep_files() -> usize {
+    8
+}
+
+impl AuditConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&self.max_file_bytes) {
+            return Err(ConfigError::new(
+                "audit.max_file_bytes",
+                format!(
+                    "{} is not between 65536 and 1073741824",
+                    self.max_file_bytes
+                ),
+            ));
+        }
+        if self.keep_files > 10_000 {
+            return Err(ConfigError::new(
+                "audit.keep_files",
+                format!("{} is not between 0 and 10000", self.keep_files),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -899,6 +962,7 @@ impl Config {
         check("limits", self.limits == next.limits);
         check("metrics", self.metrics == next.metrics);
         check("state_dir", self.state_dir == next.state_dir);
+        check("audit", self.audit == next.audit);
         check("fleet", self.fleet == next.fleet);
         changed
     }
@@ -952,6 +1016,7 @@ impl Config {
         self.outlier.validate()?;
         self.timeouts.validate()?;
         self.limits.validate()?;
+        self.audit.validate()?;
         let window = self.metrics.window.0;
         if window < Duration::from_secs(1) || window > Duration::from_secs(3600) {
             return Err(ConfigError::new(
@@ -1127,6 +1192,7 @@ impl Timeouts {
             ("request", self.request),
             ("upload_idle", self.upload_idle),
             ("idle", self.idle),
+            ("response_body_idle", self.response_body_idle),
             ("request_header", self.request_header),
             ("drain", self.drain),
         ] {
@@ -1637,6 +1703,15 @@ routes:
         assert_eq!(e.field, "workers");
         let e = err(&format!("{GOOD}limits: {{ max_header_bytes: 10 }}\n"));
         assert_eq!(e.field, "limits.max_header_bytes");
+        let e = err(&format!("{GOOD}audit: {{ max_file_bytes: 1000 }}\n"));
+        assert_eq!(e.field, "audit.max_file_bytes");
+        assert!(e.to_string().contains("65536"), "{e}");
+        let e = err(&GOOD.replace("idle: 90s", "idle: 90s, response_body_idle: 0s"));
+        assert_eq!(e.field, "timeouts.response_body_idle");
+        let e = err(&format!("{GOOD}audit: {{ keep_files: 20000 }}\n"));
+        assert_eq!(e.field, "audit.keep_files");
+        let c = Config::from_yaml(GOOD).unwrap();
+        assert_eq!((c.audit.max_file_bytes, c.audit.keep_files), (16 << 20, 8));
         for (extra, field) in [
             (
                 "limits: { max_request_body_bytes: 0 }",

@@ -153,6 +153,8 @@ struct Pool {
     /// Lock-free: requests on every worker take and give back here.
     idle: ArrayQueue<Idle>,
     idle_timeout: Duration,
+    /// `timeouts.response_body_idle`.
+    body_idle: Duration,
 }
 
 struct Idle {
@@ -245,6 +247,7 @@ impl Upstreams {
             connect,
             idle: ArrayQueue::new(MAX_IDLE_PER_ENDPOINT),
             idle_timeout: self.timeouts.idle.0,
+            body_idle: self.timeouts.response_body_idle.0,
         }
     }
 
@@ -470,6 +473,8 @@ impl Pool {
             upload: upload.map(Box::new),
             reusable: head.reusable,
             upgraded,
+            stall: None,
+            stalling: false,
         };
         if !upgraded && body.decoder.is_end() {
             body.finish();
@@ -957,6 +962,13 @@ pub struct PooledBody {
     reusable: bool,
     /// A 101: the connection is the tunnel's, taken by `take_tunnel`.
     upgraded: bool,
+    /// The deadline of a wait for the upstream's next bytes
+    /// (`timeouts.response_body_idle`): made the first time a read pends
+    /// (most bodies arrive with their head and never need one), reset when
+    /// one pends again after progress.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// `stall` is armed for the current wait.
+    stalling: bool,
 }
 
 enum Decoder {
@@ -1088,7 +1100,37 @@ impl Body for PooledBody {
                 Decoder::Length(left) => usize::try_from(left).unwrap_or(usize::MAX),
                 _ => READ_SIZE,
             };
-            match ready!(conn.poll_fill(cx, want)) {
+            let filled = match conn.poll_fill(cx, want) {
+                Poll::Ready(filled) => {
+                    this.stalling = false;
+                    filled
+                }
+                Poll::Pending => {
+                    let idle = this.pool.body_idle;
+                    if !this.stalling {
+                        let deadline = tokio::time::Instant::now() + idle;
+                        match this.stall.as_mut() {
+                            Some(stall) => stall.as_mut().reset(deadline),
+                            None => this.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                        }
+                        this.stalling = true;
+                    }
+                    let stall = this.stall.as_mut().expect("armed above");
+                    if std::future::Future::poll(stall.as_mut(), cx).is_ready() {
+                        tracing::info!(
+                            upstream = %this.pool.target,
+                            idle_ms = idle.as_millis() as u64,
+                            "upstream response body stalled; cut off"
+                        );
+                        return this.fail(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "upstream response body stalled",
+                        ));
+                    }
+                    return Poll::Pending;
+                }
+            };
+            match filled {
                 Ok(0) if matches!(this.decoder, Decoder::Close) => {
                     this.reusable = false;
                     this.finish();
@@ -1288,6 +1330,7 @@ mod tests {
             connect: Connect::Plain(connector(&timeouts)),
             idle: ArrayQueue::new(2),
             idle_timeout: Duration::from_secs(60),
+            body_idle: Duration::from_secs(60),
         };
         conn.read_buf.reserve(READ_SIZE);
         conn.write_buf.reserve(1024);

@@ -260,6 +260,7 @@ impl EtcdBackend {
         let state = file::new_state(
             document.version,
             document.overrides.clone(),
+            Vec::new(),
             Some(FleetCache {
                 prefix: self.fleet.prefix().to_owned(),
                 revision,

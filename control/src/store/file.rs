@@ -2,21 +2,24 @@
 //! fleet replica's cache of the last state it saw in etcd).
 //!
 //! `state.json` is written atomically (temp file, fsync, rename, fsync the
-//! directory); `events.jsonl` is appended and synced per event. Every write
+//! directory), carrying the audit events of the change it records; they are
+//! then appended to the audit log (`log.rs`). Every write
 //! runs off the async runtime: an fsync must never stall the data plane
 //! sharing it (with `workers: 1`, the same thread).
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::fs::{self, File};
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::log::AuditLog;
 use super::{Event, Overrides, StoreError};
+use crate::config::AuditConfig;
 
 const STATE_FORMAT: u32 = 1;
 pub(super) const STATE_FILE: &str = "state.json";
-const EVENTS_FILE: &str = "events.jsonl";
 
 /// `state.json`.
 #[derive(Serialize, Deserialize)]
@@ -25,6 +28,12 @@ pub(super) struct StateFile {
     pub format: u32,
     pub version: u64,
     pub overrides: Overrides,
+    /// Audit events not yet known to be in `events.jsonl`: written in the
+    /// same atomic step as the state they describe, so a crash leaves both
+    /// or neither, then appended to the log (again at start-up, when a
+    /// crash came between).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unlogged: Vec<Event>,
     /// Set when this file is a fleet replica's cache of etcd's state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<FleetCache>,
@@ -45,16 +54,18 @@ pub(super) struct FleetCache {
 #[derive(Debug, Clone)]
 pub(super) struct StateDir {
     pub dir: PathBuf,
+    log: Arc<AuditLog>,
 }
 
 impl StateDir {
-    /// Creates `dir` if needed.
-    pub fn open(dir: &Path) -> Result<StateDir, StoreError> {
+    /// Creates `dir` if needed and opens its audit log.
+    pub fn open(dir: &Path, audit: &AuditConfig) -> Result<StateDir, StoreError> {
         fs::create_dir_all(dir).map_err(|e| {
             StoreError::Io(format!("state_dir {}: cannot create: {e}", dir.display()))
         })?;
         Ok(StateDir {
             dir: dir.to_owned(),
+            log: Arc::new(AuditLog::open(dir, audit)?),
         })
     }
 
@@ -99,85 +110,39 @@ impl StateDir {
             .map_err(|e| StoreError::Io(format!("state write task failed: {e}")))?
     }
 
-    /// The highest audit sequence number written (0 for none).
-    pub fn last_event_seq(&self) -> Result<u64, StoreError> {
-        let mut last = 0;
-        self.scan_events(|event| {
-            last = last.max(event.seq);
-            true
-        })?;
-        Ok(last)
+    /// The audit log.
+    pub fn log(&self) -> &AuditLog {
+        &self.log
     }
 
-    /// Appends `event`, blocking.
-    pub fn append_blocking(&self, event: &Event) -> Result<(), StoreError> {
-        let path = self.dir.join(EVENTS_FILE);
-        let mut line = serde_json::to_vec(event).expect("event serializes");
-        line.push(b'\n');
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| f.write_all(&line).and_then(|()| f.sync_data()))
-            .map_err(|e| {
-                StoreError::Io(format!(
-                    "{}: change applied but audit append failed: {e}",
-                    path.display()
-                ))
-            })
-    }
-
-    /// Appends `event` off the runtime.
-    pub async fn append(&self, event: Event) -> Result<(), StoreError> {
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || me.append_blocking(&event))
+    /// Appends `events` to the audit log off the runtime.
+    pub async fn append(&self, events: Vec<Event>) -> Result<(), StoreError> {
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || log.append(&events))
             .await
             .map_err(|e| StoreError::Io(format!("audit append task failed: {e}")))?
     }
 
-    /// Events with `seq > after`, oldest first, at most `limit`.
-    pub fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
-        let mut out = Vec::new();
-        self.scan_events(|event| {
-            if event.seq > after {
-                out.push(event);
-            }
-            out.len() < limit
-        })?;
-        Ok(out)
-    }
-
-    /// Calls `each` with every readable event until it answers `false`.
-    fn scan_events(&self, mut each: impl FnMut(Event) -> bool) -> Result<(), StoreError> {
-        let path = self.dir.join(EVENTS_FILE);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(StoreError::Io(format!("{}: {e}", path.display()))),
-        };
-        for line in BufReader::new(file).lines() {
-            let line = line.map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
-            // A torn last line from a crash mid-append: skip it.
-            let Ok(event) = serde_json::from_str::<Event>(&line) else {
-                continue;
-            };
-            if !each(event) {
-                break;
-            }
-        }
-        Ok(())
+    /// Audit events with `seq > after` off the runtime.
+    pub async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || log.events(after, limit))
+            .await
+            .map_err(|e| StoreError::Io(format!("audit read task failed: {e}")))?
     }
 }
 
 pub(super) fn new_state(
     version: u64,
     overrides: Overrides,
+    unlogged: Vec<Event>,
     fleet: Option<FleetCache>,
 ) -> StateFile {
     StateFile {
         format: STATE_FORMAT,
         version,
         overrides,
+        unlogged,
         fleet,
     }
 }

@@ -25,6 +25,7 @@
 
 mod etcd;
 mod file;
+mod log;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -65,6 +66,9 @@ pub struct Overrides {
 }
 
 /// Events kept when there is no `state_dir`.
+/// Events the audit log may refuse (kept in `state.json` meanwhile) before
+/// admin changes are refused.
+const MAX_UNLOGGED: usize = 10_000;
 const MEMORY_EVENTS: usize = 10_000;
 /// How often a write retries when another replica's write got in first.
 const COMMIT_ATTEMPTS: usize = 8;
@@ -152,8 +156,11 @@ pub struct Store {
     /// written (they never wait for the disk); persisted again by
     /// `retry_persist`. Admin writes are refused meanwhile.
     unpersisted: std::sync::atomic::AtomicBool,
-    /// Their audit events, appended once the disk takes them.
-    pending_events: std::sync::Mutex<Vec<Event>>,
+    /// Audit events the log has not taken yet: in `state.json` (or, while
+    /// `unpersisted`, only here), appended by `flush_log`.
+    unlogged: std::sync::Mutex<Vec<Event>>,
+    /// The audit log refused its last append (logged once per outage).
+    log_failing: std::sync::atomic::AtomicBool,
     /// Writes of `state_dir` that failed (`switchyard_state_persist_failures_total`).
     persist_failures: std::sync::atomic::AtomicU64,
 }
@@ -192,8 +199,14 @@ impl Store {
     /// and the store starts from it (or from `base` without one); `sync`
     /// then brings it to etcd's current revision, before the proxy serves.
     pub fn open(base: Config, reset: bool, apply: Applier) -> Result<Store, StoreError> {
-        let dir = base.state_dir.as_deref().map(StateDir::open).transpose()?;
+        let dir = base
+            .state_dir
+            .as_deref()
+            .map(|d| StateDir::open(d, &base.audit))
+            .transpose()?;
         let mut startup_events = Vec::new();
+        // Events a crash left in `state.json` before the log took them.
+        let mut recovered = Vec::new();
         let (mut overrides, mut version, mut next_seq, mut revision) =
             (Overrides::default(), 0, 1, 0);
         let fleet = match &base.fleet {
@@ -201,9 +214,11 @@ impl Store {
             None => None,
         };
         if let Some(dir) = &dir {
-            if fleet.is_none() {
-                next_seq = dir.last_event_seq()? + 1;
-            }
+            let logged = match fleet {
+                None => dir.log().last_seq()?,
+                Some(_) => 0,
+            };
+            next_seq = logged + 1;
             if reset && dir.state_path().exists() {
                 let aside = dir.move_aside()?;
                 startup_events.push(Change {
@@ -217,6 +232,12 @@ impl Store {
                     (None, _) => {
                         overrides = state.overrides;
                         version = state.version;
+                        recovered = state.unlogged;
+                        recovered.retain(|e| e.seq > logged);
+                        if let Some(last) = recovered.last() {
+                            tracing::warn!(events = recovered.len(), "audit events the log had not taken before the last stop are appended now");
+                            next_seq = next_seq.max(last.seq + 1);
+                        }
                     }
                     (Some(f), Some(cache)) if cache.prefix == f.prefix() => {
                         overrides = state.overrides;
@@ -264,28 +285,39 @@ impl Store {
             backend,
             memory_events: std::sync::Mutex::new(VecDeque::new()),
             unpersisted: Default::default(),
-            pending_events: Default::default(),
+            unlogged: Default::default(),
+            log_failing: Default::default(),
             persist_failures: Default::default(),
         };
-        if let (false, Backend::File(dir)) = (startup_events.is_empty(), &store.backend) {
+        if let Backend::File(dir) = &store.backend {
             let mut inner = store
                 .write
                 .try_lock()
                 .expect("no one else holds a new store");
-            if let Some(dir) = dir {
-                dir.write_blocking(&file::new_state(
-                    inner.version,
-                    inner.overrides.clone(),
-                    None,
-                ))?;
-            }
+            let mut events = recovered;
+            let fresh = !startup_events.is_empty();
             for change in startup_events {
-                let event = store.make_event(&inner, "startup", change, inner.version);
+                events.push(store.make_event(&inner, "startup", change, inner.version));
                 inner.next_seq += 1;
-                match dir {
-                    Some(dir) => dir.append_blocking(&event)?,
-                    None => store.remember(event),
+            }
+            match dir {
+                Some(dir) if !events.is_empty() => {
+                    if fresh {
+                        // New events go into `state.json` with the state
+                        // first (recovered ones are there already).
+                        let state = file::new_state(
+                            inner.version,
+                            inner.overrides.clone(),
+                            events.clone(),
+                            None,
+                        );
+                        dir.write_blocking(&state)?;
+                    }
+                    *store.unlogged.lock().expect("unlogged lock") = events;
+                    store.flush_log_blocking(dir);
                 }
+                Some(_) => {}
+                None => events.into_iter().for_each(|e| store.remember(e)),
             }
         }
         Ok(store)
@@ -474,30 +506,26 @@ impl Store {
         let effective = overlay(&base, &kept);
         effective.validate().map_err(StoreError::Invalid)?;
         let version = inner.version + 1;
-        if let Backend::File(Some(dir)) = &self.backend {
-            dir.write(file::new_state(version, kept.clone(), None))
-                .await?;
+        let reloaded = Change {
+            action: "config.reload",
+            target: "config".into(),
+            before: summary(&self.view().config),
+            after: summary(&effective),
+        };
+        let first_seq = inner.next_seq;
+        let mut events = Vec::new();
+        for change in std::iter::once(reloaded).chain(dropped) {
+            events.push(self.make_event(&inner, "config-reload", change, version));
+            inner.next_seq += 1;
         }
-        let before = summary(&self.view().config);
+        if let Err(e) = self.record(version, &kept, events, false).await {
+            inner.next_seq = first_seq;
+            return Err(e);
+        }
         inner.base = base;
         inner.overrides = kept;
         inner.version = version;
         self.swap(&inner, effective);
-        let after = summary(&self.view().config);
-        self.record(
-            &mut inner,
-            "config-reload",
-            Change {
-                action: "config.reload",
-                target: "config".into(),
-                before,
-                after,
-            },
-        )
-        .await?;
-        for change in dropped {
-            self.record(&mut inner, "config-reload", change).await?;
-        }
         Ok(self.view())
     }
 
@@ -505,7 +533,21 @@ impl Store {
     pub async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
         match &self.backend {
             Backend::Etcd(etcd) => etcd.events(after, limit).await,
-            Backend::File(Some(dir)) => dir.events(after, limit),
+            Backend::File(Some(dir)) => {
+                let mut events = dir.events(after, limit).await?;
+                // Those still waiting for the log come after all it holds.
+                let logged = events.last().map_or(after, |e| e.seq);
+                let unlogged = self.unlogged.lock().expect("unlogged lock");
+                let room = limit - events.len();
+                events.extend(
+                    unlogged
+                        .iter()
+                        .filter(|e| e.seq > logged)
+                        .take(room)
+                        .cloned(),
+                );
+                Ok(events)
+            }
             Backend::File(None) => {
                 let memory = self.memory_events.lock().expect("events lock");
                 Ok(memory
@@ -533,7 +575,14 @@ impl Store {
             before,
             after,
         };
-        if let Err(e) = self.record(&mut inner, "health", change).await {
+        let event = self.make_event(&inner, "health", change, inner.version);
+        inner.next_seq += 1;
+        // An observation: kept in memory rather than refused when the disk
+        // is away.
+        if let Err(e) = self
+            .record(inner.version, &inner.overrides, vec![event], true)
+            .await
+        {
             tracing::warn!(error = %e, "health event not recorded");
         }
     }
@@ -615,7 +664,6 @@ impl Store {
                     inner.next_seq += 1;
                     inner.revision = revision;
                     self.swap(&inner, effective);
-                    self.record_committed(event, judged).await?;
                     return Ok(self.view());
                 }
                 Commit::Moved(document, revision) => {
@@ -631,32 +679,11 @@ impl Store {
     /// Hands the next state to the backend.
     async fn commit(&self, inner: &Inner, next: Next<'_>) -> Result<Commit, StoreError> {
         match &self.backend {
-            Backend::File(None) => Ok(Commit::Done(0)),
-            Backend::File(Some(dir)) => {
-                use std::sync::atomic::Ordering::Relaxed;
-                if self.unpersisted.load(Relaxed) && !next.judged {
-                    return Err(StoreError::Unavailable(format!(
-                        "{} cannot be written, and rollout decisions wait to be persisted; changes are refused until it can be (nothing changed)",
-                        dir.state_path().display()
-                    )));
-                }
-                match dir
-                    .write(file::new_state(next.version, next.overrides.clone(), None))
-                    .await
-                {
-                    Ok(()) => Ok(Commit::Done(0)),
-                    Err(e) => {
-                        self.persist_failures.fetch_add(1, Relaxed);
-                        if next.judged {
-                            if !self.unpersisted.swap(true, Relaxed) {
-                                tracing::error!(error = %e, "state cannot be persisted: rollout decisions are applied in memory and persisted once the disk takes them; admin changes are refused until then");
-                            }
-                            Ok(Commit::Done(0))
-                        } else {
-                            Err(StoreError::Unavailable(format!("{e} (nothing changed)")))
-                        }
-                    }
-                }
+            Backend::File(_) => {
+                let events = next.event.cloned().into_iter().collect();
+                self.record(next.version, next.overrides, events, next.judged)
+                    .await?;
+                Ok(Commit::Done(0))
             }
             Backend::Etcd(etcd) => etcd.commit(inner.revision, &next).await,
         }
@@ -991,92 +1018,148 @@ impl Store {
         event
     }
 
-    /// Records an event the commit did not already keep: appended to
-    /// `events.jsonl`, or remembered without a `state_dir`. (etcd keeps its
-    /// events in the commit's transaction.)
-    async fn record_committed(&self, event: Event, judged: bool) -> Result<(), StoreError> {
-        use std::sync::atomic::Ordering::Relaxed;
+    /// Standalone: keeps `version` and `overrides` with their audit
+    /// `events` — in `state_dir`, or in memory without one. (etcd keeps a
+    /// fleet's events in the commit's transaction.)
+    async fn record(
+        &self,
+        version: u64,
+        overrides: &Overrides,
+        events: Vec<Event>,
+        judged: bool,
+    ) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Etcd(_) => Ok(()),
-            // A rollout decision applied while the disk is away: its event
-            // waits with it.
-            Backend::File(Some(_)) if judged && self.unpersisted.load(Relaxed) => {
-                self.pending_events
-                    .lock()
-                    .expect("pending lock")
-                    .push(event);
+            Backend::File(None) => {
+                events.into_iter().for_each(|e| self.remember(e));
                 Ok(())
             }
-            Backend::File(Some(dir)) if judged => match dir.append(event.clone()).await {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    self.persist_failures.fetch_add(1, Relaxed);
-                    tracing::error!(error = %e, "audit event of a rollout decision waits for the disk");
-                    self.pending_events
-                        .lock()
-                        .expect("pending lock")
-                        .push(event);
-                    self.unpersisted.store(true, Relaxed);
-                    Ok(())
+            Backend::File(Some(dir)) => self.persist(dir, version, overrides, events, judged).await,
+        }
+    }
+
+    /// Writes the state with `events`, and any earlier ones the audit log
+    /// has not taken, in one atomic step, then appends them to the log: a
+    /// crash at any point leaves a state and its events, or neither.
+    ///
+    /// A `judged` change (a rollout's own decision, a health observation)
+    /// never waits for the disk: refused by it, it is kept in memory and
+    /// `retry_persist` writes it later. Any other change is refused (503)
+    /// while that is so, or while the log has refused [`MAX_UNLOGGED`]
+    /// events.
+    async fn persist(
+        &self,
+        dir: &StateDir,
+        version: u64,
+        overrides: &Overrides,
+        events: Vec<Event>,
+        judged: bool,
+    ) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut batch = self.unlogged.lock().expect("unlogged lock").clone();
+        if !judged && self.unpersisted.load(Relaxed) {
+            return Err(StoreError::Unavailable(format!(
+                "{} cannot be written, and rollout decisions wait to be persisted; changes are refused until it can be (nothing changed)",
+                dir.state_path().display()
+            )));
+        }
+        if !judged && batch.len() >= MAX_UNLOGGED {
+            return Err(StoreError::Unavailable(format!(
+                "the audit log in {} cannot be appended and {} events wait for it; changes are refused until it can be (nothing changed)",
+                dir.dir.display(),
+                batch.len()
+            )));
+        }
+        batch.extend(events);
+        let state = file::new_state(version, overrides.clone(), batch.clone(), None);
+        match dir.write(state).await {
+            Ok(()) => {
+                *self.unlogged.lock().expect("unlogged lock") = batch;
+                if self.unpersisted.swap(false, Relaxed) {
+                    tracing::warn!(version, "state persisted again: admin changes are accepted");
                 }
-            },
-            Backend::File(Some(dir)) => dir.append(event).await,
-            Backend::File(None) => {
-                self.remember(event);
+                self.flush_log(dir).await;
+                Ok(())
+            }
+            Err(e) => {
+                self.persist_failures.fetch_add(1, Relaxed);
+                if !judged {
+                    return Err(StoreError::Unavailable(format!("{e} (nothing changed)")));
+                }
+                *self.unlogged.lock().expect("unlogged lock") = batch;
+                if !self.unpersisted.swap(true, Relaxed) {
+                    tracing::error!(error = %e, "state cannot be persisted: rollout decisions are applied in memory and persisted once the disk takes them; admin changes are refused until then");
+                }
                 Ok(())
             }
         }
     }
 
-    /// Records `change` as a new event of the current version (standalone
-    /// reloads).
-    async fn record(
-        &self,
-        inner: &mut Inner,
-        actor: &str,
-        change: Change,
-    ) -> Result<(), StoreError> {
-        let event = self.make_event(inner, actor, change, inner.version);
-        inner.next_seq += 1;
-        self.record_committed(event, false).await
+    /// Appends the events the audit log has not taken yet (all in
+    /// `state.json` by now); those it refuses wait there for the next try.
+    async fn flush_log(&self, dir: &StateDir) {
+        let batch = self.unlogged.lock().expect("unlogged lock").clone();
+        if batch.is_empty() {
+            return;
+        }
+        let last = batch.last().map(|e| e.seq);
+        let appended = dir.append(batch).await;
+        self.logged(appended, last);
     }
 
-    /// Standalone: writes what rollout decisions left in memory while
-    /// `state_dir` could not be written (the state, then their events in
-    /// order). Called by the driver; cheap when nothing waits.
+    /// `flush_log` at start-up, blocking.
+    fn flush_log_blocking(&self, dir: &StateDir) {
+        let batch = self.unlogged.lock().expect("unlogged lock").clone();
+        let last = batch.last().map(|e| e.seq);
+        self.logged(dir.log().append(&batch), last);
+    }
+
+    /// Takes note of an append of the events up to `last`.
+    fn logged(&self, appended: Result<(), StoreError>, last: Option<u64>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match appended {
+            Ok(()) => {
+                let last = last.unwrap_or(0);
+                self.unlogged
+                    .lock()
+                    .expect("unlogged lock")
+                    .retain(|e| e.seq > last);
+                if self.log_failing.swap(false, Relaxed) {
+                    tracing::warn!("audit log appended again");
+                }
+            }
+            Err(e) => {
+                self.persist_failures.fetch_add(1, Relaxed);
+                if !self.log_failing.swap(true, Relaxed) {
+                    tracing::error!(error = %e, "audit log cannot be appended: its events are kept in state.json until it can be");
+                }
+            }
+        }
+    }
+
+    /// Standalone: writes what judged changes left in memory while
+    /// `state_dir` could not be written, and appends what the audit log
+    /// refused. Called by the driver every second; cheap when nothing waits.
     pub async fn retry_persist(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         let Backend::File(Some(dir)) = &self.backend else {
             return;
         };
-        if !self.unpersisted.load(Relaxed) {
+        let waiting = !self.unlogged.lock().expect("unlogged lock").is_empty();
+        if !self.unpersisted.load(Relaxed) && !waiting {
             return;
         }
         let inner = self.write.lock().await;
-        let state = file::new_state(inner.version, inner.overrides.clone(), None);
-        if let Err(e) = dir.write(state).await {
-            self.persist_failures.fetch_add(1, Relaxed);
-            tracing::debug!(error = %e, "state still cannot be persisted");
-            return;
-        }
-        let pending: Vec<Event> =
-            std::mem::take(&mut *self.pending_events.lock().expect("pending lock"));
-        for (i, event) in pending.iter().enumerate() {
-            if let Err(e) = dir.append(event.clone()).await {
-                self.persist_failures.fetch_add(1, Relaxed);
-                tracing::debug!(error = %e, "audit events still cannot be appended");
-                self.pending_events
-                    .lock()
-                    .expect("pending lock")
-                    .splice(0..0, pending[i..].iter().cloned());
-                return;
+        if self.unpersisted.load(Relaxed) {
+            if let Err(e) = self
+                .persist(dir, inner.version, &inner.overrides, Vec::new(), true)
+                .await
+            {
+                tracing::debug!(error = %e, "state still cannot be persisted");
             }
+        } else {
+            self.flush_log(dir).await;
         }
-        self.unpersisted.store(false, Relaxed);
-        tracing::warn!(
-            version = inner.version,
-            "state persisted again: admin changes are accepted"
-        );
     }
 
     /// `(failed writes of state_dir so far, decisions waiting to be
