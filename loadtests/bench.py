@@ -60,7 +60,7 @@ GENERATOR_SATURATED = 0.95    # the generator's core this busy: a throughput fig
 PROXY_UNSATURATED = 0.9       # a proxy below this share of its core at saturation was not the bound
 IDLE_TIMEOUT_S = 120          # every server keeps an idle keep-alive client this long
 MAX_IDLE_CONNECTIONS = 10000  # the most the idle-connection test may hold
-MAX_CONNECTIONS = 12000       # every server's connection limit: those, upstream ones and spare
+MAX_CONNECTIONS = 12000       # every server's client connection limit (nginx counts upstream ones too: twice)
 # File descriptors for the harness and the servers it starts: the hard limit
 # (raising it needs CAP_SYS_RESOURCE, which a container may not have).
 _HARD_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -207,7 +207,7 @@ def nginx_conf(workdir, name, servers, http_extra=""):
     `workdir` under `name`, so several can run side by side."""
     return f"""daemon off; master_process off; worker_processes 1; worker_rlimit_nofile {NOFILE};
 pid {workdir}/{name}.pid; error_log {workdir}/{name}.err warn;
-events {{ worker_connections {MAX_CONNECTIONS}; }}
+events {{ worker_connections {2 * MAX_CONNECTIONS}; }}
 http {{
   access_log off; keepalive_requests 1000000; keepalive_timeout {IDLE_TIMEOUT_S}s;
   client_body_temp_path {workdir}/{name}-b; proxy_temp_path {workdir}/{name}-p;
@@ -1444,6 +1444,142 @@ def suite_memory(args):
     print(section)
 
 
+SLOW_ORIGIN = r"""
+import asyncio, sys
+async def serve(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(float(sys.argv[2]))
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", int(sys.argv[1]), backlog=16384)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+def start_slow_origin(workdir, delay_s):
+    """A Python asyncio origin on core 1 that answers every request after
+    `delay_s`: requests pile up in flight at the proxy."""
+    script = workdir / "slow_origin.py"
+    script.write_text(SLOW_ORIGIN)
+    port = free_port()
+    proc = spawn(["taskset", "-c", "1", sys.executable, script, str(port), str(delay_s)])
+    wait_port(port)
+    return proc, port
+
+
+def burst(port, count, timeout=120.0):
+    """`count` requests at once, each on its own connection; waits for
+    every answer and closes the connections. Returns how many got a 2xx,
+    and a count of what the others got."""
+    async def main():
+        async def one(i):
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError as e:
+                return f"connect: {e.__class__.__name__}"
+            try:
+                writer.write(f"GET / HTTP/1.1\r\nhost: bench\r\nx-user-id: burst-{i}\r\nconnection: close\r\n\r\n".encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+                await reader.read()
+                status = head.split(b" ", 2)[1].decode()
+                return "2xx" if status.startswith("2") else status
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+                return e.__class__.__name__
+            finally:
+                writer.close()
+        results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(count))), timeout)
+        tally = {}
+        for r in results:
+            tally[r] = tally.get(r, 0) + 1
+        return tally.pop("2xx", 0), tally
+    return asyncio.run(main())
+
+
+def suite_burst(args):
+    """RSS through bursts of `args.idle_connections` requests in flight at
+    once (a slow origin holds each for 2 s): idle before, peak, and 5 s
+    after each burst ended, for Switchyard, nginx and haproxy."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    os.sched_setaffinity(0, {1})
+    workdir = Path(tempfile.mkdtemp(prefix="switchyard-burst-"))
+    origin_proc, port = start_slow_origin(workdir, 2.0)
+    origin = Running(None, port, port)
+    peers = [peer for peer in compare_peers(args) if peer.is_proxy and not peer.floor]
+    tally = Tally(quiet_wait_s=0)
+    started = time.monotonic()
+    count = args.idle_connections
+    try:
+        for rnd in range(args.rounds):
+            order = peers if rnd % 2 == 0 else list(reversed(peers))
+            for peer in order:
+                running = peer.start(workdir, origin)
+                try:
+                    one_request(running.port)
+                    time.sleep(0.5)
+                    idle = status_kib(running.pid, "VmRSS") / 1024
+                    after = []
+                    answered = []
+                    for _ in range(2):
+                        ok, others = burst(running.port, count)
+                        answered.append(ok)
+                        if others:
+                            print(f"  {peer.name}: {ok} 2xx, others {others}", flush=True)
+                        time.sleep(5)
+                        after.append(status_kib(running.pid, "VmRSS") / 1024)
+                    peak = peak_rss_kib(running.pid) / 1024
+                finally:
+                    stop(running.proc)
+                # The slow origin (one Python thread) cannot accept 10,000
+                # connections at once; a proxy whose connect timeout is short
+                # answers some 504. Kept while at least 80 % were in flight.
+                problem = "" if min(answered) >= 0.8 * count else f"only {min(answered)} of {count} answered 2xx"
+                tally.record(f"round {rnd + 1}", peer.name, "burst",
+                             {"idle": idle, "peak": peak, "after1": after[0], "after2": after[1],
+                              "answered": min(answered)}, problem)
+                print(f"round {rnd + 1} {peer.name}: idle {idle:.1f} MiB, peak {peak:.1f}, "
+                      f"5 s after burst 1 {after[0]:.1f}, after burst 2 {after[1]:.1f} ({answered} answered)", flush=True)
+    finally:
+        stop(origin_proc)
+    rows = []
+    for peer in peers:
+        c = lambda key: cell(tally, peer.name, "burst", key, "{:.1f}")
+        answered = cell(tally, peer.name, "burst", "answered", "{:.0f}")
+        rows.append(f"| {peer.name} | {answered} | {c('idle')} | {c('peak')} | {c('after1')} | {c('after2')} |")
+    section = f"""## Memory through request bursts
+
+{provenance(args, [[nginx_bin(), '-v'], [haproxy_bin(), '-v']])}
+- Setup: the compare suite's proxies and configuration, each pinned to core 0 and started fresh; a Python
+  asyncio origin on core 1 answers every request after 2 s. A burst is {count} requests sent at once, each
+  on its own connection (`connection: close`), all in flight together; the client waits for every answer.
+  Two bursts per process, 5 s apart. Idle is VmRSS after one request; peak is VmHWM; "after" is VmRSS 5 s
+  after a burst's last answer, its connections closed. nginx gets `worker_connections` for twice the
+  clients (it counts its upstream connections there too). The origin, one Python thread, cannot accept
+  10,000 connections at once: a proxy with a short connect timeout (Switchyard's default 1 s) answers
+  some 504, so a run is kept when at least 80 % of each burst got a 2xx (the fewer of the two is shown).
+- {args.rounds} round(s), in an order that reverses every round; cells are the median (min–max).
+  The whole run took {(time.monotonic() - started) / 60:.1f} minutes.
+
+| proxy | 2xx of each burst (fewer) | idle RSS MiB | peak RSS MiB | RSS MiB 5 s after burst 1 | after burst 2 |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+{('Discarded: ' + '; '.join(tally.discarded)) if tally.discarded else 'No run was discarded.'}
+"""
+    write_section("## Memory through request bursts", section)
+    print(section)
+
+
 def memory_heading(args):
     return "## Idle connection memory, TLS" if args.tls else "## Idle connection memory"
 
@@ -1757,6 +1893,7 @@ SUITES = {
     "compare": (suite_compare, 3, 6),
     "instructions": (suite_instructions, 1, 0),
     "memory": (suite_memory, 3, 0),
+    "burst": (suite_burst, 1, 0),
     "tls": (suite_tls, 3, 10),
 }
 
@@ -1777,6 +1914,8 @@ def require_tools(suite):
         needed.update({"haproxy": "haproxy", "h2load": "nghttp2-client"})
     if suite == "memory":
         needed = {"haproxy": "haproxy", "taskset": "util-linux", "openssl": "openssl"}
+    if suite == "burst":
+        needed = {"haproxy": "haproxy", "taskset": "util-linux"}
     if suite == "instructions":
         needed = {"haproxy": "haproxy", "taskset": "util-linux", "valgrind": "valgrind",
                   "callgrind_control": "valgrind"}

@@ -128,6 +128,8 @@ pub struct Metrics {
     tls_reloads: IntCounterVec,
     tls_handshake_failures: IntCounter,
     connections_shed: IntCounter,
+    /// `switchyard_http2_flood_closed_total`.
+    http2_flood_closed: IntCounter,
     tls_expiry: prometheus::GaugeVec,
     backends: ArcSwap<Vec<Arc<BackendStats>>>,
     /// Registered when the replica runs in a fleet (`enable_fleet`).
@@ -358,6 +360,11 @@ impl Metrics {
             "TLS handshakes on the data listener that failed or timed out.",
         )
         .expect("valid metric");
+        let http2_flood_closed = IntCounter::new(
+            "switchyard_http2_flood_closed_total",
+            "HTTP/2 client connections closed with ENHANCE_YOUR_CALM for resetting streams past the limit (rapid reset, CVE-2023-44487).",
+        )
+        .expect("valid metric");
         let connections_shed = IntCounter::new(
             "switchyard_connections_shed_total",
             "Client connections closed at once because limits.max_connections were open.",
@@ -396,6 +403,7 @@ impl Metrics {
             Box::new(tls_reloads.clone()),
             Box::new(tls_handshake_failures.clone()),
             Box::new(connections_shed.clone()),
+            Box::new(http2_flood_closed.clone()),
             Box::new(tls_expiry.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -428,6 +436,7 @@ impl Metrics {
             tls_reloads,
             tls_handshake_failures,
             connections_shed,
+            http2_flood_closed,
             tls_expiry,
             backends: ArcSwap::from_pointee(Vec::new()),
             fleet: std::sync::OnceLock::new(),
@@ -606,6 +615,31 @@ impl Metrics {
         self.connections_shed.inc();
     }
 
+    /// Counts an HTTP/2 connection closed for a stream-reset flood; logs a
+    /// warning at most every 10 s, with how many since the last one (a
+    /// flood of such connections must not become a flood of log lines).
+    pub fn http2_flood_closed(&self) {
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        static LAST_WARNED: AtomicU64 = AtomicU64::new(0);
+        static WARNED_AT_COUNT: AtomicU64 = AtomicU64::new(0);
+        self.http2_flood_closed.inc();
+        let now = unix_seconds();
+        let last = LAST_WARNED.load(Relaxed);
+        if now >= last + 10
+            && LAST_WARNED
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            let total = self.http2_flood_closed.get();
+            let since = total - WARNED_AT_COUNT.swap(total, Relaxed);
+            tracing::warn!(
+                connections = since,
+                total,
+                "HTTP/2 connections closed for resetting streams past the limit (rapid reset); next report in 10 s at the earliest"
+            );
+        }
+    }
+
     /// Counts a failed or timed-out TLS handshake.
     pub fn tls_handshake_failed(&self) {
         self.tls_handshake_failures.inc();
@@ -735,6 +769,12 @@ fn result_label(ok: bool) -> &'static str {
     } else {
         "failure"
     }
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Decrements `switchyard_connections_open` when the connection ends.

@@ -178,6 +178,16 @@ fn check(path: &std::path::Path) -> Result<String, switchyard_control::config::C
             fleet.etcd.endpoints.len()
         ));
     }
+    match switchyard_control::store::check_state(&c) {
+        Ok(Some(state)) => summary.push_str(&format!("; {state}")),
+        Ok(None) => {}
+        Err(e) => {
+            return Err(switchyard_control::config::ConfigError::new(
+                "state_dir",
+                e.to_string(),
+            ))
+        }
+    }
     if let Some(tls) = &c.tls {
         let loaded = crate::tls::load(tls, std::time::SystemTime::now())?;
         for cert in &loaded.certificates {
@@ -228,8 +238,15 @@ fn block_on(
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The h2 crate warns once per connection it closes for a reset flood:
+    // an attacker's line per connection. Switchyard counts those and warns
+    // at most every 10 s (`switchyard_http2_flood_closed_total`); RUST_LOG
+    // naming h2 still gets its own lines.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("h2")) {
+        filter = filter.add_directive("h2=error".parse().expect("valid directive"));
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

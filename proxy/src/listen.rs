@@ -171,6 +171,16 @@ pub async fn serve(
     }
 }
 
+/// The connection was closed by h2 itself with ENHANCE_YOUR_CALM: the
+/// client reset (or made it reset) streams past the limit.
+fn is_flood(e: &hyper::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|source| source.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| {
+            h2.is_go_away() && h2.is_library() && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+        })
+}
+
 /// Answers a connection that will not be served with a canned response,
 /// without waiting. What the client already sent is read first: closing a
 /// socket with unread data resets it, which could destroy the response.
@@ -410,6 +420,9 @@ impl Connection {
             tokio::select! {
                 done = conn.as_mut() => {
                     if let Err(e) = done {
+                        if is_flood(&e) {
+                            self.service.shared.metrics.http2_flood_closed();
+                        }
                         tracing::debug!(error = %e, "client connection ended with an error");
                     }
                     return;

@@ -125,11 +125,28 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 async fn sweep_upstreams(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for n in 0u64.. {
         tick.tick().await;
         shared.upstreams.sweep();
+        if n % TRIM_EVERY_SWEEPS == 0 {
+            // Off the runtime: the allocator walks its arenas under their
+            // locks.
+            let trimmed = tokio::task::spawn_blocking(|| {
+                switchyard_trim::release_free_heap(TRIM_ABOVE_BYTES)
+            })
+            .await;
+            if let Ok(Some(free)) = trimmed {
+                tracing::debug!(free_mib = free >> 20, "free heap given back to the kernel");
+            }
+        }
     }
 }
+
+/// After a burst of requests the allocator holds what they freed; past this
+/// much free, it is given back to the kernel (checked every
+/// `TRIM_EVERY_SWEEPS` sweeps: 5 s).
+const TRIM_ABOVE_BYTES: usize = 16 << 20;
+const TRIM_EVERY_SWEEPS: u64 = 5;
 
 /// The metrics registry `config` asks for.
 pub fn metrics_for(config: &Config) -> Arc<Metrics> {

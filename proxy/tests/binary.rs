@@ -317,6 +317,11 @@ async fn a_corrupt_state_file_stops_start_up_until_reset() {
         stderr.contains(state_file.to_str().unwrap()) && stderr.contains("--reset-state"),
         "{stderr}"
     );
+    // `check` says so too, before a deploy finds out.
+    let out = switchyard(&["check", "--config", config.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(state_file.to_str().unwrap()), "{stderr}");
     assert_eq!(
         std::fs::read(&state_file).unwrap(),
         b"{ not json",

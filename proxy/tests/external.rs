@@ -1,6 +1,7 @@
 //! Against real third-party parts: curl as the client of the running demo
 //! and of the TLS listener, h2load over TLS, nginx as an origin behind the
-//! proxy, Prometheus scraping `/metrics`. Each test skips with a printed reason
+//! proxy, Prometheus scraping `/metrics`, headless Chromium on a hostile
+//! page against the admin API. Each test skips with a printed reason
 //! when its tool is missing, unless SWITCHYARD_REQUIRE_EXTERNAL=1 (set by
 //! `.ci/run`, which installs them), where a missing tool fails the test.
 
@@ -523,4 +524,138 @@ async fn curl_and_h2load_over_tls_with_alpn() {
     );
     assert!(text.contains("status codes: 2000 2xx"), "{text}");
     proxy.stop().await;
+}
+
+/// The attacker's page for the Chromium test: every way a page on another
+/// origin could try to steer the admin API, each sent to the witness too.
+const ATTACK_PAGE: &str = r#"<!doctype html><html><body><pre id="out">pending</pre><script>
+const spec = JSON.stringify({stable: 'blue', target: 'canary', steps: [{weight: 100}]});
+const weights = JSON.stringify({blue: 0, canary: 100});
+async function attempt(url, init) {
+  try { const r = await fetch(url, init); return r.type === 'opaque' ? 'opaque' : r.status; }
+  catch (e) { return 'blocked'; }
+}
+async function both(path, init) {
+  await attempt('WITNESS' + path, init);
+  return attempt('ADMIN' + path, init);
+}
+(async () => {
+  const out = {};
+  out.text_post = await both('/v1/routes/api/rollout', {method: 'POST', mode: 'no-cors', headers: {'Content-Type': 'text/plain'}, body: spec});
+  out.form_post = await both('/v1/routes/api/rollout', {method: 'POST', mode: 'no-cors', headers: {'Content-Type': 'application/x-www-form-urlencoded'}, body: spec});
+  out.json_put = await both('/v1/routes/api/weights', {method: 'PUT', headers: {'Content-Type': 'application/json'}, body: weights});
+  out.read_state = await attempt('ADMIN/v1/state', {});
+  out.rebound_post = await attempt('REBOUND/v1/routes/api/rollout', {method: 'POST', mode: 'no-cors', headers: {'Content-Type': 'text/plain'}, body: spec});
+  document.getElementById('out').textContent = JSON.stringify(out);
+})();
+</script></body></html>"#;
+
+/// Serves `page` to every request on a loopback port.
+async fn serve_page(page: String) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let page = page.clone();
+            tokio::spawn(async move {
+                let mut buf = [0; 4096];
+                let _ = sock.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    page.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(page.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Issue 19, 4: a real browser (headless Chromium) on a page of another
+/// origin cannot steer traffic through the token-less loopback admin API:
+/// not with a `text/plain` or form POST (sent without a preflight: the
+/// witness server receives them), not with a JSON PUT (its preflight is
+/// never granted), not through a DNS-rebound name; nor can it read the
+/// state. Nothing changes: same version, no rollout, no audit event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_page_in_chromium_cannot_steer_the_open_admin_api() {
+    use common::{Behaviour, Upstream};
+    let Some(chromium) = require("chromium") else {
+        return;
+    };
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::Name).await;
+    let proxy = Running::start(&config(
+        "",
+        &[("blue", blue.addr, 100.0), ("canary", canary.addr, 0.0)],
+    ))
+    .await;
+    let witness = Upstream::start("witness", Behaviour::Name).await;
+    let page = ATTACK_PAGE
+        .replace("WITNESS", &format!("http://{}", witness.addr))
+        .replace("ADMIN", &format!("http://{}", proxy.admin))
+        .replace(
+            "REBOUND",
+            &format!("http://rebound.evil.example:{}", proxy.admin.port()),
+        );
+    let page = serve_page(page).await;
+    let state = |path: &'static str| {
+        let url = format!("http://{}{path}", proxy.admin);
+        async move { common::call("GET", &url, None, &[], "").await }
+    };
+    let (_, before, _) = state("/v1/state").await;
+    let profile = common::temp_dir("chromium");
+    let run = tokio::process::Command::new(&chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--host-resolver-rules=MAP rebound.evil.example 127.0.0.1",
+            "--virtual-time-budget=10000",
+            &format!("--user-data-dir={}", profile.display()),
+            "--dump-dom",
+            &format!("http://{page}/"),
+        ])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("chromium finished within 120 s")
+        .expect("chromium runs");
+    let _ = std::fs::remove_dir_all(&profile);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let results = dom
+        .split("<pre id=\"out\">")
+        .nth(1)
+        .and_then(|rest| rest.split("</pre>").next())
+        .unwrap_or_else(|| panic!("no results in the page: {dom}"));
+    let results: serde_json::Value = serde_json::from_str(&results.replace("&quot;", "\""))
+        .unwrap_or_else(|e| panic!("{e}: {results}"));
+    eprintln!("what the page saw: {results}");
+    // The browser did send them: two simple POSTs and one preflight reached
+    // the witness.
+    assert!(
+        witness.arrived.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        "{results}"
+    );
+    assert_eq!(results["json_put"], "blocked", "{results}");
+    assert_eq!(results["read_state"], "blocked", "{results}");
+    // Nothing changed.
+    let (_, after, _) = state("/v1/state").await;
+    assert_eq!(
+        before["etag"], after["etag"],
+        "the state's version moved: {results}"
+    );
+    let (status, _, body) = state("/v1/routes/api/rollout").await;
+    assert_eq!(status, 404, "a rollout was started: {body}");
+    let (_, _, events) = state("/v1/events").await;
+    assert!(events.contains("\"events\":[]"), "{events}");
+    let c = client();
+    for user in 0..20 {
+        let backend = common::backend_of(&c, &proxy, &format!("u{user}")).await;
+        assert_eq!(backend, "blue", "user u{user}");
+    }
 }

@@ -243,6 +243,15 @@ async fn a_flood_of_http2_stream_resets_gets_the_connection_closed() {
         "after {sent}: {err:?}"
     );
     assert!(sent < FLOOD, "all {sent} resets were accepted");
+    // Counted (and logged at most every 10 s, not once per connection).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while common::metric(proxy.admin, "switchyard_http2_flood_closed_total").await != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flood was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Each request the proxy did start is bounded by the stream limit, and
     // other clients are still served.
     assert!(blue.arrived.load(Ordering::SeqCst) < FLOOD);

@@ -147,7 +147,7 @@ pub(super) fn new_state(
     }
 }
 
-fn read_state(path: &Path) -> Result<StateFile, StoreError> {
+pub(super) fn read_state(path: &Path) -> Result<StateFile, StoreError> {
     let corrupt = |why: String| {
         StoreError::Io(format!(
             "state file {} is unreadable ({why}); fix or remove it, or start with --reset-state to move it aside",

@@ -1181,6 +1181,39 @@ impl Store {
     }
 }
 
+/// What `switchyard check` says of the state file in `config.state_dir`
+/// (none without one): its version and what of it this configuration
+/// cannot hold, or why it cannot be used, naming it. Reads only.
+pub fn check_state(config: &Config) -> Result<Option<String>, StoreError> {
+    let Some(dir) = &config.state_dir else {
+        return Ok(None);
+    };
+    let path = dir.join(file::STATE_FILE);
+    if !path.exists() {
+        return Ok(Some(format!("state: none yet in {}", dir.display())));
+    }
+    let state = file::read_state(&path)?;
+    let role = match (&config.fleet, &state.fleet) {
+        (Some(_), Some(_)) => " (the fleet state's cache)",
+        (Some(_), None) => " (standalone state: not used in fleet mode)",
+        (None, _) => "",
+    };
+    let (_, dropped) = fit(config, state.overrides);
+    let mut summary = format!(
+        "state: {} at version {}{role}",
+        path.display(),
+        state.version
+    );
+    if !dropped.is_empty() {
+        let targets: Vec<String> = dropped.into_iter().map(|c| c.target).collect();
+        summary.push_str(&format!(
+            "; overrides this configuration cannot hold are dropped at start: {}",
+            targets.join(", ")
+        ));
+    }
+    Ok(Some(summary))
+}
+
 /// What an analysis did to a rollout.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RolloutOutcome {
