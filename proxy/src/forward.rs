@@ -290,8 +290,41 @@ impl Upstreams {
         body: UpstreamBody,
         upgrade: bool,
     ) -> Result<Response<PooledBody>, SendError> {
+        if !body.is_end_stream() {
+            // Boxed: the upload's progress and timers are for requests with
+            // a body only; a bodiless request's future stays as small as
+            // it was without them.
+            return Box::pin(self.send_with_body(endpoint, parts, added, body, upgrade)).await;
+        }
         let target = origin_form(&parts.uri).map_err(SendError::Sent)?;
-        let bodiless = body.is_end_stream();
+        let request = Head {
+            method: &parts.method,
+            target,
+            headers: &mut parts.headers,
+            added,
+            upgrade,
+            progress: None,
+        };
+        // Without a body there is no upload to wait for: one timer, from
+        // the start (a new connection's connect included).
+        let sent = endpoint.pool.send(request, body, &self.timeouts);
+        match tokio::time::timeout(self.timeouts.request.0, sent).await {
+            Err(_elapsed) => Err(SendError::Sent(ProxyError::UpstreamTimeout)),
+            Ok(sent) => sent,
+        }
+    }
+
+    /// `send` for a request with a body: `timeouts.upload_idle` bounds the
+    /// upload's stalls, then `timeouts.request` the wait for the head.
+    async fn send_with_body(
+        &self,
+        endpoint: &Endpoint,
+        parts: &mut Parts,
+        added: &Added,
+        body: UpstreamBody,
+        upgrade: bool,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let target = origin_form(&parts.uri).map_err(SendError::Sent)?;
         let progress = Progress::default();
         let request = Head {
             method: &parts.method,
@@ -299,17 +332,9 @@ impl Upstreams {
             headers: &mut parts.headers,
             added,
             upgrade,
-            progress: (!bodiless).then_some(&progress),
+            progress: Some(&progress),
         };
         let sent = endpoint.pool.send(request, body, &self.timeouts);
-        // Without a body there is no upload to wait for: one timer, from
-        // the start (a new connection's connect included).
-        if bodiless {
-            return match tokio::time::timeout(self.timeouts.request.0, sent).await {
-                Err(_elapsed) => Err(SendError::Sent(ProxyError::UpstreamTimeout)),
-                Ok(sent) => sent,
-            };
-        }
         tokio::pin!(sent);
         // While the body goes up, `upload_idle` without progress ends it;
         // once it is all sent, `request` bounds the wait for the head.
