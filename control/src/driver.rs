@@ -134,7 +134,7 @@ async fn windows(
     route: &str,
     state: &RolloutState,
 ) -> Option<(WindowStats, WindowStats)> {
-    let span = state.spec.analysis.window.0;
+    let span = state.analysis_span(std::time::SystemTime::now());
     let (stable, target) = (&state.spec.stable, &state.spec.target);
     let Some(fleet) = store.fleet() else {
         return Some((

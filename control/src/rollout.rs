@@ -421,6 +421,20 @@ impl RolloutState {
         }
     }
 
+    /// The span an analysis at `now` judges: the spec's window, but never
+    /// reaching back before the rollout started (whole seconds, at least
+    /// one). Traffic from before is not this rollout's: a canary whose
+    /// failures were mended just before it began must not be rolled back
+    /// for them.
+    pub fn analysis_span(&self, now: std::time::SystemTime) -> Duration {
+        let window = self.spec.analysis.window.0;
+        let Ok(started) = humantime::parse_rfc3339(&self.started) else {
+            return window;
+        };
+        let since = now.duration_since(started).unwrap_or_default();
+        window.min(Duration::from_secs(since.as_secs().max(1)))
+    }
+
     /// The target's weight for the current phase and step.
     pub fn target_weight(&self) -> Weight {
         match self.phase {
@@ -593,6 +607,30 @@ mod tests {
 
     fn spec() -> AnalysisSpec {
         AnalysisSpec::default()
+    }
+
+    #[test]
+    fn the_analysis_never_reaches_back_before_the_rollout_started() {
+        let spec: RolloutSpec = serde_json::from_str(
+            r#"{"stable":"a","target":"b","steps":[{"weight":100}],"analysis":{"window":"30s"}}"#,
+        )
+        .unwrap();
+        let start = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let state = RolloutState::new(spec, humantime::format_rfc3339_seconds(start).to_string());
+        let at = |s: u64| state.analysis_span(start + Duration::from_millis(s));
+        assert_eq!(at(0), Duration::from_secs(1), "at least a second");
+        assert_eq!(at(7_400), Duration::from_secs(7));
+        assert_eq!(at(30_000), Duration::from_secs(30));
+        assert_eq!(
+            at(600_000),
+            Duration::from_secs(30),
+            "never past the window"
+        );
+        let unreadable = RolloutState {
+            started: "yesterday".into(),
+            ..state.clone()
+        };
+        assert_eq!(unreadable.analysis_span(start), Duration::from_secs(30));
     }
 
     #[test]

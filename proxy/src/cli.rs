@@ -46,6 +46,10 @@ enum Command {
         /// Admin listener.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin_listen: SocketAddr,
+        /// Requests per second the demo sends through its own proxy (users
+        /// demo-0 to demo-499), so its rollout advances by itself; 0: none.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=1000))]
+        traffic_rate: u32,
     },
     /// Run the proxy (sidecar or edge gateway) from a configuration file.
     Run {
@@ -143,6 +147,7 @@ pub fn main() -> ExitCode {
         Command::Demo {
             listen,
             admin_listen,
+            traffic_rate,
         } => {
             init_logging();
             block_on(1, async move {
@@ -151,6 +156,7 @@ pub fn main() -> ExitCode {
                     DemoAddrs {
                         listen,
                         admin: admin_listen,
+                        traffic_rate,
                     },
                     shutdown,
                 )

@@ -659,3 +659,113 @@ async fn a_web_page_in_chromium_cannot_steer_the_open_admin_api() {
         assert_eq!(backend, "blue", "user u{user}");
     }
 }
+
+/// The README's tour: its shell blocks, in order.
+fn readme_tour() -> Vec<Vec<String>> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let tour = readme
+        .split("\n## A short tour")
+        .nth(1)
+        .expect("README has a tour")
+        .split("\n## ")
+        .next()
+        .unwrap()
+        // What follows is for the reader's own services, not the demo.
+        .split("\nFor your own services")
+        .next()
+        .unwrap();
+    tour.split("```sh\n")
+        .skip(1)
+        .map(|block| {
+            block
+                .split("```")
+                .next()
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .filter(|l| !l.trim().is_empty())
+                .collect()
+        })
+        .collect()
+}
+
+/// Issue 20: the README's tour works as written, top to bottom, against a
+/// demo (on ephemeral ports, put in place of 8080 and 9901), with
+/// `switchyard` on the `PATH` as the install line puts it: the split is
+/// sticky, breaking the canary rolls the rollout back by itself, and the
+/// second rollout is promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_tour_works_as_written() {
+    if require("curl").is_none() {
+        return;
+    }
+    let blocks = readme_tour();
+    let install = &blocks[0];
+    assert!(
+        install[0].starts_with("cargo install --path proxy --locked"),
+        "{install:?}"
+    );
+    assert!(install[1].starts_with("switchyard demo"), "{install:?}");
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains("name = \"switchyard\""),
+        "the install line builds `switchyard`"
+    );
+    let demo = start_demo();
+    let bin_dir = common::temp_dir("readme-bin");
+    std::os::unix::fs::symlink(BIN, bin_dir.join("switchyard")).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut outputs = Vec::new();
+    for line in blocks[1..].iter().flatten() {
+        let command = line
+            .replace("127.0.0.1:8080", &demo.proxy.to_string())
+            .replace("127.0.0.1:9901", &demo.admin.to_string());
+        let run = tokio::process::Command::new("bash")
+            .args(["-c", &command])
+            .env("PATH", &path)
+            .env("SWITCHYARD_ADMIN", format!("http://{}", demo.admin))
+            .env("NO_COLOR", "1")
+            .kill_on_drop(true)
+            .output();
+        // Bounded: the `until` lines wait for the rollout.
+        let out = tokio::time::timeout(Duration::from_secs(120), run)
+            .await
+            .unwrap_or_else(|_| panic!("`{line}` did not finish within 120 s"))
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "`{line}` failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("$ {line}\n{stdout}");
+        outputs.push((line.clone(), stdout));
+    }
+    let output = |starts: &str| -> Vec<&str> {
+        outputs
+            .iter()
+            .filter(|(line, _)| line.starts_with(starts))
+            .map(|(_, out)| out.as_str())
+            .collect()
+    };
+    let alice = output("curl -s -H 'x-user-id: alice'");
+    assert!(["blue\n", "canary\n"].contains(&alice[0]), "{alice:?}");
+    assert_eq!(alice.last().unwrap(), &"canary\n", "promoted at last");
+    assert!(output("for u in")[0].contains("blue"));
+    assert!(output("switchyard ctl events")[0].contains("rollout.rollback"));
+    let status = output("switchyard ctl rollout status demo");
+    assert!(
+        status
+            .iter()
+            .any(|s| s.contains("rolled-back") && s.contains("error_rate")),
+        "{status:?}"
+    );
+    let _ = std::fs::remove_dir_all(&bin_dir);
+    drop(demo);
+}

@@ -413,14 +413,17 @@ impl Fleet {
     }
 
     /// This replica's windows: every route's backends, over the analysis
-    /// window of the route's rollout while one progresses (what its leader
+    /// span of the route's rollout while one progresses (what its leader
     /// merges), else over `metrics.window`.
     fn windows(&self, store: &Store, metrics: &Metrics) -> Windows {
         let view = store.view();
         let mut routes = BTreeMap::new();
+        let now = std::time::SystemTime::now();
         for route in &view.config.routes {
             let span = match view.rollouts.get(&route.name) {
-                Some(r) if r.phase == Phase::Progressing => r.spec.analysis.window.0,
+                // As the leader asks for it (replicas whose clocks disagree
+                // by a second at a boundary are left out of that analysis).
+                Some(r) if r.phase == Phase::Progressing => r.analysis_span(now),
                 _ => metrics.window_span(),
             };
             let backends = route
