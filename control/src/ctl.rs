@@ -203,7 +203,7 @@ async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
         (None, None) => None,
     };
     let api = Api {
-        base: args.admin.trim_end_matches('/').to_owned(),
+        base: admin_base(&args.admin)?,
         token,
     };
     let (value, table) = match &args.command {
@@ -228,13 +228,14 @@ async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
                 let pct: f64 = pct
                     .parse()
                     .map_err(|_| CtlError::Usage(format!("`{pct}` in `{pair}` is not a number")))?;
+                let pct = percent(&format!("the weight of `{backend}`"), pct)?;
                 body.insert(backend.to_owned(), json!(pct));
             }
             let path = format!("/v1/routes/{route}/weights");
             let v = api
                 .call(Method::PUT, &path, Some(Value::Object(body)), *if_match)
                 .await?;
-            let table = weights_line(&v);
+            let table = weights_line(&v, &bucket_order(&api, route).await);
             (v, table)
         }
         CtlCommand::Flag { command } => flag(&api, command).await?,
@@ -267,6 +268,37 @@ async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
     })
 }
 
+/// `--admin` as a base URL, or what is wrong with it in the user's terms.
+fn admin_base(admin: &str) -> Result<String, CtlError> {
+    let base = admin.trim().trim_end_matches('/');
+    let usage = |why: String| Err(CtlError::Usage(format!("--admin `{admin}`: {why}")));
+    match base.split_once("://") {
+        None => usage(format!(
+            "no scheme; did you mean `http://{base}`? (or set SWITCHYARD_ADMIN)"
+        )),
+        Some(("https", _)) => usage(
+            "ctl speaks plain HTTP to the admin listener (which does not serve TLS); give its http:// address".into(),
+        ),
+        Some(("http", rest)) => match rest.parse::<http::uri::Authority>() {
+            Ok(_) if !rest.contains('/') => Ok(base.to_owned()),
+            _ => usage("expected http://HOST:PORT, e.g. http://127.0.0.1:9901".into()),
+        },
+        Some((scheme, _)) => usage(format!("scheme `{scheme}` is not http")),
+    }
+}
+
+/// A percentage given on the command line: 0 to 100, at most two decimals
+/// (the split's resolution).
+fn percent(what: &str, value: f64) -> Result<f64, CtlError> {
+    let hundredths = value * 100.0;
+    if !(0.0..=100.0).contains(&value) || (hundredths - hundredths.round()).abs() > 1e-6 {
+        return Err(CtlError::Usage(format!(
+            "{what} must be a percentage from 0 to 100 with at most two decimals, not {value}"
+        )));
+    }
+    Ok(value)
+}
+
 async fn flag(api: &Api, command: &FlagCommand) -> Result<(Value, String), CtlError> {
     Ok(match command {
         FlagCommand::List => {
@@ -291,7 +323,10 @@ async fn flag(api: &Api, command: &FlagCommand) -> Result<(Value, String), CtlEr
                 patch.insert("enabled".into(), json!(e));
             }
             if let Some(r) = rollout {
-                patch.insert("rollout_percentage".into(), json!(r));
+                patch.insert(
+                    "rollout_percentage".into(),
+                    json!(percent("--rollout", *r)?),
+                );
             }
             if let Some(g) = groups {
                 let list: Vec<&str> = g
@@ -373,6 +408,7 @@ async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String),
                     let weight: f64 = weight
                         .parse()
                         .map_err(|_| CtlError::Usage(format!("`{item}` is not WEIGHT[:HOLD]")))?;
+                    let weight = percent(&format!("the weight of step `{item}`"), weight)?;
                     list.push(match hold {
                         Some(h) => json!({ "weight": weight, "hold": h }),
                         None => json!({ "weight": weight }),
@@ -410,18 +446,23 @@ async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String),
             api.call(Method::POST, &url, None, None).await?
         }
     };
-    let table = rollout_table(&v);
+    let route = match command {
+        RolloutCommand::Status { route }
+        | RolloutCommand::Start { route, .. }
+        | RolloutCommand::Promote { route }
+        | RolloutCommand::Pause { route }
+        | RolloutCommand::Resume { route }
+        | RolloutCommand::Abort { route }
+        | RolloutCommand::Rollback { route } => route,
+    };
+    let table = rollout_table(&v, &bucket_order(api, route).await);
     Ok((v, table))
 }
 
-fn rollout_table(v: &Value) -> String {
-    let steps = v["steps"].as_array().map_or(0, |s| s.len());
-    let weights: Vec<String> = v["weights"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(b, w)| format!("{b}={}%", text(w)))
-        .collect();
+fn rollout_table(v: &Value, order: &[String]) -> String {
+    let steps = v["steps"].as_array().map_or(&[][..], |s| s.as_slice());
+    let step = v["step"].as_u64().unwrap_or(0) as usize;
+    let progressing = matches!(v["phase"].as_str(), Some("progressing" | "paused"));
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -431,16 +472,33 @@ fn rollout_table(v: &Value) -> String {
         text(&v["target"]),
         text(&v["phase"])
     );
-    let step = v["step"].as_u64().unwrap_or(0);
+    // `10% 20s > [25% 20s] > 50% 20s > 100%`: the current step in brackets.
+    let list: Vec<String> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let hold = s["hold"]
+                .as_str()
+                .map_or(String::new(), |h| format!(" {h}"));
+            let item = format!("{}%{hold}", text(&s["weight"]));
+            if i == step && progressing {
+                format!("[{item}]")
+            } else {
+                item
+            }
+        })
+        .collect();
+    let _ = writeln!(out, "steps {}", list.join(" > "));
     let _ = writeln!(
         out,
-        "step {}/{steps} at {}%, held {} of {}",
+        "step {}/{} at {}%, held {} of {}",
         step + 1,
+        steps.len(),
         text(&v["target_weight"]),
         text(&v["held"]),
         text(&v["hold"])
     );
-    let _ = writeln!(out, "weights {}", weights.join(" "));
+    let _ = writeln!(out, "weights {}", weights_in(&v["weights"], order));
     if !v["reason"].is_null() {
         let _ = writeln!(out, "reason: {}", text(&v["reason"]));
     }
@@ -457,13 +515,15 @@ fn rollout_table(v: &Value) -> String {
             .into_iter()
             .flatten()
             .map(|c| {
+                let name = text(&c["check"]);
+                let unit = crate::rollout::check_unit(&name);
                 let value = c["value"]
                     .as_f64()
-                    .map_or("-".into(), |x| format!("{x:.3}"));
+                    .map_or("-".into(), |x| format!("{x:.2}{unit}"));
                 vec![
-                    text(&c["check"]),
+                    name.clone(),
                     value,
-                    text(&c["threshold"]),
+                    format!("{}{unit}", text(&c["threshold"])),
                     text(&c["verdict"]),
                 ]
             })
@@ -512,7 +572,7 @@ impl Api {
         let resp = tokio::time::timeout(std::time::Duration::from_secs(30), client.request(req))
             .await
             .map_err(|_| CtlError::Failed(format!("{url}: no answer within 30 s")))?
-            .map_err(|e| CtlError::Failed(format!("{url}: {}", innermost(&e))))?;
+            .map_err(|e| CtlError::Failed(unreachable(&url, &e)))?;
         let status = resp.status();
         let body = resp
             .into_body()
@@ -528,23 +588,43 @@ impl Api {
             return Ok(value);
         }
         let error = &value["error"];
+        let message = error["message"]
+            .as_str()
+            .unwrap_or_else(|| status.canonical_reason().unwrap_or(""));
+        // The body was ctl's, not the user's: where in it a value sat means
+        // nothing to them.
+        let message = match message.rfind(" at line ") {
+            Some(at) if message[at..].contains(" column ") => &message[..at],
+            _ => message,
+        };
+        let hint = match status {
+            StatusCode::UNAUTHORIZED => {
+                " (give a token: --token-file FILE, --token, or SWITCHYARD_TOKEN)"
+            }
+            _ => "",
+        };
         Err(CtlError::Failed(format!(
-            "{} {}: {}",
+            "{} {}: {message}{hint}",
             status.as_u16(),
             error["code"].as_str().unwrap_or("error"),
-            error["message"]
-                .as_str()
-                .unwrap_or_else(|| status.canonical_reason().unwrap_or(""))
         )))
     }
 }
 
-fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+/// Why the admin API at `url` could not be asked, with what to check.
+fn unreachable(url: &str, e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;
     while let Some(next) = cur.source() {
         cur = next;
     }
-    cur.to_string()
+    let refused = cur
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+    if refused {
+        format!("cannot reach the admin API at {url}: connection refused. Is Switchyard running, and is --admin (or SWITCHYARD_ADMIN) its admin listener's address?")
+    } else {
+        format!("cannot reach the admin API at {url}: {cur}")
+    }
 }
 
 // === tables ===
@@ -611,14 +691,43 @@ fn status_table(state: &Value) -> String {
     out
 }
 
-fn weights_line(v: &Value) -> String {
-    let weights: Vec<String> = v["weights"]
-        .as_object()
+fn weights_line(v: &Value, order: &[String]) -> String {
+    format!(
+        "route {}: {}\n",
+        text(&v["route"]),
+        weights_in(&v["weights"], order)
+    )
+}
+
+/// `blue=90% canary=10%`: in `order` (the route's bucket order), any
+/// backend it does not name after.
+fn weights_in(weights: &Value, order: &[String]) -> String {
+    let Some(weights) = weights.as_object() else {
+        return String::new();
+    };
+    let mut names: Vec<&String> = order.iter().filter(|b| weights.contains_key(*b)).collect();
+    names.extend(weights.keys().filter(|b| !order.contains(b)));
+    names
+        .iter()
+        .map(|b| format!("{b}={}%", text(&weights[b.as_str()])))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The backends of `route` in bucket order (the configuration's), or none
+/// when the state cannot be read (then names sort alphabetically).
+async fn bucket_order(api: &Api, route: &str) -> Vec<String> {
+    let Ok(state) = api.get("/v1/state").await else {
+        return Vec::new();
+    };
+    state["routes"]
+        .as_array()
         .into_iter()
         .flatten()
-        .map(|(b, w)| format!("{b}={}%", text(w)))
-        .collect();
-    format!("route {}: {}\n", text(&v["route"]), weights.join(" "))
+        .filter(|r| r["name"] == route)
+        .flat_map(|r| r["backends"].as_array().into_iter().flatten())
+        .map(|b| text(&b["name"]))
+        .collect()
 }
 
 fn flags_table(flags: &[Value]) -> String {

@@ -536,6 +536,31 @@ pub fn analyze(spec: &AnalysisSpec, stable: &WindowStats, target: &WindowStats) 
     }
 }
 
+/// The unit a check's value and threshold are in: `%` for the error rate,
+/// ` ms` for p95, `×` for ratios against stable.
+pub fn check_unit(check: &str) -> &'static str {
+    match check {
+        "error_rate" => " %",
+        "p95" => " ms",
+        c if c.ends_with("_ratio") => "×",
+        _ => "",
+    }
+}
+
+/// A failed check as a reason reads it: its value and threshold with their
+/// unit (`error_rate 6.52 % > 2 %`); an error ratio against a stable
+/// backend without errors (no ratio) says so with the target's rate.
+fn describe_breach(c: &Check, target_rate: Option<f64>) -> String {
+    let unit = check_unit(&c.check);
+    match (c.value, target_rate) {
+        (Some(v), _) => format!("{} {v:.2}{unit} > {}{unit}", c.check, c.threshold),
+        (None, Some(rate)) if c.check == "error_rate_ratio" => {
+            format!("{} (target {rate:.2} % errors, stable none)", c.check)
+        }
+        (None, _) => c.check.clone(),
+    }
+}
+
 /// Applies one analysis to a progressing rollout.
 pub fn decide(state: &mut RolloutState, analysis: Analysis) -> Decision {
     let spec = &state.spec.analysis;
@@ -545,14 +570,16 @@ pub fn decide(state: &mut RolloutState, analysis: Analysis) -> Decision {
             state.consecutive_failures += 1;
             state.inconclusive = Dur(Duration::ZERO);
             if state.consecutive_failures >= spec.failure_threshold {
+                let target_rate = analysis
+                    .checks
+                    .iter()
+                    .find(|c| c.check == "error_rate")
+                    .and_then(|c| c.value);
                 let breaches: Vec<String> = analysis
                     .checks
                     .iter()
                     .filter(|c| c.verdict == Verdict::Fail)
-                    .map(|c| match c.value {
-                        Some(v) => format!("{} {v:.3} > {}", c.check, c.threshold),
-                        None => c.check.clone(),
-                    })
+                    .map(|c| describe_breach(c, target_rate))
                     .collect();
                 Decision::RollBack(format!(
                     "{} consecutive failed analyses: {}",
@@ -741,6 +768,22 @@ mod tests {
             decide(&mut r, verdict(Verdict::Fail)),
             Decision::RollBack(_)
         ));
+    }
+
+    #[test]
+    fn a_rollback_reason_gives_each_breach_with_its_value_and_unit() {
+        let mut r = rollout(&[(5.0, 60), (100.0, 0)]);
+        // 6 % errors against a clean stable, p95 3× stable's and 1.5 s slower.
+        let analysis = analyze(&spec(), &stats(1000, 0, 700), &stats(100, 6, 2100));
+        decide(&mut r, analysis.clone());
+        let Decision::RollBack(reason) = decide(&mut r, analysis) else {
+            panic!("not rolled back");
+        };
+        assert_eq!(
+            reason,
+            "2 consecutive failed analyses: error_rate 6.00 % > 2 %, \
+             error_rate_ratio (target 6.00 % errors, stable none), p95_ratio 3.00× > 1.2×"
+        );
     }
 
     #[test]

@@ -63,12 +63,21 @@ enum Command {
     },
     /// Talk to a running proxy's admin API: status, weights, flags, stats,
     /// events.
+    #[command(
+        after_help = "Exit status: 0 done, 1 refused by the API or the proxy unreachable, 64 bad arguments."
+    )]
     Ctl(switchyard_control::ctl::CtlArgs),
     /// Validate a configuration file and exit; errors name the field.
     Check {
         /// YAML configuration file.
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Print a shell completion script, e.g.
+    /// `switchyard completions bash > /etc/bash_completion.d/switchyard`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 
@@ -89,11 +98,25 @@ pub fn main() -> ExitCode {
                 .map(str::trim)
                 .take_while(|l| !l.is_empty())
                 .collect();
+            // clap's "did you mean" tips are worth keeping.
+            let tips: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with("tip:"))
+                .collect();
             eprintln!("{} (see `switchyard --help`)", reason.join(" "));
+            for tip in tips {
+                eprintln!("  {tip}");
+            }
             return ExitCode::from(EXIT_USAGE);
         }
     };
     match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "switchyard", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Check { config } => match check(&config) {
             Ok(summary) => {
                 println!("{}: ok ({summary})", config.display());

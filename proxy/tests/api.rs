@@ -560,23 +560,10 @@ async fn ctl_drives_every_endpoint() {
     let token_file = s.state_dir.parent().unwrap().join("ci");
     let admin = format!("http://{}", s.proxy.admin);
     let ctl = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .arg("ctl")
-            .args([
-                "--admin",
-                &admin,
-                "--token-file",
-                token_file.to_str().unwrap(),
-            ])
-            .args(args)
-            .env_remove("SWITCHYARD_TOKEN")
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let token_file = token_file.to_str().unwrap();
+        let mut all = vec!["ctl", "--admin", &admin, "--token-file", token_file];
+        all.extend_from_slice(args);
+        switchyard(&all)
     };
 
     let (code, out, err) = ctl(&["status"]);
@@ -703,7 +690,89 @@ async fn ctl_drives_every_endpoint() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401") && err.contains("--token-file"), "{err}");
+
+    // Out-of-range percentages are the user's error (64), named in their
+    // terms, and nothing is sent.
+    let (code, _, err) = ctl(&["flag", "set", "x", "--rollout", "150"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("--rollout must be a percentage from 0 to 100") && !err.contains("column"),
+        "{err}"
+    );
+    let (code, _, err) = ctl(&["flag", "set", "x", "--rollout", "12.345"]);
+    assert_eq!(code, Some(64), "{err}");
+    let (code, _, err) = ctl(&["weights", "set", "api", "blue=120", "canary=-20"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("the weight of `blue`"), "{err}");
+    let (code, _, err) = ctl(&["flag", "get", "x"]);
+    assert_eq!(code, Some(1), "never created: {err}");
+}
+
+/// Runs the binary with `args` (without the admin address and token of
+/// the environment): exit code, stdout, stderr.
+fn switchyard(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env_remove("SWITCHYARD_ADMIN")
+        .env_remove("SWITCHYARD_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `switchyard ctl` says what is wrong in the user's terms before and
+/// around the API: an admin address without a scheme (with the fix), an
+/// https one, a proxy that is not there (with where to look), a mistyped
+/// subcommand (with the suggestion), its exit codes in `--help`, and shell
+/// completions.
+#[test]
+fn ctl_errors_say_what_to_do() {
+    let run = switchyard;
+    let (code, _, err) = run(&["ctl", "--admin", "127.0.0.1:9901", "status"]);
+    assert_eq!(code, Some(64));
+    assert!(
+        err.contains("did you mean `http://127.0.0.1:9901`"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["ctl", "--admin", "https://127.0.0.1:9901", "status"]);
+    assert_eq!(code, Some(64));
+    assert!(err.contains("plain HTTP"), "{err}");
+    let (code, _, err) = run(&["ctl", "--admin", "http://127.0.0.1:9901/v1", "status"]);
+    assert_eq!(code, Some(64));
+    assert!(err.contains("http://HOST:PORT"), "{err}");
+    // A port nothing listens on (bound, then let go).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin = format!("http://127.0.0.1:{port}");
+    let (code, _, err) = run(&["ctl", "--admin", &admin, "status"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("connection refused") && err.contains("SWITCHYARD_ADMIN"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["ctl", "stauts"]);
+    assert_eq!(code, Some(64));
+    assert!(err.contains("tip:") && err.contains("'status'"), "{err}");
+    let (code, out, _) = run(&["ctl", "--help"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("Exit status: 0 done, 1 refused"), "{out}");
+    let (code, out, _) = run(&["completions", "bash"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("_switchyard()") && out.contains("rollout"),
+        "{out}"
+    );
+    let (code, _, err) = run(&["completions", "tcsh"]);
+    assert_eq!(code, Some(64), "{err}");
 }
 
 /// Every documented operation is served (neither 404 nor 405), and every
