@@ -99,6 +99,22 @@ pub enum RolloutCommand {
     /// Phase, step, hold, last analysis with each check.
     Status {
         route: String,
+        /// Keep watching, as `rollout watch`.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: give up after this long (e.g. `10m`).
+        #[arg(long, requires = "watch", value_parser = duration)]
+        timeout: Option<std::time::Duration>,
+    },
+    /// A live view of the rollout, redrawn in place, until it ends. Exit
+    /// status: 0 promoted, 2 rolled back, 3 aborted, 4 --timeout passed
+    /// (1 the API refused or could not be reached): a CI pipeline can gate
+    /// a deploy on it.
+    Watch {
+        route: String,
+        /// Give up after this long (e.g. `10m`); default: never.
+        #[arg(long, value_parser = duration)]
+        timeout: Option<std::time::Duration>,
     },
     /// Start a canary rollout of TARGET against STABLE.
     Start {
@@ -167,10 +183,43 @@ pub enum FlagCommand {
     },
 }
 
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration like 30s or 10m: {e}"))
+}
+
 /// Runs a ctl command; returns the process exit status (0 ok, 1 refused or
-/// unreachable, 64 bad arguments).
+/// unreachable, 64 bad arguments; `rollout watch` has its own).
 pub async fn run(args: CtlArgs) -> u8 {
-    match execute(&args).await {
+    let watched = match &args.command {
+        CtlCommand::Rollout {
+            command: RolloutCommand::Watch { route, timeout },
+        }
+        | CtlCommand::Rollout {
+            command:
+                RolloutCommand::Status {
+                    route,
+                    watch: true,
+                    timeout,
+                },
+        } => Some((route, *timeout)),
+        _ => None,
+    };
+    if let Some((route, timeout)) = watched {
+        return match api(&args) {
+            Ok(api) => watch::run(&api, route, timeout, args.json).await,
+            Err(e) => report(e),
+        };
+    }
+    report_result(execute(&args).await)
+}
+
+fn report(e: CtlError) -> u8 {
+    report_result(Err(e))
+}
+
+fn report_result(result: Result<String, CtlError>) -> u8 {
+    match result {
         Ok(out) => {
             print!("{out}");
             0
@@ -191,7 +240,8 @@ enum CtlError {
     Failed(String),
 }
 
-async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
+/// The admin API `args` name, with its token.
+fn api(args: &CtlArgs) -> Result<Api, CtlError> {
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => Some(t.trim().to_owned()),
         (None, Some(path)) => Some(
@@ -202,10 +252,14 @@ async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
         ),
         (None, None) => None,
     };
-    let api = Api {
+    Ok(Api {
         base: admin_base(&args.admin)?,
         token,
-    };
+    })
+}
+
+async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
+    let api = api(args)?;
     let (value, table) = match &args.command {
         CtlCommand::Status => {
             let state = api.get("/v1/state").await?;
@@ -387,7 +441,9 @@ async fn flag(api: &Api, command: &FlagCommand) -> Result<(Value, String), CtlEr
 async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String), CtlError> {
     let path = |route: &str| format!("/v1/routes/{route}/rollout");
     let v = match command {
-        RolloutCommand::Status { route } => api.get(&path(route)).await?,
+        RolloutCommand::Status { route, .. } | RolloutCommand::Watch { route, .. } => {
+            api.get(&path(route)).await?
+        }
         RolloutCommand::Start {
             route,
             stable,
@@ -447,7 +503,8 @@ async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String),
         }
     };
     let route = match command {
-        RolloutCommand::Status { route }
+        RolloutCommand::Status { route, .. }
+        | RolloutCommand::Watch { route, .. }
         | RolloutCommand::Start { route, .. }
         | RolloutCommand::Promote { route }
         | RolloutCommand::Pause { route }
@@ -455,11 +512,13 @@ async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String),
         | RolloutCommand::Abort { route }
         | RolloutCommand::Rollback { route } => route,
     };
-    let table = rollout_table(&v, &bucket_order(api, route).await);
+    let table = rollout_table(&v, &bucket_order(api, route).await, false);
     Ok((v, table))
 }
 
-fn rollout_table(v: &Value, order: &[String]) -> String {
+/// A rollout as `rollout status` prints it; `paint`: verdicts and the
+/// phase in colour (a terminal without NO_COLOR).
+fn rollout_table(v: &Value, order: &[String], paint: bool) -> String {
     let steps = v["steps"].as_array().map_or(&[][..], |s| s.as_slice());
     let step = v["step"].as_u64().unwrap_or(0) as usize;
     let progressing = matches!(v["phase"].as_str(), Some("progressing" | "paused"));
@@ -470,7 +529,7 @@ fn rollout_table(v: &Value, order: &[String]) -> String {
         text(&v["route"]),
         text(&v["stable"]),
         text(&v["target"]),
-        text(&v["phase"])
+        colour(paint, &text(&v["phase"]))
     );
     // `10% 20s > [25% 20s] > 50% 20s > 100%`: the current step in brackets.
     let list: Vec<String> = steps
@@ -506,7 +565,7 @@ fn rollout_table(v: &Value, order: &[String]) -> String {
         let _ = writeln!(
             out,
             "\nlast analysis: {} (target {} requests, stable {})",
-            text(&a["verdict"]),
+            colour(paint, &text(&a["verdict"])),
             text(&a["target_requests"]),
             text(&a["stable_requests"])
         );
@@ -524,13 +583,192 @@ fn rollout_table(v: &Value, order: &[String]) -> String {
                     name.clone(),
                     value,
                     format!("{}{unit}", text(&c["threshold"])),
-                    text(&c["verdict"]),
+                    // Last in the row: its escape codes pad nothing after.
+                    colour(paint, &text(&c["verdict"])),
                 ]
             })
             .collect();
         out.push_str(&table(&["CHECK", "VALUE", "THRESHOLD", "VERDICT"], &rows));
     }
     out
+}
+
+/// `word` in the colour of what it says (pass and promoted green, fail and
+/// rolled-back red, the rest yellow), or as it is without `paint`.
+fn colour(paint: bool, word: &str) -> String {
+    if !paint {
+        return word.to_owned();
+    }
+    let code = match word {
+        "pass" | "promoted" => "32",
+        "fail" | "rolled-back" | "aborted" => "31",
+        _ => "33",
+    };
+    format!("\x1b[{code}m{word}\x1b[0m")
+}
+
+mod watch {
+    //! `rollout watch`: the rollout redrawn in place (on a terminal) or
+    //! printed again when it changes (in a pipeline's log), with a bar for
+    //! the step's hold and the route's audit events since the watch began,
+    //! until the rollout ends. Polls the API every second.
+
+    use std::io::{IsTerminal, Write};
+    use std::time::{Duration, Instant};
+
+    use serde_json::Value;
+
+    use super::{bucket_order, rollout_table, text, Api, CtlError};
+
+    pub const PROMOTED: u8 = 0;
+    pub const ROLLED_BACK: u8 = 2;
+    pub const ABORTED: u8 = 3;
+    pub const TIMED_OUT: u8 = 4;
+
+    pub async fn run(api: &Api, route: &str, timeout: Option<Duration>, json: bool) -> u8 {
+        let terminal = std::io::stdout().is_terminal();
+        let paint = terminal && std::env::var_os("NO_COLOR").is_none();
+        let started = Instant::now();
+        let order = bucket_order(api, route).await;
+        let mut cursor = latest_event(api).await;
+        let mut events: Vec<String> = Vec::new();
+        let (mut drawn, mut last) = (0usize, String::new());
+        loop {
+            let rollout = match api.get(&format!("/v1/routes/{route}/rollout")).await {
+                Ok(v) => v,
+                Err(CtlError::Failed(m)) if m.starts_with("404") => {
+                    eprintln!("switchyard ctl: {m}");
+                    return 1;
+                }
+                Err(CtlError::Failed(m) | CtlError::Usage(m)) => {
+                    // A proxy restarting mid-rollout: keep watching.
+                    eprintln!("switchyard ctl: {m} (still watching)");
+                    Value::Null
+                }
+            };
+            if !rollout.is_null() {
+                cursor = route_events(api, route, cursor, &mut events).await;
+                let view = if json {
+                    format!("{}\n", rollout)
+                } else {
+                    render(&rollout, &order, &events, paint)
+                };
+                if terminal && !json {
+                    // Up over the last drawing and clear to the end.
+                    let up = if drawn > 0 {
+                        format!("\x1b[{drawn}A\x1b[J")
+                    } else {
+                        String::new()
+                    };
+                    print!("{up}{view}");
+                    drawn = view.lines().count();
+                } else if view != last {
+                    print!("{view}");
+                    if !json {
+                        println!();
+                    }
+                }
+                let _ = std::io::stdout().flush();
+                last = view;
+                match rollout["phase"].as_str() {
+                    Some("promoted") => return PROMOTED,
+                    Some("rolled-back") => return ROLLED_BACK,
+                    Some("aborted") => return ABORTED,
+                    _ => {}
+                }
+            }
+            if let Some(limit) = timeout {
+                if started.elapsed() >= limit {
+                    eprintln!(
+                        "switchyard ctl: --timeout {} passed; the rollout is still {}",
+                        humantime::format_duration(limit),
+                        text(&rollout["phase"])
+                    );
+                    return TIMED_OUT;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    fn render(rollout: &Value, order: &[String], events: &[String], paint: bool) -> String {
+        let mut out = rollout_table(rollout, order, paint);
+        if let Some(bar) = hold_bar(rollout) {
+            out.push_str(&format!("\nhold {bar}\n"));
+        }
+        if !events.is_empty() {
+            out.push_str("\nevents since watching:\n");
+            for e in events {
+                out.push_str(&format!("  {e}\n"));
+            }
+        }
+        out
+    }
+
+    /// `[########------------] 8s of 20s` for a progressing step's hold.
+    fn hold_bar(rollout: &Value) -> Option<String> {
+        if rollout["phase"] != "progressing" {
+            return None;
+        }
+        let held = humantime::parse_duration(rollout["held"].as_str()?).ok()?;
+        let hold = humantime::parse_duration(rollout["hold"].as_str()?).ok()?;
+        let share = if hold.is_zero() {
+            1.0
+        } else {
+            (held.as_secs_f64() / hold.as_secs_f64()).min(1.0)
+        };
+        let full = (share * 20.0).round() as usize;
+        Some(format!(
+            "[{}{}] {} of {}",
+            "#".repeat(full),
+            "-".repeat(20 - full),
+            text(&rollout["held"]),
+            text(&rollout["hold"])
+        ))
+    }
+
+    /// The newest audit sequence number (paging through at most 20,000).
+    async fn latest_event(api: &Api) -> u64 {
+        let mut after = 0;
+        for _ in 0..20 {
+            let Ok(page) = api
+                .get(&format!("/v1/events?after={after}&limit=1000"))
+                .await
+            else {
+                break;
+            };
+            match page["next_after"].as_u64() {
+                Some(next) => after = next,
+                None => break,
+            }
+        }
+        after
+    }
+
+    /// Appends the route's events after `cursor` (the last five kept);
+    /// returns the new cursor.
+    async fn route_events(api: &Api, route: &str, cursor: u64, kept: &mut Vec<String>) -> u64 {
+        let Ok(page) = api
+            .get(&format!("/v1/events?after={cursor}&limit=1000"))
+            .await
+        else {
+            return cursor;
+        };
+        let target = format!("routes/{route}");
+        for e in page["events"].as_array().into_iter().flatten() {
+            if e["target"] == target.as_str() {
+                kept.push(format!(
+                    "{} {} by {}",
+                    text(&e["time"]),
+                    text(&e["action"]),
+                    text(&e["actor"])
+                ));
+            }
+        }
+        let excess = kept.len().saturating_sub(5);
+        kept.drain(..excess);
+        page["next_after"].as_u64().unwrap_or(cursor)
+    }
 }
 
 // === HTTP ===

@@ -739,9 +739,16 @@ async fn the_readme_tour_works_as_written() {
             .unwrap_or_else(|_| panic!("`{line}` did not finish within 120 s"))
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "`{line}` failed: {stdout}{}",
+        // A line may say how it ends: `# ... exits 2 ...`.
+        let expected = line
+            .split_once('#')
+            .and_then(|(_, comment)| comment.split("exits ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<i32>().ok())
+            .unwrap_or(0);
+        assert_eq!(
+            out.status.code(),
+            Some(expected),
+            "`{line}`: {stdout}{}",
             String::from_utf8_lossy(&out.stderr)
         );
         eprintln!("$ {line}\n{stdout}");
@@ -759,13 +766,12 @@ async fn the_readme_tour_works_as_written() {
     assert_eq!(alice.last().unwrap(), &"canary\n", "promoted at last");
     assert!(output("for u in")[0].contains("blue"));
     assert!(output("switchyard ctl events")[0].contains("rollout.rollback"));
-    let status = output("switchyard ctl rollout status demo");
+    let watched = output("switchyard ctl rollout watch demo");
     assert!(
-        status
-            .iter()
-            .any(|s| s.contains("rolled-back") && s.contains("error_rate")),
-        "{status:?}"
+        watched[0].contains("rolled-back") && watched[0].contains("error_rate"),
+        "{watched:?}"
     );
+    assert!(watched[1].contains("promoted"), "{watched:?}");
     let _ = std::fs::remove_dir_all(&bin_dir);
     drop(demo);
 }

@@ -814,3 +814,83 @@ async fn a_client_too_slow_with_its_body_gets_408_not_the_backend_a_timeout() {
     assert_eq!(timeouts, 0, "the backend is not blamed");
     proxy.stop().await;
 }
+
+/// Issue 20: `switchyard ctl rollout watch` follows a rollout until it
+/// ends and says how by its exit status, so a pipeline can gate on it: 0
+/// promoted, 2 rolled back, 3 aborted, 4 when `--timeout` passes first;
+/// `status --watch` is the same. Out of a terminal it prints each change
+/// once, without escape codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_watch_exits_with_the_outcome() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::Name).await;
+    let proxy = proxy_with(&blue, &canary).await;
+    let spec = fast_rollout(
+        json!([{"weight": 10, "hold": "1h"}, {"weight": 100}]),
+        json!({}),
+    );
+    let admin = format!("http://{}", proxy.admin);
+    let watch = |extra: &'static [&'static str]| {
+        let admin = admin.clone();
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["ctl", "--admin", &admin, "rollout"])
+            .args(extra)
+            .env_remove("SWITCHYARD_TOKEN")
+            .kill_on_drop(true)
+            .output()
+    };
+    for (action, code) in [("promote", 0), ("rollback", 2), ("abort", 3)] {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        let (status, body) = api(&proxy, "POST", "/v1/routes/api/rollout", &spec).await;
+        assert_eq!(status, 201, "{body}");
+        let mut watching = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args([
+                "ctl",
+                "--admin",
+                &admin,
+                "rollout",
+                "watch",
+                "api",
+                "--timeout",
+                "60s",
+            ])
+            .env_remove("SWITCHYARD_TOKEN")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // The watch has drawn the progressing rollout: act on it then.
+        let mut stdout = tokio::io::BufReader::new(watching.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).await.unwrap();
+        assert!(first.contains("(progressing)"), "{first}");
+        let path = format!("/v1/routes/api/rollout/{action}");
+        let (status, body) = api(&proxy, "POST", &path, "").await;
+        assert_eq!(status, 200, "{action}: {body}");
+        let mut rest = String::new();
+        stdout.read_to_string(&mut rest).await.unwrap();
+        let exit = watching.wait().await.unwrap();
+        let stdout = first + &rest;
+        assert_eq!(exit.code(), Some(code), "{action}: {stdout}");
+        assert!(
+            !stdout.contains('\x1b'),
+            "no escape codes in a pipe: {stdout}"
+        );
+        if action != "promote" {
+            assert!(stdout.contains(&format!("rollout.{action}")), "{stdout}");
+        }
+    }
+    // Still progressing when the timeout passes.
+    let (status, _) = api(&proxy, "POST", "/v1/routes/api/rollout", &spec).await;
+    assert_eq!(status, 201);
+    let out = watch(&["status", "api", "--watch", "--timeout", "1s"])
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("still progressing"), "{stderr}");
+    // No such route: refused, 1.
+    let out = watch(&["watch", "nosuch"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    proxy.stop().await;
+}
