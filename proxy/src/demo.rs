@@ -116,7 +116,9 @@ fn print_banner(config: &Config, listeners: &Listeners, upstreams: &[String], ra
     println!(
         "  curl -s -X POST -H 'x-switchyard-backend: canary' 'http://{proxy}/demo/fail?percent=50'"
     );
-    println!("  switchyard ctl --admin http://{admin} rollout watch demo   # exits 2 once rolled back");
+    println!(
+        "  switchyard ctl --admin http://{admin} rollout watch demo   # exits 2 once rolled back"
+    );
     println!("Ctrl-C stops it.");
 }
 

@@ -819,3 +819,68 @@ async fn the_openapi_document_describes_the_running_router() {
         }
     }
 }
+
+/// Issue 20: docs/openapi.yaml's rollout spec has exactly the fields the
+/// server takes (the spec, its analysis and webhooks, every optional field
+/// set and serialised), and its list of audit actions names every action
+/// the proxy writes (each `"<area>.<verb>"` literal in its source).
+#[test]
+fn openapi_matches_the_rollout_spec_and_audit_actions() {
+    use std::collections::BTreeSet;
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let text = std::fs::read_to_string(format!("{root}/docs/openapi.yaml")).unwrap();
+    let doc: Value = serde_saphyr::from_str(&text).unwrap();
+    let schema = &doc["components"]["schemas"]["RolloutSpec"];
+    let keys = |v: &Value| -> BTreeSet<String> { v.as_object().unwrap().keys().cloned().collect() };
+    let spec: switchyard_control::rollout::RolloutSpec = serde_json::from_value(json!({
+        "strategy": "blue-green", "stable": "a", "target": "b", "validation": "1m",
+        "steps": [{"weight": 100}],
+        "webhooks": {"gate": "http://127.0.0.1:1/gate", "notify": ["http://127.0.0.1:1/n"]}
+    }))
+    .unwrap();
+    let served = serde_json::to_value(&spec).unwrap();
+    assert_eq!(keys(&schema["properties"]), keys(&served));
+    for part in ["analysis", "webhooks"] {
+        assert_eq!(
+            keys(&schema["properties"][part]["properties"]),
+            keys(&served[part]),
+            "{part}"
+        );
+    }
+    let listed = doc["components"]["schemas"]["Event"]["properties"]["action"]["description"]
+        .as_str()
+        .unwrap();
+    let listed: BTreeSet<&str> = listed.split(", ").collect();
+    let mut written = BTreeSet::new();
+    let mut sources = vec![
+        std::path::PathBuf::from(format!("{root}/control/src")),
+        std::path::PathBuf::from(format!("{root}/proxy/src")),
+    ];
+    while let Some(dir) = sources.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources.push(path);
+                continue;
+            }
+            let code = std::fs::read_to_string(&path).unwrap();
+            for literal in code.split('"').skip(1).step_by(2) {
+                let Some((area, verb)) = literal.split_once('.') else {
+                    continue;
+                };
+                let areas = [
+                    "weights", "flag", "config", "state", "override", "endpoint", "rollout",
+                ];
+                let verb_ok = !verb.is_empty() && verb.chars().all(|c| c.is_ascii_lowercase());
+                // A field in an error and a file name, not actions.
+                let not_actions = ["flag.name", "state.json"];
+                if areas.contains(&area) && verb_ok && !not_actions.contains(&literal) {
+                    written.insert(literal.to_owned());
+                }
+            }
+        }
+    }
+    let written: BTreeSet<&str> = written.iter().map(String::as_str).collect();
+    assert!(written.len() >= 15, "{written:?}");
+    assert_eq!(listed, written);
+}

@@ -268,3 +268,57 @@ async fn metrics_can_be_switched_off() {
     assert_eq!(status, 409);
     proxy.stop().await;
 }
+
+/// Issue 20: docs/metrics.md lists every metric family the binary exports:
+/// a proxy with flags, a rollout and traffic through it (so its labelled
+/// families have series) is scraped, and each `# TYPE` family must have a
+/// row in the document's tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_md_lists_every_exported_family() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::failing(3)).await;
+    let proxy = Running::start(&config(
+        "flags:\n  - { name: dark-mode, rollout_percentage: 50 }",
+        &[("blue", blue.addr, 90.0), ("canary", canary.addr, 10.0)],
+    ))
+    .await;
+    let spec = r#"{"stable":"blue","target":"canary","steps":[{"weight":10,"hold":"1h"},{"weight":100}],"analysis":{"interval":"1s","window":"5s"}}"#;
+    let url = format!("http://{}/v1/routes/api/rollout", proxy.admin);
+    assert_eq!(common::call("POST", &url, None, &[], spec).await.0, 201);
+    let c = client();
+    for i in 0..100 {
+        get(&c, &proxy.url("/"), &[("x-user-id", &format!("u{i}"))]).await;
+    }
+    let (_, _, text) = common::call(
+        "GET",
+        &format!("http://{}/metrics", proxy.admin),
+        None,
+        &[],
+        "",
+    )
+    .await;
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+        .unwrap();
+    // Every backticked name in a table row's first cell.
+    let documented: Vec<&str> = doc
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .filter_map(|l| l.split(" | ").next())
+        .flat_map(|cell| cell.split('`').skip(1).step_by(2))
+        .collect();
+    let exported: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert!(exported.len() > 15, "{text}");
+    let missing: Vec<&&str> = exported
+        .iter()
+        .filter(|family| !documented.contains(family))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "exported but not in docs/metrics.md: {missing:?}"
+    );
+    proxy.stop().await;
+}
