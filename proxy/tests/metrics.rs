@@ -289,14 +289,7 @@ async fn metrics_md_lists_every_exported_family() {
     for i in 0..100 {
         get(&c, &proxy.url("/"), &[("x-user-id", &format!("u{i}"))]).await;
     }
-    let (_, _, text) = common::call(
-        "GET",
-        &format!("http://{}/metrics", proxy.admin),
-        None,
-        &[],
-        "",
-    )
-    .await;
+    let text = scrape(&proxy).await;
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
         .unwrap();
     // Every backticked name in a table row's first cell.
