@@ -116,13 +116,19 @@ pub enum RolloutCommand {
         #[arg(long, value_parser = duration)]
         timeout: Option<std::time::Duration>,
     },
-    /// Start a canary rollout of TARGET against STABLE.
+    /// Start a rollout: a canary of TARGET against STABLE from the flags, or
+    /// any spec the API takes (blue-green, validation, thresholds, webhooks)
+    /// from a file with -f.
     Start {
         route: String,
-        #[arg(long)]
-        stable: String,
-        #[arg(long)]
-        target: String,
+        /// The API's rollout spec, YAML or JSON (docs/rollouts.md); `-` reads
+        /// standard input.
+        #[arg(long, short = 'f', conflicts_with_all = ["stable", "target", "steps", "interval", "window", "min_requests"])]
+        file: Option<PathBuf>,
+        #[arg(long, required_unless_present = "file")]
+        stable: Option<String>,
+        #[arg(long, required_unless_present = "file")]
+        target: Option<String>,
         /// WEIGHT:HOLD,... with the last step's hold left out, e.g.
         /// `5:30s,50:30s,100`. Default: 0.1:1h,1:4h,5:24h,25:48h,100.
         #[arg(long)]
@@ -153,6 +159,11 @@ pub enum RolloutCommand {
     },
     /// Back to stable; after a blue-green promotion, to the standby colour.
     Rollback {
+        route: String,
+    },
+    /// After a rollout ended (promoted, aborted, rolled back): back to the
+    /// weights the route had before it started, audited.
+    Undo {
         route: String,
     },
 }
@@ -322,6 +333,26 @@ async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
     })
 }
 
+/// A rollout spec file (YAML or JSON; `-`: standard input) as the API's
+/// JSON body.
+fn spec_file(file: &std::path::Path) -> Result<Value, CtlError> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(file)
+    }
+    .map_err(|e| CtlError::Usage(format!("-f {}: {e}", file.display())))?;
+    let spec: Value = serde_saphyr::from_str(&text)
+        .map_err(|e| CtlError::Usage(format!("-f {}: not YAML or JSON: {e}", file.display())))?;
+    if !spec.is_object() {
+        return Err(CtlError::Usage(format!(
+            "-f {}: a rollout spec is a mapping (stable, target, steps, ...)",
+            file.display()
+        )));
+    }
+    Ok(spec)
+}
+
 /// `--admin` as a base URL, or what is wrong with it in the user's terms.
 fn admin_base(admin: &str) -> Result<String, CtlError> {
     let base = admin.trim().trim_end_matches('/');
@@ -446,6 +477,16 @@ async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String),
         }
         RolloutCommand::Start {
             route,
+            file: Some(file),
+            ..
+        } => {
+            let spec = spec_file(file)?;
+            api.call(Method::POST, &path(route), Some(spec), None)
+                .await?
+        }
+        RolloutCommand::Start {
+            route,
+            file: None,
             stable,
             target,
             steps,
@@ -490,12 +531,14 @@ async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String),
         | RolloutCommand::Pause { route }
         | RolloutCommand::Resume { route }
         | RolloutCommand::Rollback { route }
+        | RolloutCommand::Undo { route }
         | RolloutCommand::Abort { route } => {
             let action = match command {
                 RolloutCommand::Promote { .. } => "promote",
                 RolloutCommand::Pause { .. } => "pause",
                 RolloutCommand::Resume { .. } => "resume",
                 RolloutCommand::Rollback { .. } => "rollback",
+                RolloutCommand::Undo { .. } => "undo",
                 _ => "abort",
             };
             let url = format!("{}/{action}", path(route));
@@ -510,6 +553,7 @@ async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String),
         | RolloutCommand::Pause { route }
         | RolloutCommand::Resume { route }
         | RolloutCommand::Abort { route }
+        | RolloutCommand::Undo { route }
         | RolloutCommand::Rollback { route } => route,
     };
     let table = rollout_table(&v, &bucket_order(api, route).await, false);

@@ -402,6 +402,9 @@ pub struct RolloutState {
     /// Blue-green, once promoted: the old colour, kept for instant rollback.
     #[serde(default)]
     pub standby: Option<String>,
+    /// The route's weights when the rollout started: what `undo` restores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<std::collections::BTreeMap<String, Weight>>,
 }
 
 impl RolloutState {
@@ -418,6 +421,7 @@ impl RolloutState {
             last_analysis: None,
             reason: None,
             standby: None,
+            before: None,
         }
     }
 

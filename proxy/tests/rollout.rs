@@ -894,3 +894,94 @@ async fn rollout_watch_exits_with_the_outcome() {
     assert_eq!(out.status.code(), Some(1));
     proxy.stop().await;
 }
+
+/// Issue 20: an ended rollout, canary as blue-green, can be undone: the
+/// route goes back to exactly the weights it had before (audited), and an
+/// active one cannot. `ctl rollout start -f` takes any spec the API takes,
+/// as YAML; a bad file is the user's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_rollout_is_undone_to_the_weights_before_it() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::Name).await;
+    let proxy = Running::start(&common::config(
+        "",
+        &[("blue", blue.addr, 85.0), ("canary", canary.addr, 15.0)],
+    ))
+    .await;
+    let weights = |v: &Value| (v["weights"]["blue"].clone(), v["weights"]["canary"].clone());
+    let spec = fast_rollout(
+        json!([{"weight": 20, "hold": "1h"}, {"weight": 100}]),
+        json!({}),
+    );
+    for ending in ["promote", "abort", "rollback"] {
+        let (status, body) = api(&proxy, "POST", "/v1/routes/api/rollout", &spec).await;
+        assert_eq!(status, 201, "{body}");
+        let (status, body) = api(&proxy, "POST", "/v1/routes/api/rollout/undo", "").await;
+        assert_eq!(status, 409, "undo while active: {body}");
+        let path = format!("/v1/routes/api/rollout/{ending}");
+        assert_eq!(api(&proxy, "POST", &path, "").await.0, 200);
+        let (status, body) = api(&proxy, "POST", "/v1/routes/api/rollout/undo", "").await;
+        assert_eq!(status, 200, "{ending}: {body}");
+        assert_eq!(body["phase"], "rolled-back", "{body}");
+        assert_eq!(weights(&body), (json!(85), json!(15)), "{ending}: {body}");
+    }
+    let (_, events) = api(&proxy, "GET", "/v1/events?limit=1000", "").await;
+    let undos = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "rollout.undo")
+        .count();
+    assert_eq!(undos, 3);
+
+    // Blue-green from a YAML file through ctl; promoted, then undone.
+    let dir = common::temp_dir("spec-file");
+    let file = dir.join("blue-green.yaml");
+    std::fs::write(
+        &file,
+        "strategy: blue-green\nstable: blue\ntarget: canary\nvalidation: 1h\nanalysis: { interval: 1s, window: 5s }\n",
+    )
+    .unwrap();
+    let admin = format!("http://{}", proxy.admin);
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["ctl", "--admin", &admin, "rollout"])
+            .args(args)
+            .env_remove("SWITCHYARD_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let out = ctl(&["start", "api", "-f", file.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("blue -> canary (progressing)"), "{stdout}");
+    let (_, status) = api(&proxy, "GET", "/v1/routes/api/rollout", "").await;
+    assert_eq!(status["strategy"], "blue-green", "{status}");
+    assert_eq!(ctl(&["promote", "api"]).status.code(), Some(0));
+    let out = ctl(&["undo", "api"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("blue=85% canary=15%"), "{stdout}");
+    // A file that is not there, or not a spec: 64, nothing started.
+    std::fs::write(dir.join("list.yaml"), "- a\n- b\n").unwrap();
+    for bad in ["missing.yaml", "list.yaml"] {
+        let out = ctl(&["start", "api", "-f", dir.join(bad).to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64), "{bad}");
+    }
+    let out = ctl(&[
+        "start",
+        "api",
+        "-f",
+        file.to_str().unwrap(),
+        "--stable",
+        "blue",
+    ]);
+    assert_eq!(out.status.code(), Some(64), "-f with flags");
+    let _ = std::fs::remove_dir_all(&dir);
+    proxy.stop().await;
+}

@@ -774,7 +774,13 @@ impl Store {
                 )));
             }
             let before = route_weights(current, route);
-            let state = RolloutState::new(spec.clone(), now_rfc3339());
+            let mut state = RolloutState::new(spec.clone(), now_rfc3339());
+            state.before = current.route_weights(route).map(|weights| {
+                weights
+                    .into_iter()
+                    .map(|(b, w)| (b.to_owned(), w))
+                    .collect()
+            });
             let weights = rollout_weights(current, route, &state);
             let after = json!({ "rollout": &state, "weights": &weights });
             overrides.weights.insert(route.to_owned(), weights);
@@ -784,7 +790,8 @@ impl Store {
         .await
     }
 
-    /// An operator's `promote`, `pause`, `resume` or `abort`.
+    /// An operator's `promote`, `pause`, `resume`, `abort`, `rollback`, or
+    /// `undo` (an ended rollout: back to the weights before it started).
     pub async fn rollout_action(
         &self,
         actor: &str,
@@ -811,6 +818,13 @@ impl Store {
                 }
                 ("rollback", p) if p.active() => (Phase::RolledBack, "rollout.rollback"),
                 ("abort", p) if p.active() => (Phase::Aborted, "rollout.abort"),
+                ("undo", p) if !p.active() => (Phase::RolledBack, "rollout.undo"),
+                ("undo", _) => {
+                    return Err(StoreError::Conflict(format!(
+                        "cannot undo a rollout that is {:?}: abort or roll it back",
+                        state.phase
+                    )))
+                }
                 ("pause" | "resume" | "promote" | "abort" | "rollback", _) => {
                     return Err(conflict(action))
                 }
@@ -826,6 +840,9 @@ impl Store {
             state.reason = match phase {
                 Phase::Aborted => Some(format!("aborted by {actor_name}")),
                 Phase::Promoted => Some(format!("promoted by {actor_name}")),
+                Phase::RolledBack if name == "rollout.undo" => Some(format!(
+                    "undone by {actor_name}: back to the weights before the rollout"
+                )),
                 Phase::RolledBack => Some(format!(
                     "rolled back to {} by {actor_name}",
                     state.spec.stable
@@ -833,7 +850,11 @@ impl Store {
                 _ => None,
             };
             state.standby = standby_after(state);
-            let weights = rollout_weights(current, route, state);
+            let weights = if name == "rollout.undo" {
+                undo_weights(current, route, state)?
+            } else {
+                rollout_weights(current, route, state)
+            };
             let after = json!({ "phase": state.phase, "step": state.step, "weights": &weights });
             overrides.weights.insert(route.to_owned(), weights);
             Ok(Change {
@@ -1226,6 +1247,32 @@ pub enum RolloutOutcome {
 }
 
 /// Blue-green, once promoted: the old colour stays as standby.
+/// The weights `state` recorded when it started, if the route still has
+/// exactly those backends.
+fn undo_weights(
+    config: &Config,
+    route: &str,
+    state: &RolloutState,
+) -> Result<BTreeMap<String, Weight>, StoreError> {
+    let Some(before) = &state.before else {
+        return Err(StoreError::Conflict(
+            "this rollout started before Switchyard recorded the weights to undo to; set the weights instead".into(),
+        ));
+    };
+    let now: Vec<&str> = config
+        .route_weights(route)
+        .map(|w| w.into_keys().collect())
+        .unwrap_or_default();
+    if !now.iter().copied().eq(before.keys().map(String::as_str)) {
+        return Err(StoreError::Conflict(format!(
+            "the route's backends changed since the rollout started ({} then, {} now); set the weights instead",
+            before.keys().cloned().collect::<Vec<_>>().join(", "),
+            now.join(", ")
+        )));
+    }
+    Ok(before.clone())
+}
+
 fn standby_after(state: &RolloutState) -> Option<String> {
     (state.phase == Phase::Promoted && state.spec.strategy == Strategy::BlueGreen)
         .then(|| state.spec.stable.clone())
