@@ -9,6 +9,7 @@
 //! GET|PUT|PATCH|DELETE /v1/flags/{name}   PATCH is an RFC 7386 merge patch
 //! GET    /v1/events?after=SEQ&limit=N     the audit log, oldest first
 //! GET    /v1/fleet                        replicas, leaders, the store's health
+//! DELETE /v1/overrides[/routes/R|/flags/F] back to the configuration file's values
 //! ```
 //!
 //! Errors are `{"error": {"code", "message"}}`: 400 unparseable (JSON syntax,
@@ -32,7 +33,7 @@ use serde_json::{json, Value};
 use crate::admin::{json_error, respond_json, Admin};
 use crate::config::{Config, FlagConfig, Token, Weight};
 use crate::rollout::RolloutSpec;
-use crate::store::{find_flag, StoreError, View};
+use crate::store::{find_flag, ResetTarget, StoreError, View};
 
 /// Largest request body the API reads.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -128,6 +129,13 @@ pub async fn serve(admin: &Admin, req: Request<Incoming>) -> Resp {
         ("/v1/flags/{name}", "PATCH") => patch_flag(admin, &actor, param, req).await,
         ("/v1/flags/{name}", "DELETE") => delete_flag(admin, &actor, param, req.headers()).await,
         ("/v1/events", "GET") => events(admin, req.uri().query().unwrap_or("")).await,
+        ("/v1/overrides", "DELETE") => reset(admin, &actor, ResetTarget::All).await,
+        ("/v1/overrides/routes/{route}", "DELETE") => {
+            reset(admin, &actor, ResetTarget::Route(param.to_owned())).await
+        }
+        ("/v1/overrides/flags/{name}", "DELETE") => {
+            reset(admin, &actor, ResetTarget::Flag(param.to_owned())).await
+        }
         ("/v1/routes/{route}/rollout", "GET") => rollout_status(&admin.store.view(), param),
         ("/v1/routes/{route}/rollout", "POST") => start_rollout(admin, &actor, param, req).await,
         ("/v1/routes/{route}/rollout/{action}", "POST") => {
@@ -165,6 +173,9 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("/v1/routes/{route}/rollout/{action}", "POST"),
     ("/v1/events", "GET"),
     ("/v1/fleet", "GET"),
+    ("/v1/overrides", "DELETE"),
+    ("/v1/overrides/routes/{route}", "DELETE"),
+    ("/v1/overrides/flags/{name}", "DELETE"),
 ];
 
 /// The endpoint `path` matches, its allowed methods and its `{…}` values.
@@ -267,9 +278,25 @@ fn state(view: &View, metrics: &crate::metrics::Metrics) -> Resp {
         "routes": routes,
         "flags": config.flags,
         "rollouts": &*view.rollouts,
+        "overridden": &*view.overridden,
         "endpoint_health": health,
     });
     versioned(StatusCode::OK, &body, view.version)
+}
+
+/// `DELETE /v1/overrides[/routes/R|/flags/F]`: back to the file's values;
+/// answers what is still overridden.
+async fn reset(admin: &Admin, actor: &str, target: ResetTarget) -> Result<Resp, ApiError> {
+    let view = admin
+        .store
+        .reset(actor, target)
+        .await
+        .map_err(store_error)?;
+    Ok(versioned(
+        StatusCode::OK,
+        &json!({ "overridden": &*view.overridden }),
+        view.version,
+    ))
 }
 
 async fn put_weights(

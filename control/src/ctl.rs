@@ -70,6 +70,19 @@ pub enum CtlCommand {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// Drop what the API or a rollout set over the configuration file: a
+    /// route's weights or a flag (NAME), or everything (no NAME); audited.
+    Reset {
+        /// A route or a flag; with neither --route nor --flag, whichever
+        /// exists.
+        name: Option<String>,
+        /// NAME is a route.
+        #[arg(long, requires = "name", conflicts_with = "flag")]
+        route: bool,
+        /// NAME is a flag.
+        #[arg(long, requires = "name")]
+        flag: bool,
+    },
     /// The audit log.
     Events {
         /// Only events after this sequence number.
@@ -313,6 +326,26 @@ async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             let table = stats_table(&v);
             (v, table)
         }
+        CtlCommand::Reset { name, route, flag } => {
+            let path = match name {
+                None => "/v1/overrides".to_owned(),
+                Some(name) => {
+                    let kind = match (route, flag) {
+                        (true, _) => "routes",
+                        (_, true) => "flags",
+                        _ => reset_kind(&api, name).await?,
+                    };
+                    format!("/v1/overrides/{kind}/{name}")
+                }
+            };
+            let v = api.call(Method::DELETE, &path, None, None).await?;
+            let table = format!(
+                "back to the configuration file's values ({})\n{}",
+                name.as_deref().unwrap_or("everything"),
+                overridden_line(&v["overridden"])
+            );
+            (v, table)
+        }
         CtlCommand::Fleet => {
             let v = api.get("/v1/fleet").await?;
             let table = fleet_table(&v);
@@ -331,6 +364,53 @@ async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
     } else {
         table
     })
+}
+
+/// Whether `name` names a route or a flag whose values are overridden.
+async fn reset_kind(api: &Api, name: &str) -> Result<&'static str, CtlError> {
+    let state = api.get("/v1/state").await?;
+    let listed = |kind: &str| {
+        state["overridden"][kind]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|n| n == name))
+    };
+    match (listed("routes"), listed("flags")) {
+        (true, true) => Err(CtlError::Usage(format!(
+            "`{name}` is both a route and a flag set over the file: say --route or --flag"
+        ))),
+        (true, false) => Ok("routes"),
+        (false, true) => Ok("flags"),
+        (false, false) => Err(CtlError::Failed(format!(
+            "`{name}`: no route's weights or flag of that name are set over the configuration file"
+        ))),
+    }
+}
+
+/// `still set over the file: routes a, b; flags c` (or that nothing is).
+fn overridden_line(overridden: &Value) -> String {
+    let list = |kind: &str| -> Vec<String> {
+        overridden[kind]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text)
+            .collect()
+    };
+    let (routes, flags) = (list("routes"), list("flags"));
+    if routes.is_empty() && flags.is_empty() {
+        return "nothing is set over the configuration file\n".into();
+    }
+    let mut parts = Vec::new();
+    if !routes.is_empty() {
+        parts.push(format!("weights of {}", routes.join(", ")));
+    }
+    if !flags.is_empty() {
+        parts.push(format!("flags {}", flags.join(", ")));
+    }
+    format!(
+        "set over the configuration file (its edits to these do not apply; `switchyard ctl reset NAME` returns to them): {}\n",
+        parts.join("; ")
+    )
 }
 
 /// A rollout spec file (YAML or JSON; `-`: standard input) as the API's
@@ -956,10 +1036,19 @@ fn status_table(state: &Value) -> String {
                     _ => text(e),
                 })
                 .collect();
+            // `*`: set over the configuration file.
+            let mark = if state["overridden"]["routes"]
+                .as_array()
+                .is_some_and(|r| r.contains(&route["name"]))
+            {
+                "*"
+            } else {
+                ""
+            };
             rows.push(vec![
                 text(&route["name"]),
                 text(&b["name"]),
-                format!("{}%", text(&b["weight"])),
+                format!("{}%{mark}", text(&b["weight"])),
                 endpoints.join(","),
             ]);
         }
@@ -969,6 +1058,14 @@ fn status_table(state: &Value) -> String {
     if let Some(flags) = state["flags"].as_array().filter(|f| !f.is_empty()) {
         out.push('\n');
         out.push_str(&flags_table(flags));
+    }
+    if !state["overridden"].is_null() {
+        out.push('\n');
+        let line = overridden_line(&state["overridden"]);
+        if line.starts_with("set over") {
+            out.push_str("* ");
+        }
+        out.push_str(&line);
     }
     out
 }

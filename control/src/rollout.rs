@@ -426,17 +426,17 @@ impl RolloutState {
     }
 
     /// The span an analysis at `now` judges: the spec's window, but never
-    /// reaching back before the rollout started (whole seconds, at least
-    /// one). Traffic from before is not this rollout's: a canary whose
-    /// failures were mended just before it began must not be rolled back
-    /// for them.
+    /// reaching back before the second the rollout started in (windows
+    /// count whole seconds, the start's included). Traffic from before is
+    /// not this rollout's: a canary whose failures were mended just before
+    /// it began must not be rolled back for them.
     pub fn analysis_span(&self, now: std::time::SystemTime) -> Duration {
         let window = self.spec.analysis.window.0;
         let Ok(started) = humantime::parse_rfc3339(&self.started) else {
             return window;
         };
         let since = now.duration_since(started).unwrap_or_default();
-        window.min(Duration::from_secs(since.as_secs().max(1)))
+        window.min(Duration::from_secs(since.as_secs() + 1))
     }
 
     /// The target's weight for the current phase and step.
@@ -649,9 +649,12 @@ mod tests {
         let start = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let state = RolloutState::new(spec, humantime::format_rfc3339_seconds(start).to_string());
         let at = |s: u64| state.analysis_span(start + Duration::from_millis(s));
-        assert_eq!(at(0), Duration::from_secs(1), "at least a second");
-        assert_eq!(at(7_400), Duration::from_secs(7));
-        assert_eq!(at(30_000), Duration::from_secs(30));
+        // The start's own second is counted: traffic right after the start
+        // lands in it.
+        assert_eq!(at(0), Duration::from_secs(1));
+        assert_eq!(at(900), Duration::from_secs(1));
+        assert_eq!(at(7_400), Duration::from_secs(8));
+        assert_eq!(at(29_000), Duration::from_secs(30));
         assert_eq!(
             at(600_000),
             Duration::from_secs(30),

@@ -551,3 +551,89 @@ async fn a_rollout_resumes_after_sigkill_at_its_step_with_its_held_time() {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// Issue 20: what the API sets over the configuration file is visible and
+/// clearable. Weights set through the API are marked in `/v1/state` and
+/// `ctl status`; an edit of the file's weights for that route is logged as
+/// shadowed (and does not apply); `ctl reset ROUTE` goes back to the
+/// file's weights without a restart, audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overrides_are_marked_and_reset_back_to_the_file() {
+    let blue = Upstream::start("blue", Behaviour::Name).await;
+    let canary = Upstream::start("canary", Behaviour::Name).await;
+    let dir = common::temp_dir("overrides");
+    let config = temp_file(
+        &format!("overrides-{}.yaml", fastrand::u32(..)),
+        &stateful_config(&dir, blue.addr, canary.addr),
+    );
+    let (mut child, _, admin, log) = common::spawn_run_logged(&config, &[]);
+    let weights = format!("http://{admin}/v1/routes/api/weights");
+    let body = r#"{"blue": 70, "canary": 30}"#;
+    let (status, _, text) = common::call("PUT", &weights, Some(TOKEN), &[], body).await;
+    assert_eq!(status, 200, "{text}");
+    let state = admin_state(admin).await;
+    assert_eq!(
+        state["overridden"]["routes"],
+        serde_json::json!(["api"]),
+        "{state}"
+    );
+    let ctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args([
+                "ctl",
+                "--admin",
+                &format!("http://{admin}"),
+                "--token",
+                TOKEN,
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = ctl(&["status"]);
+    let status_text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status_text.contains("70%*") && status_text.contains("weights of api"),
+        "{status_text}"
+    );
+    // The file's weights change: shadowed, said so, not applied.
+    std::fs::write(
+        &config,
+        weighted_config(&dir, blue.addr, canary.addr, 50, 50),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = log
+            .recv_timeout(left)
+            .expect("no shadowed-weights warning within 20 s");
+        if line.contains("route=api") && line.contains("set them over the file") {
+            break;
+        }
+    }
+    let state = admin_state(admin).await;
+    assert_eq!(state["routes"][0]["backends"][0]["weight"], 70, "{state}");
+    // Reset: the file's 50/50, nothing overridden, audited.
+    let out = ctl(&["reset", "api"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = admin_state(admin).await;
+    assert_eq!(state["routes"][0]["backends"][0]["weight"], 50, "{state}");
+    assert_eq!(
+        state["overridden"]["routes"],
+        serde_json::json!([]),
+        "{state}"
+    );
+    let out = ctl(&["reset", "api"]);
+    assert_eq!(out.status.code(), Some(1), "nothing left to reset");
+    let out = ctl(&["events"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("override.reset"));
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -393,8 +393,13 @@ impl Fleet {
             let mut counted = false;
             for (sum, backend) in merged.iter_mut().zip(backends) {
                 // A replica that has not yet seen the rollout publishes over
-                // another span: left out rather than miscounted.
-                let Some(w) = windows.get(*backend).filter(|w| w.span_s == span.as_secs()) else {
+                // another span: left out rather than miscounted. A second
+                // apart is the same span (early in a rollout the span grows
+                // by the second, and replicas publish between analyses).
+                let Some(w) = windows
+                    .get(*backend)
+                    .filter(|w| w.span_s.abs_diff(span.as_secs()) <= 1)
+                else {
                     continue;
                 };
                 match Histogram::from_sparse(span, w.requests, w.classes, &w.latency) {

@@ -65,10 +65,10 @@ pub struct Overrides {
     pub rollouts: BTreeMap<String, RolloutState>,
 }
 
-/// Events kept when there is no `state_dir`.
 /// Events the audit log may refuse (kept in `state.json` meanwhile) before
 /// admin changes are refused.
 const MAX_UNLOGGED: usize = 10_000;
+/// Events kept when there is no `state_dir`.
 const MEMORY_EVENTS: usize = 10_000;
 /// How often a write retries when another replica's write got in first.
 const COMMIT_ATTEMPTS: usize = 8;
@@ -127,6 +127,34 @@ pub struct View {
     pub rollouts: Arc<BTreeMap<String, RolloutState>>,
     /// The etcd revision of the state served (fleet mode; 0 standalone).
     pub revision: i64,
+    /// What the runtime state sets over the configuration file.
+    pub overridden: Arc<Overridden>,
+}
+
+/// The routes whose weights and the flags that an API change or a rollout
+/// set over the configuration file (edits of the file to those do not take
+/// effect until they are reset).
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct Overridden {
+    pub routes: Vec<String>,
+    pub flags: Vec<String>,
+}
+
+impl Overridden {
+    fn of(overrides: &Overrides) -> Overridden {
+        Overridden {
+            routes: overrides.weights.keys().cloned().collect(),
+            flags: overrides.flags.keys().cloned().collect(),
+        }
+    }
+}
+
+/// What `reset` drops.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResetTarget {
+    All,
+    Route(String),
+    Flag(String),
 }
 
 struct Inner {
@@ -273,6 +301,7 @@ impl Store {
                 config: Arc::new(effective),
                 rollouts: Arc::new(overrides.rollouts.clone()),
                 revision,
+                overridden: Arc::new(Overridden::of(&overrides)),
             }),
             write: tokio::sync::Mutex::new(Inner {
                 base,
@@ -458,6 +487,67 @@ impl Store {
         .await
     }
 
+    /// Drops what the runtime state sets over the configuration file: one
+    /// route's weights, one flag, or everything (active rollouts excepted:
+    /// a route with one is refused). Audited as `override.reset`.
+    pub async fn reset(&self, actor: &str, target: ResetTarget) -> Result<Arc<View>, StoreError> {
+        self.mutate(actor, None, |_, overrides| {
+            let active: Vec<&String> = overrides
+                .rollouts
+                .iter()
+                .filter(|(route, r)| {
+                    r.phase.active()
+                        && match &target {
+                            ResetTarget::Route(name) => *route == name,
+                            ResetTarget::All => true,
+                            ResetTarget::Flag(_) => false,
+                        }
+                })
+                .map(|(route, _)| route)
+                .collect();
+            if let Some(route) = active.first() {
+                return Err(StoreError::Conflict(format!(
+                    "route `{route}` has an active rollout, which sets its weights; abort or finish it first"
+                )));
+            }
+            let before = json!({
+                "weights": &overrides.weights,
+                "flags": &overrides.flags,
+            });
+            let (name, dropped) = match &target {
+                ResetTarget::All => {
+                    let any = !overrides.weights.is_empty() || !overrides.flags.is_empty();
+                    overrides.weights.clear();
+                    overrides.flags.clear();
+                    ("overrides".to_owned(), any)
+                }
+                ResetTarget::Route(route) => (
+                    format!("routes/{route}"),
+                    overrides.weights.remove(route).is_some(),
+                ),
+                ResetTarget::Flag(flag) => (
+                    format!("flags/{flag}"),
+                    overrides.flags.remove(flag).is_some(),
+                ),
+            };
+            if !dropped {
+                return Err(StoreError::NotFound(format!(
+                    "{name}: nothing set over the configuration file to reset"
+                )));
+            }
+            Ok(Change {
+                action: "override.reset",
+                target: name,
+                before,
+                after: json!({
+                    "weights": &overrides.weights,
+                    "flags": &overrides.flags,
+                }),
+            })
+        })
+        .await
+    }
+
     pub async fn delete_flag(
         &self,
         actor: &str,
@@ -505,6 +595,7 @@ impl Store {
         let (kept, dropped) = fit(&base, inner.overrides.clone());
         let effective = overlay(&base, &kept);
         effective.validate().map_err(StoreError::Invalid)?;
+        warn_shadowed(&inner.base, &base, &kept);
         let version = inner.version + 1;
         let reloaded = Change {
             action: "config.reload",
@@ -704,6 +795,7 @@ impl Store {
             config,
             rollouts: Arc::new(inner.overrides.rollouts.clone()),
             revision: inner.revision,
+            overridden: Arc::new(Overridden::of(&inner.overrides)),
         }));
     }
 
@@ -1247,6 +1339,28 @@ pub enum RolloutOutcome {
 }
 
 /// Blue-green, once promoted: the old colour stays as standby.
+/// Logs each value the new configuration file `next` changes (from `was`)
+/// that the runtime state overrides: the edit does not take effect.
+fn warn_shadowed(was: &Config, next: &Config, overrides: &Overrides) {
+    for route in overrides.weights.keys() {
+        if was.route_weights(route) != next.route_weights(route) {
+            tracing::warn!(
+                route = %route,
+                "the configuration file changes this route's weights, but an API change or rollout set them over the file: they stay; `switchyard ctl reset {route}` returns to the file's"
+            );
+        }
+    }
+    for flag in overrides.flags.keys() {
+        let find = |c: &Config| c.flags.iter().find(|f| &f.name == flag).cloned();
+        if find(was) != find(next) {
+            tracing::warn!(
+                flag = %flag,
+                "the configuration file changes this flag, but an API change set it over the file: it stays; `switchyard ctl reset {flag}` returns to the file's"
+            );
+        }
+    }
+}
+
 /// The weights `state` recorded when it started, if the route still has
 /// exactly those backends.
 fn undo_weights(

@@ -365,6 +365,20 @@ pub fn spawn_run_path(
     path: &std::path::Path,
     args: &[&str],
 ) -> (std::process::Child, SocketAddr, SocketAddr) {
+    let (child, data, admin, _) = spawn_run_logged(path, args);
+    (child, data, admin)
+}
+
+/// `spawn_run_path`, with the child's later log lines on a channel.
+pub fn spawn_run_logged(
+    path: &std::path::Path,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    SocketAddr,
+    SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["run", "--config", path.to_str().unwrap()])
@@ -390,14 +404,16 @@ pub fn spawn_run_path(
     // Keep draining stderr so the child never blocks on a full pipe (and
     // show it with SWITCHYARD_TEST_LOGS=1, when a test needs looking into).
     let echo = std::env::var_os("SWITCHYARD_TEST_LOGS").is_some();
+    let (log, logged) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
             if echo {
                 eprintln!("[switchyard {}] {line}", child_pid);
             }
+            let _ = log.send(line);
         }
     });
-    (child, data, admin)
+    (child, data, admin, logged)
 }
 
 /// The sum of the `/metrics` lines of the proxy at `admin` that start with
