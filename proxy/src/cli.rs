@@ -73,6 +73,21 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Add the Switchyard sidecar to Kubernetes manifests: every Deployment,
+    /// StatefulSet and DaemonSet pod template gets the container (as
+    /// manifests/components/switchyard defines it) and a ConfigMap with its
+    /// configuration, and the Services selecting those pods go through the
+    /// proxy. Writes the manifests to standard output, what changed to
+    /// standard error; idempotent.
+    Inject {
+        /// Manifests (multi-document YAML); `-` or nothing reads standard
+        /// input.
+        file: Option<PathBuf>,
+        /// The application's port (default: its first container's first
+        /// `containerPort`).
+        #[arg(long)]
+        app_port: Option<u16>,
+    },
     /// Print a shell completion script, e.g.
     /// `switchyard completions bash > /etc/bash_completion.d/switchyard`.
     Completions {
@@ -112,6 +127,27 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Inject { file, app_port } => {
+            let input = match file.as_deref().filter(|f| f.as_os_str() != "-") {
+                Some(path) => {
+                    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+                }
+                None => std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| format!("standard input: {e}")),
+            };
+            let injected = input
+                .and_then(|text| crate::inject::inject(&text, app_port).map_err(|e| e.to_string()));
+            match injected {
+                Ok((manifests, notes)) => {
+                    for note in notes {
+                        eprintln!("switchyard inject: {note}");
+                    }
+                    print!("{manifests}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => usage_error(&e),
+            }
+        }
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "switchyard", &mut std::io::stdout());

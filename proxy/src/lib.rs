@@ -9,6 +9,7 @@ pub mod forward;
 pub mod h1;
 pub mod headers;
 pub mod health;
+pub mod inject;
 pub mod listen;
 pub mod lot;
 pub mod pipeline;

@@ -637,3 +637,47 @@ async fn overrides_are_marked_and_reset_back_to_the_file() {
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 20: `switchyard inject` on the command line: a file or standard
+/// input in, the injected manifests out (what changed on standard error),
+/// exit 64 with the reason for a missing file or manifests it cannot use.
+#[test]
+fn inject_reads_a_file_or_stdin_and_refuses_bad_input() {
+    use std::io::Write;
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../manifests/examples/plain-app.yaml"
+    );
+    let out = switchyard(&["inject", example]);
+    assert_eq!(out.status.code(), Some(0));
+    let injected = String::from_utf8(out.stdout).unwrap();
+    assert!(injected.contains("name: switchyard") && injected.contains("targetPort: proxy-http"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Deployment shop: switchyard added"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["inject", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(injected.as_bytes())
+        .unwrap();
+    let again = child.wait_with_output().unwrap();
+    assert_eq!(again.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8(again.stdout).unwrap(),
+        injected,
+        "idempotent"
+    );
+    let out = switchyard(&["inject", "/nonexistent/app.yaml"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/app.yaml"));
+    let bad = temp_file("inject-bad.yaml", "kind: [unclosed");
+    let out = switchyard(&["inject", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not YAML"));
+}
