@@ -36,6 +36,10 @@ pub const OPEN_ENDPOINTS: &[(&str, &str)] = &[
     ("/metrics", "GET"),
 ];
 
+/// The streaming endpoint (behind the `/v1/` rules, served here rather
+/// than by `api.rs`, whose answers are whole), documented with the rest.
+pub const STREAM_ENDPOINTS: &[(&str, &str)] = &[("/v1/watch", "GET")];
+
 /// What the health probes report.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -119,7 +123,48 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Ou
     }
 }
 
-async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// The admin listener's response body: whole, or a stream (`/v1/watch`).
+pub type AdminBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn route(admin: &Admin, req: Request<Incoming>) -> Response<AdminBody> {
+    use http_body_util::BodyExt;
+    let path = req.uri().path();
+    if path == STREAM_ENDPOINTS[0].0 {
+        return watch(admin, &req);
+    }
+    if path == "/ui" || path.starts_with("/ui/") {
+        return crate::ui::serve(&req).map(BodyExt::boxed);
+    }
+    whole(admin, req).await.map(BodyExt::boxed)
+}
+
+/// `GET /v1/watch` (docs in `watch.rs`), behind the same rules as `/v1/`.
+fn watch(admin: &Admin, req: &Request<Incoming>) -> Response<AdminBody> {
+    use http_body_util::BodyExt;
+    let refused = |resp: Response<Full<Bytes>>| resp.map(BodyExt::boxed);
+    if let Some(refusal) = browser_safe(admin, req) {
+        return refused(refusal);
+    }
+    if req.method() != Method::GET {
+        return refused(crate::api::ApiError::get_only().into_response());
+    }
+    if let Err(e) = crate::api::authorize(req.headers(), &admin.tokens) {
+        return refused(e.into_response());
+    }
+    let mut resp = Response::new(crate::watch::stream(admin.clone()));
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+async fn whole(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let api = path == "/v1" || path.starts_with("/v1/");
     if api || path.starts_with("/ofrep/") {

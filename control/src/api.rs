@@ -63,6 +63,11 @@ impl ApiError {
         }
     }
 
+    /// 405 for an endpoint that only reads.
+    pub(crate) fn get_only() -> Self {
+        not_allowed("GET")
+    }
+
     /// 503 `store_unavailable` with `Retry-After: 1`: etcd is away, likely
     /// not for long.
     pub(crate) fn unavailable(message: impl Into<String>) -> Self {
@@ -239,6 +244,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 // === handlers ===
 
 fn state(view: &View, metrics: &crate::metrics::Metrics) -> Resp {
+    versioned(StatusCode::OK, &state_doc(view, metrics), view.version)
+}
+
+/// The `GET /v1/state` document.
+pub(crate) fn state_doc(view: &View, metrics: &crate::metrics::Metrics) -> Value {
     let config = &view.config;
     let routes: Vec<Value> = config
         .routes
@@ -273,15 +283,14 @@ fn state(view: &View, metrics: &crate::metrics::Metrics) -> Resp {
             (r.name.clone(), Value::Object(backends))
         })
         .collect();
-    let body = json!({
+    json!({
         "version": view.version,
         "routes": routes,
         "flags": config.flags,
         "rollouts": &*view.rollouts,
         "overridden": &*view.overridden,
         "endpoint_health": health,
-    });
-    versioned(StatusCode::OK, &body, view.version)
+    })
 }
 
 /// `DELETE /v1/overrides[/routes/R|/flags/F]`: back to the file's values;
@@ -350,14 +359,20 @@ fn rollout_status(view: &View, route: &str) -> Result<Resp, ApiError> {
             "no route named `{route}`"
         ))));
     }
-    let Some(state) = view.rollouts.get(route) else {
+    let Some(body) = rollout_doc(view, route) else {
         return Err(store_error(StoreError::NotFound(format!(
             "route `{route}` has no rollout"
         ))));
     };
+    Ok(versioned(StatusCode::OK, &body, view.version))
+}
+
+/// The `GET /v1/routes/{route}/rollout` document, if the route has one.
+pub(crate) fn rollout_doc(view: &View, route: &str) -> Option<Value> {
+    let state = view.rollouts.get(route)?;
     let steps = state.spec.steps();
     let weights = view.config.route_weights(route).unwrap_or_default();
-    let body = json!({
+    Some(json!({
         "route": route,
         "strategy": state.spec.strategy,
         "stable": state.spec.stable,
@@ -377,8 +392,7 @@ fn rollout_status(view: &View, route: &str) -> Result<Resp, ApiError> {
         "reason": state.reason,
         "standby": state.standby,
         "analysis": state.spec.analysis,
-    });
-    Ok(versioned(StatusCode::OK, &body, view.version))
+    }))
 }
 
 fn flags(view: &View) -> Resp {
@@ -651,6 +665,7 @@ mod tests {
         let mut served: Vec<(String, String)> = crate::admin::OPEN_ENDPOINTS
             .iter()
             .chain(ENDPOINTS)
+            .chain(crate::admin::STREAM_ENDPOINTS)
             .chain(crate::ofrep::ENDPOINTS)
             .flat_map(|(path, methods)| {
                 methods

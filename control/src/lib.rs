@@ -15,5 +15,7 @@ pub mod ofrep;
 pub mod resilience;
 pub mod rollout;
 pub mod store;
+pub mod ui;
+pub mod watch;
 pub mod webhook;
 pub mod window;

@@ -793,6 +793,13 @@ async fn the_openapi_document_describes_the_running_router() {
             .replace("{action}", "pause");
         for method in methods {
             let documented = item.get(method.to_lowercase().as_str()).is_some();
+            // A stream never ends: the watch test reads it.
+            let streams = item[method.to_lowercase().as_str()]["responses"]["200"]["content"]
+                .get("text/event-stream")
+                .is_some();
+            if streams {
+                continue;
+            }
             let body = if method == "PUT" && path.contains("weights") {
                 r#"{"blue": 100}"#
             } else {
@@ -883,4 +890,68 @@ fn openapi_matches_the_rollout_spec_and_audit_actions() {
     let written: BTreeSet<&str> = written.iter().map(String::as_str).collect();
     assert!(written.len() >= 15, "{written:?}");
     assert_eq!(listed, written);
+}
+
+/// Issue 20: `GET /v1/watch` streams `snapshot` events (the state, each
+/// route's live figures and rollout, new audit events) behind the same
+/// rules as `/v1/`, and `/ui/` serves the dashboard with a policy that lets
+/// it load nothing from elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_stream_and_the_dashboard_are_served() {
+    use http_body_util::BodyExt;
+    let s = Setup::new().await;
+    let admin = s.proxy.admin;
+    let (status, _, _) = call("GET", &format!("http://{admin}/v1/watch"), None, &[], "").await;
+    assert_eq!(status, 401, "the token is needed");
+    let (status, headers, _) = call(
+        "POST",
+        &format!("http://{admin}/v1/watch"),
+        Some(CI_TOKEN),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), headers["allow"].to_str().unwrap()),
+        (405, "GET")
+    );
+    let req = http::Request::get(format!("http://{admin}/v1/watch"))
+        .header("authorization", format!("Bearer {CI_TOKEN}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = common::body_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    // Two snapshots, a second apart (bounded by the test harness's timeout).
+    while text.matches("\n\n").count() < 2 {
+        let frame = body.frame().await.expect("the stream goes on").unwrap();
+        text.push_str(std::str::from_utf8(frame.data_ref().unwrap()).unwrap());
+    }
+    let first = text.split("\n\n").next().unwrap();
+    assert!(first.starts_with("event: snapshot\ndata: "), "{first}");
+    let snapshot: Value = serde_json::from_str(&first["event: snapshot\ndata: ".len()..]).unwrap();
+    assert_eq!(snapshot["state"]["routes"][0]["name"], "api", "{snapshot}");
+    assert!(
+        snapshot["stats"]["api"]["blue"]["requests"].is_u64(),
+        "{snapshot}"
+    );
+    assert!(snapshot["events"].is_array(), "{snapshot}");
+    drop(body);
+
+    let (status, headers, page) = call("GET", &format!("http://{admin}/ui/"), None, &[], "").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("/ui/app.js"), "{page}");
+    let policy = headers["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("default-src 'self'") && policy.contains("frame-ancestors 'none'"));
+    for (path, status) in [
+        ("/ui/app.js", 200),
+        ("/ui/style.css", 200),
+        ("/ui/nope.js", 404),
+        ("/ui", 301),
+    ] {
+        let (got, _, _) = call("GET", &format!("http://{admin}{path}"), None, &[], "").await;
+        assert_eq!(got.as_u16(), status, "{path}");
+    }
 }
