@@ -4,7 +4,9 @@ Debian's `chromium` package, driven by Playwright for Python (launched with
 
     python3 proxy/tests/ui/dashboard.py target/debug/switchyard [SCREENSHOT.png]
 
-Against a proxy with an admin token and two upstreams (threads of this
+First against `switchyard demo` (an open loopback admin API): the page
+shows the demo's route and its rollout advancing on the demo's own traffic.
+Then against a proxy with an admin token and two upstreams (threads of this
 script), while this script sends it traffic: without a token, and with a
 wrong one, the page shows the API's refusal; with the right one it shows the
 route live; a rollout started through the API appears and advances without a
@@ -63,8 +65,38 @@ def api(admin, method, path, body=None):
         return json.load(resp)
 
 
+def demo(binary, pw):
+    """The demo's route and its rollout, live on the page."""
+    proc = subprocess.Popen([binary, "demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "warn"})
+    try:
+        admin = None
+        for line in proc.stdout:
+            if line.strip().startswith("admin listening on "):
+                admin = line.strip().rsplit(" ", 1)[1]
+                break
+        assert admin, "the demo printed no admin address"
+        threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(f"http://{admin}/ui/")
+        route = page.get_by_test_id("route-demo")
+        expect(page.get_by_test_id("connection")).to_have_text("live")
+        expect(route.get_by_test_id("backend-green")).to_be_visible()
+        expect(route.get_by_test_id("phase")).to_have_text("progressing")
+        expect(route.get_by_test_id("weight-canary")).to_have_text("10%")
+        expect(page.get_by_test_id("events")).to_contain_text("rollout.start routes/demo by demo")
+        browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main():
     binary, screenshot = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
+    with sync_playwright() as pw:
+        demo(binary, pw)
     work = pathlib.Path(tempfile.mkdtemp(prefix="switchyard-ui-"))
     (work / "token").write_text(TOKEN)
     port, admin = free_port(), free_port()
