@@ -133,6 +133,25 @@ pub struct FlagConfig {
     /// Per-user answers that win over groups and percentage. Default none.
     #[serde(default)]
     pub overrides: std::collections::BTreeMap<String, bool>,
+    /// What the flag is for: shown by the API, ctl and in OFREP metadata.
+    /// At most 1000 characters. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The cohort signals kept for this flag (docs/flags.md): every request
+    /// on a route is counted in the flag's `on` or `off` cohort. `requests`
+    /// and `errors` keep requests by status class, `latency` a latency
+    /// histogram too. Default none: an unwatched flag costs nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<FlagMetric>,
+}
+
+/// A cohort signal a flag can keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlagMetric {
+    Requests,
+    Errors,
+    Latency,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -202,7 +221,28 @@ impl FlagConfig {
                 format!("user key `{user}` must be 1-256 bytes"),
             ));
         }
+        if let Some(d) = &self.description {
+            if d.chars().count() > 1000 || d.chars().any(|c| c.is_control() && c != '\n') {
+                return Err(ConfigError::new(
+                    format!("{field}.description"),
+                    "at most 1000 characters, no control characters but newlines",
+                ));
+            }
+        }
+        for (i, m) in self.metrics.iter().enumerate() {
+            if self.metrics[..i].contains(m) {
+                return Err(ConfigError::new(
+                    format!("{field}.metrics[{i}]"),
+                    format!("{m:?} is listed twice"),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the flag keeps cohort signals.
+    pub fn watched(&self) -> bool {
+        !self.metrics.is_empty()
     }
 }
 
@@ -1708,6 +1748,34 @@ routes:
         assert!(e.to_string().contains("65536"), "{e}");
         let e = err(&GOOD.replace("idle: 90s", "idle: 90s, response_body_idle: 0s"));
         assert_eq!(e.field, "timeouts.response_body_idle");
+        for (flag, field) in [
+            (
+                "{ name: f, metrics: [latency, latency] }",
+                "flags[0].metrics[1]",
+            ),
+            ("{ name: f, metrics: [throughput] }", "flags[0]"),
+            (
+                "{ name: f, description: \"a\\u0007b\" }",
+                "flags[0].description",
+            ),
+        ] {
+            let e = err(&format!("{GOOD}flags:\n  - {flag}\n"));
+            assert!(e.field.starts_with(field), "{flag}: {e}");
+        }
+        let long = "x".repeat(1001);
+        let e = err(&format!(
+            "{GOOD}flags:\n  - {{ name: f, description: {long} }}\n"
+        ));
+        assert_eq!(e.field, "flags[0].description");
+        let c = Config::from_yaml(&format!(
+            "{GOOD}flags:\n  - {{ name: f, description: New checkout, metrics: [requests, latency] }}\n"
+        ))
+        .unwrap();
+        assert!(c.flags[0].watched());
+        assert_eq!(
+            c.flags[0].metrics,
+            [FlagMetric::Requests, FlagMetric::Latency]
+        );
         let e = err(&format!("{GOOD}audit: {{ keep_files: 20000 }}\n"));
         assert_eq!(e.field, "audit.keep_files");
         let c = Config::from_yaml(GOOD).unwrap();

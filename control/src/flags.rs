@@ -125,6 +125,8 @@ mod tests {
             rollout_percentage: Weight::from_percent(pct).unwrap(),
             target_groups: groups.iter().map(|g| g.to_string()).collect(),
             overrides: overrides.iter().map(|(u, b)| (u.to_string(), *b)).collect(),
+            description: None,
+            metrics: Vec::new(),
         })
     }
 

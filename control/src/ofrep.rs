@@ -143,7 +143,11 @@ fn evaluate(flag: &FlagConfig, ctx: &Context) -> Result<Value, (StatusCode, &'st
         "value": on,
         "reason": reason.ofrep(),
         "variant": if on { "on" } else { "off" },
-        "metadata": {},
+        // OFREP metadata: string, number or boolean values only.
+        "metadata": match &flag.description {
+            Some(d) => json!({ "description": d }),
+            None => json!({}),
+        },
     }))
 }
 

@@ -15,7 +15,7 @@ const TOKEN: &str = "flags-token-0123456789";
 
 const FLAGS: &str = r#"
 flags:
-  - { name: everyone, rollout_percentage: 100 }
+  - { name: everyone, rollout_percentage: 100, description: "on for all: a release switch", metrics: [requests] }
   - { name: killed, enabled: false, rollout_percentage: 100, overrides: { user-1: true } }
   - { name: vip, rollout_percentage: 0, overrides: { user-1: true } }
   - { name: beta-ui, rollout_percentage: 0, target_groups: [beta] }
@@ -279,6 +279,11 @@ async fn ofrep_evaluates_like_the_proxy() {
     assert_eq!(
         (v["value"].clone(), v["reason"].clone()),
         (json!(true), json!("STATIC"))
+    );
+    // The description travels as OFREP metadata.
+    assert_eq!(
+        v["metadata"],
+        json!({"description": "on for all: a release switch"})
     );
     let (_, _, v) = ofrep(
         admin,
