@@ -201,6 +201,9 @@ pub enum FlagCommand {
         /// USER=true|false, repeatable; USER=clear removes an override.
         #[arg(long = "override")]
         overrides: Vec<String>,
+        /// What the flag is for.
+        #[arg(long)]
+        description: Option<String>,
     },
     Delete {
         name: String,
@@ -482,8 +485,12 @@ async fn flag(api: &Api, command: &FlagCommand) -> Result<(Value, String), CtlEr
             rollout,
             groups,
             overrides,
+            description,
         } => {
             let mut patch = Map::new();
+            if let Some(d) = description {
+                patch.insert("description".into(), json!(d));
+            }
             if let Some(e) = enabled {
                 patch.insert("enabled".into(), json!(e));
             }
@@ -1130,11 +1137,20 @@ fn flags_table(flags: &[Value]) -> String {
                     groups.join(",")
                 },
                 overrides.to_string(),
+                // Last: a long one runs on rather than widening the rest.
+                f["description"].as_str().unwrap_or("-").replace('\n', " "),
             ]
         })
         .collect();
     table(
-        &["FLAG", "ENABLED", "ROLLOUT", "GROUPS", "OVERRIDES"],
+        &[
+            "FLAG",
+            "ENABLED",
+            "ROLLOUT",
+            "GROUPS",
+            "OVERRIDES",
+            "DESCRIPTION",
+        ],
         &rows,
     )
 }

@@ -708,6 +708,13 @@ async fn ctl_drives_every_endpoint() {
     assert!(err.contains("the weight of `blue`"), "{err}");
     let (code, _, err) = ctl(&["flag", "get", "x"]);
     assert_eq!(code, Some(1), "never created: {err}");
+    // A description, set and shown.
+    let (code, out, err) = ctl(&["flag", "set", "x", "--description", "the new checkout"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("DESCRIPTION") && out.contains("the new checkout"),
+        "{out}"
+    );
 }
 
 /// Runs the binary with `args` (without the admin address and token of
