@@ -145,6 +145,10 @@ pub struct FlagConfig {
     pub metrics: Vec<FlagMetric>,
 }
 
+/// Flags that may keep cohort signals (each request carries one bit per
+/// watched flag).
+pub const MAX_WATCHED_FLAGS: usize = 64;
+
 /// A cohort signal a flag can keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -1057,6 +1061,13 @@ impl Config {
         self.timeouts.validate()?;
         self.limits.validate()?;
         self.audit.validate()?;
+        let watched = self.flags.iter().filter(|f| f.watched()).count();
+        if watched > MAX_WATCHED_FLAGS {
+            return Err(ConfigError::new(
+                "flags",
+                format!("{watched} flags list `metrics`; at most {MAX_WATCHED_FLAGS} may"),
+            ));
+        }
         let window = self.metrics.window.0;
         if window < Duration::from_secs(1) || window > Duration::from_secs(3600) {
             return Err(ConfigError::new(

@@ -132,6 +132,12 @@ pub struct Metrics {
     http2_flood_closed: IntCounter,
     tls_expiry: prometheus::GaugeVec,
     backends: ArcSwap<Vec<Arc<BackendStats>>>,
+    /// `switchyard_flag_requests_total{flag,variant,code_class}`.
+    flag_requests: IntCounterVec,
+    /// `switchyard_flag_request_duration_seconds{flag,variant}`.
+    flag_duration: HistogramVec,
+    /// Watched flags' cohorts, kept across snapshots.
+    cohorts: ArcSwap<Vec<Arc<FlagCohorts>>>,
     /// Registered when the replica runs in a fleet (`enable_fleet`).
     fleet: std::sync::OnceLock<FleetMetrics>,
     /// `switchyard_endpoint_healthy{route,backend,endpoint}`.
@@ -199,6 +205,43 @@ pub struct BackendStats {
     failovers: IntCounter,
     in_flight: IntGauge,
     window: RollingWindow,
+}
+
+/// A watched flag's two cohorts: the requests of users for whom it was off,
+/// and of those for whom it was on.
+pub struct FlagCohorts {
+    pub flag: Arc<str>,
+    /// `latency` is among the flag's `metrics` (the histogram is kept).
+    latency: bool,
+    off: Cohort,
+    on: Cohort,
+}
+
+struct Cohort {
+    requests: [IntCounter; 5],
+    duration: Option<Histogram>,
+    window: RollingWindow,
+}
+
+impl FlagCohorts {
+    /// Counts a request of the `on` (or off) cohort: answered with `status`
+    /// after `latency`, at `now`.
+    pub fn record(&self, on: bool, now: Instant, latency: Duration, status: u16) {
+        let cohort = if on { &self.on } else { &self.off };
+        cohort.requests[window::status_class(status)].inc();
+        if let Some(h) = &cohort.duration {
+            h.observe(latency.as_secs_f64());
+        }
+        cohort.window.record(now, latency, Some(status));
+    }
+}
+
+impl std::fmt::Debug for FlagCohorts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlagCohorts")
+            .field("flag", &self.flag)
+            .finish()
+    }
 }
 
 /// Per-backend window figures, as the admin API and the analysis read them.
@@ -323,6 +366,23 @@ impl Metrics {
             &["flag", "result"],
         )
         .expect("valid metric");
+        let flag_requests = IntCounterVec::new(
+            Opts::new(
+                "switchyard_flag_requests_total",
+                "Responses sent on a watched flag's routes, by the flag's cohort (variant on or off) and status class.",
+            ),
+            &["flag", "variant", "code_class"],
+        )
+        .expect("valid metric");
+        let flag_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_flag_request_duration_seconds",
+                "Time to response headers on a watched flag's routes, by the flag's cohort (flags watching latency).",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["flag", "variant"],
+        )
+        .expect("valid metric");
         let rollout_step = IntGaugeVec::new(
             Opts::new(
                 "switchyard_rollout_step",
@@ -397,6 +457,8 @@ impl Metrics {
             Box::new(unrouted_vec),
             Box::new(reloads.clone()),
             Box::new(flags.clone()),
+            Box::new(flag_requests.clone()),
+            Box::new(flag_duration.clone()),
             Box::new(rollout_step.clone()),
             Box::new(rollbacks.clone()),
             Box::new(checks.clone()),
@@ -430,6 +492,9 @@ impl Metrics {
             unrouted,
             reloads,
             flags,
+            flag_requests,
+            flag_duration,
+            cohorts: ArcSwap::from_pointee(Vec::new()),
             rollout_step,
             rollbacks,
             checks,
@@ -495,6 +560,61 @@ impl Metrics {
             next
         });
         self.find(route, backend)
+    }
+
+    /// The cohorts of `flag` when it is watched (its `metrics` name any
+    /// signal) and metrics are on; made once and kept across snapshots (a
+    /// changed list of signals makes them anew).
+    pub fn flag_cohorts(&self, flag: &crate::config::FlagConfig) -> Option<Arc<FlagCohorts>> {
+        use crate::config::FlagMetric;
+        if !self.enabled || !flag.watched() {
+            return None;
+        }
+        let latency = flag.metrics.contains(&FlagMetric::Latency);
+        if let Some(found) = self
+            .cohorts
+            .load()
+            .iter()
+            .find(|c| *c.flag == *flag.name && c.latency == latency)
+        {
+            return Some(found.clone());
+        }
+        let cohort = |variant: &str| Cohort {
+            requests: CODE_CLASSES.map(|c| {
+                self.flag_requests
+                    .with_label_values(&[&flag.name, variant, c])
+            }),
+            duration: latency.then(|| self.flag_duration.with_label_values(&[&flag.name, variant])),
+            window: RollingWindow::new(self.window, self.origin),
+        };
+        let made = Arc::new(FlagCohorts {
+            flag: flag.name.as_str().into(),
+            latency,
+            off: cohort("off"),
+            on: cohort("on"),
+        });
+        self.cohorts.rcu(|list| {
+            let mut list: Vec<_> = list
+                .iter()
+                .filter(|c| *c.flag != *flag.name)
+                .cloned()
+                .collect();
+            list.push(made.clone());
+            list
+        });
+        Some(made)
+    }
+
+    /// The window of `flag`'s cohorts (off, on) over the last `span`, if it
+    /// is watched.
+    pub fn flag_windows(&self, flag: &str, span: Duration) -> Option<(WindowStats, WindowStats)> {
+        let cohorts = self.cohorts.load();
+        let c = cohorts.iter().find(|c| &*c.flag == flag)?;
+        let now = Instant::now();
+        Some((
+            c.off.window.stats_over(now, span),
+            c.on.window.stats_over(now, span),
+        ))
     }
 
     fn find(&self, route: &str, backend: &str) -> Option<Arc<BackendStats>> {

@@ -187,17 +187,18 @@ fn decide(
     }
     let route_index = route::find_index(snapshot, parts).ok_or(ProxyError::NoRoute)?;
     let route = &snapshot.routes[route_index];
-    let (chosen, set_cookie, flag_header) = {
-        let user = split::user_key(snapshot, parts, conn.peer);
-        let flags = flags::evaluate(snapshot, parts, &user.key);
-        let chosen = split::choose(snapshot, route, parts, &user.key, &flags.on)?;
-        (chosen, user.set_cookie, flags.header)
-    };
+    let user = split::user_key(snapshot, parts, conn.peer);
+    let flags = flags::evaluate(snapshot, parts, &user.key);
+    let chosen = split::choose(snapshot, route, parts, &user.key, &flags.on)?;
+    let (set_cookie, flag_header) = (user.set_cookie, flags.header);
     let forced = snapshot
         .forced_backend_header
         .as_ref()
         .is_some_and(|h| parts.headers.contains_key(h));
-    let (target, recording) = retry::first(snapshot, route_index, chosen, forced)?;
+    let (target, mut recording) = retry::first(snapshot, route_index, chosen, forced)?;
+    if let Some(watched) = &snapshot.watched {
+        recording.in_cohorts(watched, &flags.on);
+    }
     let mut added = headers::rewrite_request(
         &mut parts.headers,
         &Forwarding {

@@ -1,6 +1,7 @@
 //! Stage: record the golden signals of a request to a backend — traffic,
-//! errors, latency (to response headers), saturation (in flight). Handles
-//! were resolved when the snapshot was built; this touches only atomics.
+//! errors, latency (to response headers), saturation (in flight) — and, for
+//! each watched flag, in the flag's `on` or `off` cohort. Handles were
+//! resolved when the snapshot was built; this touches only atomics.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,10 +9,25 @@ use std::time::Instant;
 use http::StatusCode;
 use switchyard_control::metrics::{BackendStats, FailureReason};
 
+use crate::snapshot::Watched;
+
 /// A request being measured. Finishing it records status and latency; dropping
 /// it unfinished (the client went away) records a cancellation.
 pub struct Recording {
     started: Option<(Arc<BackendStats>, Instant)>,
+    /// The watched flags this request counts in, if any.
+    cohorts: Option<Cohorts>,
+}
+
+/// A request's place in the watched flags' cohorts.
+struct Cohorts {
+    /// The snapshot's watched flags (one reference count, no allocation).
+    watched: Watched,
+    /// Bit `i`: `watched[i]` was on for the user.
+    on: u64,
+    /// When the request began: a failover keeps it, so the cohort sees the
+    /// whole wait.
+    started: Instant,
 }
 
 impl Recording {
@@ -19,7 +35,27 @@ impl Recording {
     pub fn start(stats: Option<&Arc<BackendStats>>) -> Recording {
         Recording {
             started: stats.map(|s| (s.clone(), s.start())),
+            cohorts: None,
         }
+    }
+
+    /// Counts the request in the cohorts of `watched` (the snapshot's),
+    /// by `on` (every flag's value, as evaluated).
+    pub fn in_cohorts(&mut self, watched: &Watched, on: &[bool]) {
+        let mut bits = 0u64;
+        for (i, (flag, _)) in watched.iter().enumerate() {
+            if on.get(*flag).copied().unwrap_or(false) {
+                bits |= 1 << i;
+            }
+        }
+        self.cohorts = Some(Cohorts {
+            watched: watched.clone(),
+            on: bits,
+            started: self
+                .started
+                .as_ref()
+                .map_or_else(Instant::now, |(_, at)| *at),
+        });
     }
 
     /// The response headers are going out with `status`; `failure` says why
@@ -28,6 +64,32 @@ impl Recording {
         if let Some((stats, started)) = self.started.take() {
             stats.finish(started, status.as_u16(), failure);
         }
+        if let Some(cohorts) = self.cohorts.take() {
+            // The client's failure says nothing of the flag either.
+            if failure != Some(FailureReason::ClientBody) {
+                let now = Instant::now();
+                let latency = now.saturating_duration_since(cohorts.started);
+                for (i, (_, flag)) in cohorts.watched.iter().enumerate() {
+                    flag.record(cohorts.on & (1 << i) != 0, now, latency, status.as_u16());
+                }
+            }
+        }
+    }
+
+    /// The request failed on this backend with `status` and `reason` and
+    /// goes on to `next` (failover): the backend's failure is recorded, the
+    /// request's cohorts go with it.
+    pub fn fail_over(
+        mut self,
+        status: StatusCode,
+        reason: FailureReason,
+        next: Option<&Arc<BackendStats>>,
+    ) -> Recording {
+        let cohorts = self.cohorts.take();
+        self.finish(status, Some(reason));
+        let mut next = Recording::start(next);
+        next.cohorts = cohorts;
+        next
     }
 }
 

@@ -99,8 +99,11 @@ pub async fn send(
                     stats.failed_over(reason);
                 }
                 // The backend's failure, in its window and analysis.
-                recording.finish(error.status(), Some(reason));
-                recording = Recording::start(route.backends[stable].stats.as_ref());
+                recording = recording.fail_over(
+                    error.status(),
+                    reason,
+                    route.backends[stable].stats.as_ref(),
+                );
                 tracing::debug!(error = %error, from = %backend.name, to = %route.backends[stable].name, "failing over");
                 tried = bit(index);
                 target.backend = stable;

@@ -13,7 +13,7 @@ use http::HeaderName;
 use switchyard_control::bucket::{Salt, BUCKETS};
 use switchyard_control::config::{normalized_prefix, Config, Fallback, RouteConfig, Weight};
 use switchyard_control::flags::CompiledFlag;
-use switchyard_control::metrics::{BackendStats, FlagCounters, Metrics};
+use switchyard_control::metrics::{BackendStats, FlagCohorts, FlagCounters, Metrics};
 use switchyard_control::resilience::{Failover, HealthCheckConfig, OutlierConfig, RetriesConfig};
 
 /// The whole routing state at one moment.
@@ -27,6 +27,9 @@ pub struct Snapshot {
     pub proxy_only_headers: Box<[HeaderName]>,
     /// Feature flags in configured order, with their evaluation counters.
     pub flags: Box<[Flag]>,
+    /// The watched flags (index in `flags`, cohorts), at most 64: every
+    /// request counts in the `on` or `off` cohort of each.
+    pub watched: Option<Watched>,
     /// Carries the flags that are on to the upstream.
     pub flag_header: HeaderName,
     /// The groups header, when trusted (otherwise it is in `proxy_only_headers`).
@@ -39,6 +42,9 @@ pub struct Snapshot {
     /// When endpoints are ejected (`outlier:`).
     pub outlier: OutlierConfig,
 }
+
+/// The watched flags: index in `Snapshot::flags`, and their cohorts.
+pub type Watched = Arc<[(usize, Arc<FlagCohorts>)]>;
 
 #[derive(Debug)]
 pub struct UserKeySources {
@@ -223,6 +229,15 @@ impl Snapshot {
                     counters: metrics.flag(&f.name),
                 })
                 .collect(),
+            watched: {
+                let watched: Vec<(usize, Arc<FlagCohorts>)> = config
+                    .flags
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, f)| Some((i, metrics.flag_cohorts(f)?)))
+                    .collect();
+                (!watched.is_empty()).then(|| watched.into())
+            },
             flag_header: header_name(&config.flag_header),
             groups_header: config
                 .user_groups

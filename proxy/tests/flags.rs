@@ -460,3 +460,81 @@ async fn two_processes_and_a_restart_agree_on_every_user() {
         assert_eq!(child.wait().unwrap().code(), Some(0));
     }
 }
+
+/// An upstream that answers 500 to requests whose `x-feature-flags` carries
+/// `flag`, 200 to the rest.
+async fn failing_for_flag(flag: &'static str) -> std::net::SocketAddr {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| async move {
+                        let flagged = req
+                            .headers()
+                            .get("x-feature-flags")
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| v.split(',').any(|f| f == flag));
+                        let mut resp = http::Response::new(Full::new(bytes::Bytes::from("x")));
+                        if flagged {
+                            *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Issue 21: a watched flag's requests are counted in its `on` or `off`
+/// cohort by status class (and latency when asked); an unwatched flag has
+/// no series. The upstream fails exactly the flag's users: the `on` cohort
+/// holds every 5xx, the `off` cohort none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_flags_cohorts_are_counted_apart() {
+    let upstream = failing_for_flag("new-ui").await;
+    let yaml = format!(
+        "flags:\n  - {{ name: new-ui, rollout_percentage: 50, metrics: [requests, errors, latency] }}\n  - {{ name: quiet, rollout_percentage: 50 }}\nretries: {{ attempts: 0 }}\nroutes:\n  - name: api\n    backends: [{{ name: app, endpoints: [\"{upstream}\"], weight: 100 }}]\n"
+    );
+    let proxy = Running::start(&yaml).await;
+    let c = client();
+    let mut answered = std::collections::BTreeMap::new();
+    for i in 0..200 {
+        let (status, _, _) = get(&c, &proxy.url("/"), &[("x-user-id", &format!("u{i}"))]).await;
+        *answered.entry(status.as_u16()).or_insert(0u64) += 1;
+    }
+    let on = answered.get(&500).copied().unwrap_or(0);
+    let off = answered.get(&200).copied().unwrap_or(0);
+    assert!(on > 50 && off > 50 && on + off == 200, "{answered:?}");
+    let admin = proxy.admin;
+    let metric = |cls: &str, variant: &str| {
+        let series = format!(
+            "switchyard_flag_requests_total{{code_class=\"{cls}\",flag=\"new-ui\",variant=\"{variant}\"}}"
+        );
+        async move { common::metric(admin, &series).await }
+    };
+    assert_eq!(metric("5xx", "on").await, on);
+    assert_eq!(metric("2xx", "off").await, off);
+    assert_eq!(metric("2xx", "on").await, 0);
+    assert_eq!(metric("5xx", "off").await, 0);
+    let (_, _, text) = get(&c, &format!("http://{}/metrics", proxy.admin), &[]).await;
+    assert!(
+        !text.contains("flag=\"quiet\",variant"),
+        "an unwatched flag has no cohorts"
+    );
+    assert!(
+        text.contains(
+            "switchyard_flag_request_duration_seconds_count{flag=\"new-ui\",variant=\"on\"}"
+        ),
+        "latency is kept"
+    );
+    proxy.stop().await;
+}
