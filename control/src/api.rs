@@ -7,6 +7,7 @@
 //! GET    /v1/routes/{route}/stats         rolling-window figures per backend
 //! GET    /v1/flags                        every flag
 //! GET|PUT|PATCH|DELETE /v1/flags/{name}   PATCH is an RFC 7386 merge patch
+//! GET    /v1/flags/{name}/stats           a watched flag's cohorts, on against off
 //! GET    /v1/events?after=SEQ&limit=N     the audit log, oldest first
 //! GET    /v1/fleet                        replicas, leaders, the store's health
 //! DELETE /v1/overrides[/routes/R|/flags/F] back to the configuration file's values
@@ -130,6 +131,7 @@ pub async fn serve(admin: &Admin, req: Request<Incoming>) -> Resp {
         ("/v1/fleet", "GET") => Ok(fleet(admin).await),
         ("/v1/flags", "GET") => Ok(flags(&admin.store.view())),
         ("/v1/flags/{name}", "GET") => get_flag(&admin.store.view(), param),
+        ("/v1/flags/{name}/stats", "GET") => flag_stats(admin, param),
         ("/v1/flags/{name}", "PUT") => put_flag(admin, &actor, param, req).await,
         ("/v1/flags/{name}", "PATCH") => patch_flag(admin, &actor, param, req).await,
         ("/v1/flags/{name}", "DELETE") => delete_flag(admin, &actor, param, req.headers()).await,
@@ -174,6 +176,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("/v1/routes/{route}/stats", "GET"),
     ("/v1/flags", "GET"),
     ("/v1/flags/{name}", "GET, PUT, PATCH, DELETE"),
+    ("/v1/flags/{name}/stats", "GET"),
     ("/v1/routes/{route}/rollout", "GET, POST"),
     ("/v1/routes/{route}/rollout/{action}", "POST"),
     ("/v1/events", "GET"),
@@ -406,6 +409,51 @@ fn flags(view: &View) -> Resp {
 fn get_flag(view: &View, name: &str) -> Result<Resp, ApiError> {
     let flag = find_flag(&view.config, name).map_err(store_error)?;
     Ok(versioned(StatusCode::OK, &json!(flag), view.version))
+}
+
+/// `GET /v1/flags/{name}/stats`: a watched flag's cohorts side by side over
+/// `metrics.window` (requests, errors, error rate, p50/p95/p99), and
+/// whether their error rates differ beyond noise.
+fn flag_stats(admin: &Admin, name: &str) -> Result<Resp, ApiError> {
+    let view = admin.store.view();
+    let flag = find_flag(&view.config, name).map_err(store_error)?;
+    let metrics = &admin.metrics;
+    if !metrics.enabled() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "metrics_disabled",
+            "metrics.enabled is false in the configuration",
+        ));
+    }
+    let span = metrics.window_span();
+    let Some((off, on)) = metrics.flag_windows(name, span).filter(|_| flag.watched()) else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_watched",
+            format!("flag `{name}` keeps no cohort signals: give it `metrics: [requests, errors, latency]`"),
+        ));
+    };
+    let cohort = |w: &crate::window::WindowStats| {
+        let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        json!({
+            "requests": w.requests,
+            "errors": w.errors,
+            "error_rate": w.error_rate_percent(),
+            "p50_ms": ms(w.p50),
+            "p95_ms": ms(w.p95),
+            "p99_ms": ms(w.p99),
+        })
+    };
+    let difference =
+        crate::abtest::two_proportions(on.errors, on.requests, off.errors, off.requests);
+    let body = json!({
+        "flag": name,
+        "metrics": flag.metrics,
+        "window_seconds": span.as_secs(),
+        "cohorts": { "on": cohort(&on), "off": cohort(&off) },
+        "error_rate_difference": difference,
+    });
+    Ok(versioned(StatusCode::OK, &body, view.version))
 }
 
 async fn put_flag(

@@ -208,6 +208,11 @@ pub enum FlagCommand {
     Delete {
         name: String,
     },
+    /// A watched flag's cohorts side by side: on against off, and whether
+    /// their error rates differ beyond noise.
+    Stats {
+        name: String,
+    },
 }
 
 fn duration(s: &str) -> Result<std::time::Duration, String> {
@@ -546,6 +551,11 @@ async fn flag(api: &Api, command: &FlagCommand) -> Result<(Value, String), CtlEr
                     .await?
             };
             let table = flags_table(std::slice::from_ref(&v));
+            (v, table)
+        }
+        FlagCommand::Stats { name } => {
+            let v = api.get(&format!("/v1/flags/{name}/stats")).await?;
+            let table = flag_stats_table(&v);
             (v, table)
         }
         FlagCommand::Delete { name } => {
@@ -1153,6 +1163,58 @@ fn flags_table(flags: &[Value]) -> String {
         ],
         &rows,
     )
+}
+
+fn flag_stats_table(v: &Value) -> String {
+    let ms = |x: &Value| x.as_f64().map_or("-".into(), |x| format!("{x:.1} ms"));
+    let rows: Vec<Vec<String>> = ["on", "off"]
+        .iter()
+        .map(|c| {
+            let s = &v["cohorts"][*c];
+            vec![
+                (*c).to_owned(),
+                text(&s["requests"]),
+                text(&s["errors"]),
+                s["error_rate"]
+                    .as_f64()
+                    .map_or("-".into(), |x| format!("{x:.2} %")),
+                ms(&s["p50_ms"]),
+                ms(&s["p95_ms"]),
+                ms(&s["p99_ms"]),
+            ]
+        })
+        .collect();
+    let mut out = format!(
+        "flag {} over the last {} s\n",
+        text(&v["flag"]),
+        text(&v["window_seconds"])
+    );
+    out.push_str(&table(
+        &[
+            "COHORT",
+            "REQUESTS",
+            "ERRORS",
+            "ERROR RATE",
+            "P50",
+            "P95",
+            "P99",
+        ],
+        &rows,
+    ));
+    let d = &v["error_rate_difference"];
+    let verdict = match (d["beyond_noise"].as_bool(), d["p_value"].as_f64()) {
+        (Some(true), Some(p)) => format!(
+            "error rates differ beyond noise: on {:+.2} points against off (two-proportion z = {:.2}, p = {p:.4})",
+            d["points"].as_f64().unwrap_or(0.0),
+            d["z"].as_f64().unwrap_or(0.0)
+        ),
+        (Some(false), Some(p)) => format!(
+            "error rates within noise at this sample size (p = {p:.2}): not a regression, nor proof there is none"
+        ),
+        _ => "no comparison yet: a cohort has no requests".into(),
+    };
+    out.push_str(&format!("{verdict}\n"));
+    out
 }
 
 fn stats_table(v: &Value) -> String {

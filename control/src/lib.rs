@@ -2,6 +2,7 @@
 //! admin listener. The data plane (`switchyard-proxy`) builds its routing
 //! snapshots from the types defined here.
 
+pub mod abtest;
 pub mod admin;
 pub mod api;
 pub mod bucket;

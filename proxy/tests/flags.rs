@@ -536,5 +536,40 @@ async fn a_watched_flags_cohorts_are_counted_apart() {
         ),
         "latency is kept"
     );
+    // Side by side: every error in the on cohort, beyond noise.
+    let stats_url = |flag: &str| format!("http://{}/v1/flags/{flag}/stats", proxy.admin);
+    let (status, _, body) = call("GET", &stats_url("new-ui"), None, &[], "").await;
+    assert_eq!(status, 200, "{body}");
+    let stats: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stats["cohorts"]["on"]["requests"], on, "{stats}");
+    assert_eq!(stats["cohorts"]["on"]["error_rate"], 100.0, "{stats}");
+    assert_eq!(stats["cohorts"]["off"]["errors"], 0, "{stats}");
+    assert!(stats["cohorts"]["on"]["p95_ms"].is_number(), "{stats}");
+    assert_eq!(
+        stats["error_rate_difference"]["beyond_noise"], true,
+        "{stats}"
+    );
+    let (status, _, body) = call("GET", &stats_url("quiet"), None, &[], "").await;
+    assert_eq!(status, 409, "not watched: {body}");
+    assert!(body.contains("metrics"), "{body}");
+    let (status, _, _) = call("GET", &stats_url("nope"), None, &[], "").await;
+    assert_eq!(status, 404);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "ctl",
+            "--admin",
+            &format!("http://{}", proxy.admin),
+            "flag",
+            "stats",
+            "new-ui",
+        ])
+        .env_remove("SWITCHYARD_TOKEN")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("COHORT") && table.contains("100.00 %") && table.contains("beyond noise"),
+        "{table}"
+    );
     proxy.stop().await;
 }
