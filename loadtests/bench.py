@@ -1580,6 +1580,55 @@ def suite_burst(args):
     print(section)
 
 
+# Each flag's line ends in its closing brace: the field goes before it.
+WATCHED_FLAGS_YAML = re.sub(r" }$", ", metrics: [requests, errors, latency] }", FLAGS_YAML, flags=re.M)
+
+
+def suite_cohorts(args):
+    """Issue 21: what watching flags costs. Switchyard's instructions per
+    request (callgrind, as the instructions suite) with the compare suite's
+    five flags unwatched, then the same five watched (metrics: requests,
+    errors, latency: every request counted in each flag's on or off cohort)."""
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        sys.exit("not installed: valgrind (Debian: apt-get install valgrind)")
+    os.sched_setaffinity(0, {GENERATOR_CORE})
+    workdir = Path(tempfile.mkdtemp(prefix="switchyard-cohorts-"))
+    origin_proc, port = start_origin(workdir)
+    counts = {}
+    started = time.monotonic()
+    try:
+        for rnd in range(args.rounds):
+            for name, flags in (("five flags, unwatched", FLAGS_YAML), ("five flags, watched", WATCHED_FLAGS_YAML)):
+                def start(wrapper, flags=flags):
+                    proc, p = start_switchyard(args.binary, workdir, port, True, wrapper=wrapper,
+                                               extra=SWITCHYARD_LIMITS_YAML + "\n" + flags)
+                    return Running(proc, p, p)
+                n = count_instructions(start, workdir, requests=args.requests)
+                counts.setdefault(name, []).append(n)
+                print(f"round {rnd + 1} {name}: {n:.0f} instructions/request", flush=True)
+    finally:
+        stop(origin_proc)
+    base = statistics.median(counts["five flags, unwatched"])
+    rows = "\n".join(f"| {name} | {summary(values, '{:,.0f}')} | {statistics.median(values) / base - 1:+.1%} |"
+                     for name, values in counts.items())
+    section = f"""## Cohort metrics: what watching five flags costs
+
+{provenance(args, [['valgrind', '--version']])}
+- Setup: Switchyard as in the instructions suite (one worker, metrics on, the three-backend split), with the
+  compare suite's five flags, first unwatched, then each with `metrics: [requests, errors, latency]`; under
+  `valgrind --tool=callgrind` on core 0, the origin nginx on core 1; {args.requests} sequential keep-alive
+  requests counted after 200 of warm-up. {args.rounds} round(s); cells: median (min–max).
+- Goal (issue 21): under 3 % more instructions with five watched flags.
+- The run took {(time.monotonic() - started) / 60:.1f} minutes.
+
+| Switchyard | instructions per request | against unwatched |
+|---|---|---|
+{rows}
+"""
+    write_section("## Cohort metrics: what watching five flags costs", section)
+    print(section)
+
+
 def memory_heading(args):
     return "## Idle connection memory, TLS" if args.tls else "## Idle connection memory"
 
@@ -1894,6 +1943,7 @@ SUITES = {
     "instructions": (suite_instructions, 1, 0),
     "memory": (suite_memory, 3, 0),
     "burst": (suite_burst, 1, 0),
+    "cohorts": (suite_cohorts, 1, 0),
     "tls": (suite_tls, 3, 10),
 }
 
@@ -1916,7 +1966,7 @@ def require_tools(suite):
         needed = {"haproxy": "haproxy", "taskset": "util-linux", "openssl": "openssl"}
     if suite == "burst":
         needed = {"haproxy": "haproxy", "taskset": "util-linux"}
-    if suite == "instructions":
+    if suite in ("instructions", "cohorts"):
         needed = {"haproxy": "haproxy", "taskset": "util-linux", "valgrind": "valgrind",
                   "callgrind_control": "valgrind"}
     if suite == "tls":

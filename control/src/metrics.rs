@@ -223,16 +223,32 @@ struct Cohort {
     window: RollingWindow,
 }
 
+/// A request as every watched flag's cohorts count it, worked out once.
+pub struct CohortSample {
+    window: window::Sample,
+    class: usize,
+    seconds: f64,
+}
+
 impl FlagCohorts {
-    /// Counts a request of the `on` (or off) cohort: answered with `status`
-    /// after `latency`, at `now`.
-    pub fn record(&self, on: bool, now: Instant, latency: Duration, status: u16) {
-        let cohort = if on { &self.on } else { &self.off };
-        cohort.requests[window::status_class(status)].inc();
-        if let Some(h) = &cohort.duration {
-            h.observe(latency.as_secs_f64());
+    /// Works out a request answered with `status` after `latency`, at `now`
+    /// (the same for every flag: their windows share an origin and span).
+    pub fn sample(&self, now: Instant, latency: Duration, status: u16) -> CohortSample {
+        CohortSample {
+            window: self.on.window.sample(now, latency, Some(status)),
+            class: window::status_class(status),
+            seconds: latency.as_secs_f64(),
         }
-        cohort.window.record(now, latency, Some(status));
+    }
+
+    /// Counts the request in the `on` (or off) cohort.
+    pub fn record(&self, on: bool, sample: &CohortSample) {
+        let cohort = if on { &self.on } else { &self.off };
+        cohort.requests[sample.class].inc();
+        if let Some(h) = &cohort.duration {
+            h.observe(sample.seconds);
+        }
+        cohort.window.record_sample(&sample.window);
     }
 }
 
@@ -928,7 +944,17 @@ impl BackendStats {
     /// `status` (possibly the proxy's own 502/504, with the `failure` that
     /// caused it).
     pub fn finish(&self, started: Instant, status: u16, failure: Option<FailureReason>) {
-        let now = Instant::now();
+        self.finish_at(Instant::now(), started, status, failure);
+    }
+
+    /// `finish`, with the clock already read (`now`).
+    pub fn finish_at(
+        &self,
+        now: Instant,
+        started: Instant,
+        status: u16,
+        failure: Option<FailureReason>,
+    ) {
         let latency = now.saturating_duration_since(started);
         self.in_flight.dec();
         if failure == Some(FailureReason::ClientBody) {

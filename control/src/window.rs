@@ -99,6 +99,14 @@ pub struct RollingWindow {
     slots: Box<[Slot]>,
 }
 
+/// A request's second, status class and latency bucket (`RollingWindow::sample`).
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    sec: u64,
+    class: Option<usize>,
+    bucket: usize,
+}
+
 /// What a window holds over some span, read at one moment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WindowStats {
@@ -145,7 +153,24 @@ impl RollingWindow {
     /// Records one finished request at `at`, answered with `status` (`None`:
     /// the client left before the response).
     pub fn record(&self, at: Instant, latency: Duration, status: Option<u16>) {
-        let sec = self.second(at);
+        self.record_sample(&self.sample(at, latency, status));
+    }
+
+    /// Where a request lands in this window (and in every window with the
+    /// same origin and span): worked out once, recorded in several (a
+    /// request in many flags' cohorts).
+    pub fn sample(&self, at: Instant, latency: Duration, status: Option<u16>) -> Sample {
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        Sample {
+            sec: self.second(at),
+            class: status.map(status_class),
+            bucket: bucket_index(micros),
+        }
+    }
+
+    /// Records a request worked out by `sample`.
+    pub fn record_sample(&self, sample: &Sample) {
+        let sec = sample.sec;
         let slot = &self.slots[(sec % self.slots.len() as u64) as usize];
         let mut spins = 0u32;
         loop {
@@ -182,11 +207,10 @@ impl RollingWindow {
             }
         }
         slot.requests.fetch_add(1, Relaxed);
-        if let Some(status) = status {
-            slot.classes[status_class(status)].fetch_add(1, Relaxed);
+        if let Some(class) = sample.class {
+            slot.classes[class].fetch_add(1, Relaxed);
         }
-        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        slot.latency[bucket_index(micros)].fetch_add(1, Relaxed);
+        slot.latency[sample.bucket].fetch_add(1, Relaxed);
     }
 
     /// The whole window, read at `at`.

@@ -61,16 +61,24 @@ impl Recording {
     /// The response headers are going out with `status`; `failure` says why
     /// the proxy itself answered, if it did.
     pub fn finish(mut self, status: StatusCode, failure: Option<FailureReason>) {
+        if self.started.is_none() && self.cohorts.is_none() {
+            return; // metrics off: nothing to read the clock for
+        }
+        // One clock read for the backend and the cohorts.
+        let now = Instant::now();
         if let Some((stats, started)) = self.started.take() {
-            stats.finish(started, status.as_u16(), failure);
+            stats.finish_at(now, started, status.as_u16(), failure);
         }
         if let Some(cohorts) = self.cohorts.take() {
             // The client's failure says nothing of the flag either.
-            if failure != Some(FailureReason::ClientBody) {
-                let now = Instant::now();
+            if let (true, Some((_, first))) = (
+                failure != Some(FailureReason::ClientBody),
+                cohorts.watched.first(),
+            ) {
                 let latency = now.saturating_duration_since(cohorts.started);
+                let sample = first.sample(now, latency, status.as_u16());
                 for (i, (_, flag)) in cohorts.watched.iter().enumerate() {
-                    flag.record(cohorts.on & (1 << i) != 0, now, latency, status.as_u16());
+                    flag.record(cohorts.on & (1 << i) != 0, &sample);
                 }
             }
         }
