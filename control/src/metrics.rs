@@ -134,10 +134,9 @@ pub struct Metrics {
     backends: ArcSwap<Vec<Arc<BackendStats>>>,
     /// `switchyard_flag_requests_total{flag,variant,code_class}`.
     flag_requests: IntCounterVec,
-    /// `switchyard_flag_request_duration_seconds{flag,variant}`.
-    flag_duration: HistogramVec,
-    /// Watched flags' cohorts, kept across snapshots.
-    cohorts: ArcSwap<Vec<Arc<FlagCohorts>>>,
+    /// Watched flags' cohorts, kept across snapshots; also read by the
+    /// `switchyard_flag_request_duration_seconds` collector.
+    cohorts: Arc<ArcSwap<Vec<Arc<FlagCohorts>>>>,
     /// Registered when the replica runs in a fleet (`enable_fleet`).
     fleet: std::sync::OnceLock<FleetMetrics>,
     /// `switchyard_endpoint_healthy{route,backend,endpoint}`.
@@ -219,25 +218,99 @@ pub struct FlagCohorts {
 
 struct Cohort {
     requests: [IntCounter; 5],
-    duration: Option<Histogram>,
+    duration: Option<LatencyBuckets>,
     window: RollingWindow,
+}
+
+/// A cohort's latency histogram (`DURATION_BUCKETS`, then +Inf), counted
+/// here and served by `CohortLatency` at scrape time: the bucket is found
+/// once per request for all its flags, and each flag adds two relaxed
+/// increments.
+#[derive(Default)]
+struct LatencyBuckets {
+    counts: [std::sync::atomic::AtomicU64; DURATION_BUCKETS.len() + 1],
+    sum_nanos: std::sync::atomic::AtomicU64,
+}
+
+/// `switchyard_flag_request_duration_seconds`, from every watched flag's
+/// `LatencyBuckets`.
+struct CohortLatency {
+    desc: prometheus::core::Desc,
+    cohorts: Arc<ArcSwap<Vec<Arc<FlagCohorts>>>>,
+}
+
+impl prometheus::core::Collector for CohortLatency {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        use prometheus::proto::{Bucket, LabelPair, Metric, MetricFamily, MetricType};
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut metrics = Vec::new();
+        for flag in self.cohorts.load().iter() {
+            for (variant, cohort) in [("off", &flag.off), ("on", &flag.on)] {
+                let Some(latency) = &cohort.duration else {
+                    continue;
+                };
+                let mut cumulative = 0;
+                let mut buckets = Vec::with_capacity(DURATION_BUCKETS.len());
+                for (bound, count) in DURATION_BUCKETS.iter().zip(&latency.counts) {
+                    cumulative += count.load(Relaxed);
+                    let mut b = Bucket::default();
+                    b.set_upper_bound(*bound);
+                    b.set_cumulative_count(cumulative);
+                    buckets.push(b);
+                }
+                let total = cumulative + latency.counts[DURATION_BUCKETS.len()].load(Relaxed);
+                let mut histogram = prometheus::proto::Histogram::default();
+                histogram.set_bucket(buckets);
+                histogram.set_sample_count(total);
+                histogram.set_sample_sum(latency.sum_nanos.load(Relaxed) as f64 / 1e9);
+                let label = |name: &str, value: &str| {
+                    let mut l = LabelPair::default();
+                    l.set_name(name.into());
+                    l.set_value(value.into());
+                    l
+                };
+                let mut metric =
+                    Metric::from_label(vec![label("flag", &flag.flag), label("variant", variant)]);
+                metric.set_histogram(histogram);
+                metrics.push(metric);
+            }
+        }
+        if metrics.is_empty() {
+            // As a labelled family without series: not exported.
+            return Vec::new();
+        }
+        let mut family = MetricFamily::default();
+        family.set_name(self.desc.fq_name.clone());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(MetricType::HISTOGRAM);
+        family.set_metric(metrics);
+        vec![family]
+    }
 }
 
 /// A request as every watched flag's cohorts count it, worked out once.
 pub struct CohortSample {
     window: window::Sample,
     class: usize,
-    seconds: f64,
+    /// Index in `DURATION_BUCKETS` (its length: +Inf).
+    bucket: usize,
+    nanos: u64,
 }
 
 impl FlagCohorts {
     /// Works out a request answered with `status` after `latency`, at `now`
     /// (the same for every flag: their windows share an origin and span).
     pub fn sample(&self, now: Instant, latency: Duration, status: u16) -> CohortSample {
+        let seconds = latency.as_secs_f64();
         CohortSample {
             window: self.on.window.sample(now, latency, Some(status)),
             class: window::status_class(status),
-            seconds: latency.as_secs_f64(),
+            bucket: DURATION_BUCKETS.partition_point(|upper| *upper < seconds),
+            nanos: u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX),
         }
     }
 
@@ -245,8 +318,10 @@ impl FlagCohorts {
     pub fn record(&self, on: bool, sample: &CohortSample) {
         let cohort = if on { &self.on } else { &self.off };
         cohort.requests[sample.class].inc();
-        if let Some(h) = &cohort.duration {
-            h.observe(sample.seconds);
+        if let Some(latency) = &cohort.duration {
+            use std::sync::atomic::Ordering::Relaxed;
+            latency.counts[sample.bucket].fetch_add(1, Relaxed);
+            latency.sum_nanos.fetch_add(sample.nanos, Relaxed);
         }
         cohort.window.record_sample(&sample.window);
     }
@@ -390,15 +465,17 @@ impl Metrics {
             &["flag", "variant", "code_class"],
         )
         .expect("valid metric");
-        let flag_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "switchyard_flag_request_duration_seconds",
-                "Time to response headers on a watched flag's routes, by the flag's cohort (flags watching latency).",
+        let cohorts: Arc<ArcSwap<Vec<Arc<FlagCohorts>>>> = Arc::default();
+        let flag_duration = CohortLatency {
+            desc: prometheus::core::Desc::new(
+                "switchyard_flag_request_duration_seconds".into(),
+                "Time to response headers on a watched flag's routes, by the flag's cohort (flags watching latency).".into(),
+                vec!["flag".into(), "variant".into()],
+                Default::default(),
             )
-            .buckets(DURATION_BUCKETS.to_vec()),
-            &["flag", "variant"],
-        )
-        .expect("valid metric");
+            .expect("valid metric"),
+            cohorts: cohorts.clone(),
+        };
         let rollout_step = IntGaugeVec::new(
             Opts::new(
                 "switchyard_rollout_step",
@@ -474,7 +551,7 @@ impl Metrics {
             Box::new(reloads.clone()),
             Box::new(flags.clone()),
             Box::new(flag_requests.clone()),
-            Box::new(flag_duration.clone()),
+            Box::new(flag_duration),
             Box::new(rollout_step.clone()),
             Box::new(rollbacks.clone()),
             Box::new(checks.clone()),
@@ -509,8 +586,7 @@ impl Metrics {
             reloads,
             flags,
             flag_requests,
-            flag_duration,
-            cohorts: ArcSwap::from_pointee(Vec::new()),
+            cohorts,
             rollout_step,
             rollbacks,
             checks,
@@ -600,7 +676,7 @@ impl Metrics {
                 self.flag_requests
                     .with_label_values(&[&flag.name, variant, c])
             }),
-            duration: latency.then(|| self.flag_duration.with_label_values(&[&flag.name, variant])),
+            duration: latency.then(LatencyBuckets::default),
             window: RollingWindow::new(self.window, self.origin),
         };
         let made = Arc::new(FlagCohorts {

@@ -536,6 +536,19 @@ async fn a_watched_flags_cohorts_are_counted_apart() {
         ),
         "latency is kept"
     );
+    let counted = |series: &'static str| common::metric(admin, series);
+    assert_eq!(
+        counted("switchyard_flag_request_duration_seconds_count{flag=\"new-ui\",variant=\"on\"}")
+            .await,
+        on
+    );
+    assert_eq!(
+        counted(
+            "switchyard_flag_request_duration_seconds_bucket{flag=\"new-ui\",variant=\"off\",le=\"+Inf\"}"
+        )
+        .await,
+        off
+    );
     // Side by side: every error in the on cohort, beyond noise.
     let stats_url = |flag: &str| format!("http://{}/v1/flags/{flag}/stats", proxy.admin);
     let (status, _, body) = call("GET", &stats_url("new-ui"), None, &[], "").await;
