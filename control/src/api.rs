@@ -573,7 +573,11 @@ async fn events(admin: &Admin, query: &str) -> Result<Resp, ApiError> {
     let next = events.last().map(|e| e.seq);
     Ok(respond_json(
         StatusCode::OK,
-        &json!({ "events": events, "next_after": next }),
+        &json!({
+            "events": events,
+            "next_after": next,
+            "latest_seq": admin.store.latest_seq().await,
+        }),
     ))
 }
 

@@ -868,22 +868,12 @@ mod watch {
         ))
     }
 
-    /// The newest audit sequence number (paging through at most 20,000).
+    /// The newest audit sequence number.
     async fn latest_event(api: &Api) -> u64 {
-        let mut after = 0;
-        for _ in 0..20 {
-            let Ok(page) = api
-                .get(&format!("/v1/events?after={after}&limit=1000"))
-                .await
-            else {
-                break;
-            };
-            match page["next_after"].as_u64() {
-                Some(next) => after = next,
-                None => break,
-            }
+        match api.get("/v1/events?limit=1").await {
+            Ok(page) => page["latest_seq"].as_u64().unwrap_or(0),
+            Err(_) => 0,
         }
-        after
     }
 
     /// Appends the route's events after `cursor` (the last five kept);

@@ -210,8 +210,6 @@ pub struct BackendStats {
 /// and of those for whom it was on.
 pub struct FlagCohorts {
     pub flag: Arc<str>,
-    /// `latency` is among the flag's `metrics` (the histogram is kept).
-    latency: bool,
     off: Cohort,
     on: Cohort,
 }
@@ -667,7 +665,7 @@ impl Metrics {
             .cohorts
             .load()
             .iter()
-            .find(|c| *c.flag == *flag.name && c.latency == latency)
+            .find(|c| *c.flag == *flag.name && c.on.duration.is_some() == latency)
         {
             return Some(found.clone());
         }
@@ -681,7 +679,6 @@ impl Metrics {
         };
         let made = Arc::new(FlagCohorts {
             flag: flag.name.as_str().into(),
-            latency,
             off: cohort("off"),
             on: cohort("on"),
         });

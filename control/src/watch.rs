@@ -115,17 +115,7 @@ async fn snapshot(admin: &Admin, after: &mut Option<u64>) -> Value {
 async fn new_events(admin: &Admin, after: &mut Option<u64>) -> Vec<Value> {
     let mut from = match after {
         Some(seq) => *seq,
-        None => {
-            // Find the newest, a page at a time (bounded).
-            let mut seq = 0;
-            for _ in 0..50 {
-                match admin.store.events(seq, 1000).await {
-                    Ok(page) if !page.is_empty() => seq = page.last().map_or(seq, |e| e.seq),
-                    _ => break,
-                }
-            }
-            seq.saturating_sub(20)
-        }
+        None => admin.store.latest_seq().await.saturating_sub(20),
     };
     let events = admin
         .store

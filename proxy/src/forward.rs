@@ -296,15 +296,7 @@ impl Upstreams {
             // it was without them.
             return Box::pin(self.send_with_body(endpoint, parts, added, body, upgrade)).await;
         }
-        let target = origin_form(&parts.uri).map_err(SendError::Sent)?;
-        let request = Head {
-            method: &parts.method,
-            target,
-            headers: &mut parts.headers,
-            added,
-            upgrade,
-            progress: None,
-        };
+        let request = Head::of(parts, added, upgrade, None)?;
         // Without a body there is no upload to wait for: one timer, from
         // the start (a new connection's connect included).
         let sent = endpoint.pool.send(request, body, &self.timeouts);
@@ -324,16 +316,8 @@ impl Upstreams {
         body: UpstreamBody,
         upgrade: bool,
     ) -> Result<Response<PooledBody>, SendError> {
-        let target = origin_form(&parts.uri).map_err(SendError::Sent)?;
         let progress = Progress::default();
-        let request = Head {
-            method: &parts.method,
-            target,
-            headers: &mut parts.headers,
-            added,
-            upgrade,
-            progress: Some(&progress),
-        };
+        let request = Head::of(parts, added, upgrade, Some(&progress))?;
         let sent = endpoint.pool.send(request, body, &self.timeouts);
         tokio::pin!(sent);
         // While the body goes up, `upload_idle` without progress ends it;
@@ -836,6 +820,25 @@ struct Head<'a> {
     upgrade: bool,
     /// How far the upload is (for the timeouts).
     progress: Option<&'a Progress>,
+}
+
+impl<'a> Head<'a> {
+    /// The head of the request in `parts` (its target in origin form).
+    fn of(
+        parts: &'a mut Parts,
+        added: &'a Added,
+        upgrade: bool,
+        progress: Option<&'a Progress>,
+    ) -> Result<Head<'a>, SendError> {
+        Ok(Head {
+            method: &parts.method,
+            target: origin_form(&parts.uri).map_err(SendError::Sent)?,
+            headers: &mut parts.headers,
+            added,
+            upgrade,
+            progress,
+        })
+    }
 }
 
 /// An upload's progress, for `Upstreams::send`'s timeouts: times are

@@ -620,6 +620,13 @@ impl Store {
         Ok(self.view())
     }
 
+    /// The sequence number of the newest audit event (0 for none): where
+    /// a follower of the log starts. Behind the write lock, which a write
+    /// holds only while it commits.
+    pub async fn latest_seq(&self) -> u64 {
+        self.write.lock().await.next_seq.saturating_sub(1)
+    }
+
     /// Audit events with `seq > after`, oldest first, at most `limit`.
     pub async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
         match &self.backend {
