@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 /// What the test says about error rates `a` (errors/requests) against `b`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct Difference {
     /// `a`'s rate minus `b`'s, in percentage points.
     pub points: f64,

@@ -320,7 +320,20 @@ pub(crate) async fn route_stats(
             ))
         }
         (true, Some(fleet)) => fleet
-            .merged_windows(metrics, route, &names, span)
+            .merged_windows(
+                names
+                    .iter()
+                    .map(|b| metrics.backend_histogram(route, b, span))
+                    .collect(),
+                |published| {
+                    let backends = published.routes.get(route);
+                    names
+                        .iter()
+                        .map(|b| backends.and_then(|w| w.get(*b)))
+                        .collect()
+                },
+                span,
+            )
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?,
     };

@@ -29,12 +29,12 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::admin::{json_error, respond_json, Admin};
 use crate::config::{Config, FlagConfig, Token, Weight};
-use crate::rollout::RolloutSpec;
-use crate::store::{find_flag, ResetTarget, StoreError, View};
+use crate::rollout::{FlagRolloutSpec, RolloutSpec, RolloutState};
+use crate::store::{find_flag, ResetTarget, StoreError, Subject, View};
 
 /// Largest request body the API reads.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -143,20 +143,25 @@ pub async fn serve(admin: &Admin, req: Request<Incoming>) -> Resp {
         ("/v1/overrides/flags/{name}", "DELETE") => {
             reset(admin, &actor, ResetTarget::Flag(param.to_owned())).await
         }
-        ("/v1/routes/{route}/rollout", "GET") => rollout_status(&admin.store.view(), param),
-        ("/v1/routes/{route}/rollout", "POST") => start_rollout(admin, &actor, param, req).await,
+        ("/v1/routes/{route}/rollout", "GET") => {
+            rollout_status::<RolloutSpec>(&admin.store.view(), param)
+        }
+        ("/v1/routes/{route}/rollout", "POST") => {
+            start_rollout::<RolloutSpec>(admin, &actor, param, req).await
+        }
         ("/v1/routes/{route}/rollout/{action}", "POST") => {
             let action = params.get(1).copied().unwrap_or_default();
-            match admin.store.rollout_action(&actor, param, action).await {
-                Ok(view) => {
-                    if let Some(state) = view.rollouts.get(param) {
-                        let payload = crate::driver::event_payload(action, param, state);
-                        state.spec.webhooks.notify(payload);
-                    }
-                    rollout_status(&view, param)
-                }
-                Err(e) => Err(store_error(e)),
-            }
+            rollout_action::<RolloutSpec>(admin, &actor, param, action).await
+        }
+        ("/v1/flags/{name}/rollout", "GET") => {
+            rollout_status::<FlagRolloutSpec>(&admin.store.view(), param)
+        }
+        ("/v1/flags/{name}/rollout", "POST") => {
+            start_rollout::<FlagRolloutSpec>(admin, &actor, param, req).await
+        }
+        ("/v1/flags/{name}/rollout/{action}", "POST") => {
+            let action = params.get(1).copied().unwrap_or_default();
+            rollout_action::<FlagRolloutSpec>(admin, &actor, param, action).await
         }
         _ => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -177,6 +182,8 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("/v1/flags", "GET"),
     ("/v1/flags/{name}", "GET, PUT, PATCH, DELETE"),
     ("/v1/flags/{name}/stats", "GET"),
+    ("/v1/flags/{name}/rollout", "GET, POST"),
+    ("/v1/flags/{name}/rollout/{action}", "POST"),
     ("/v1/routes/{route}/rollout", "GET, POST"),
     ("/v1/routes/{route}/rollout/{action}", "POST"),
     ("/v1/events", "GET"),
@@ -291,6 +298,7 @@ pub(crate) fn state_doc(view: &View, metrics: &crate::metrics::Metrics) -> Value
         "routes": routes,
         "flags": config.flags,
         "rollouts": &*view.rollouts,
+        "flag_rollouts": &*view.flag_rollouts,
         "overridden": &*view.overridden,
         "endpoint_health": health,
     })
@@ -335,67 +343,139 @@ fn route_doc(config: &Config, route: &str) -> Value {
     json!({ "route": route, "weights": config.route_weights(route).unwrap_or_default() })
 }
 
-async fn start_rollout(
+async fn start_rollout<P: Subject + RolloutDoc>(
     admin: &Admin,
     actor: &str,
-    route: &str,
+    name: &str,
     req: Request<Incoming>,
 ) -> Result<Resp, ApiError> {
     let if_match = if_match(req.headers())?;
-    let spec: RolloutSpec = read_json(req).await?;
+    let spec: P = read_json(req).await?;
     let view = admin
         .store
-        .start_rollout(actor, if_match, route, spec)
+        .start_rollout(actor, if_match, name, spec)
         .await
         .map_err(store_error)?;
-    rollout_status(&view, route).map(|mut r| {
+    rollout_status::<P>(&view, name).map(|mut r| {
         *r.status_mut() = StatusCode::CREATED;
         r
     })
 }
 
-/// `GET /v1/routes/{route}/rollout`: phase, step, time in step, last
-/// analysis with each check, reason.
-fn rollout_status(view: &View, route: &str) -> Result<Resp, ApiError> {
-    if !view.config.routes.iter().any(|r| r.name == route) {
+/// `POST …/rollout/{action}`: the store's transition, then the notify
+/// webhooks.
+async fn rollout_action<P: Subject + RolloutDoc>(
+    admin: &Admin,
+    actor: &str,
+    name: &str,
+    action: &str,
+) -> Result<Resp, ApiError> {
+    let view = admin
+        .store
+        .rollout_action::<P>(actor, name, action)
+        .await
+        .map_err(store_error)?;
+    if let Some(state) = P::in_view(&view).get(name) {
+        let payload = crate::driver::event_payload(action, name, state);
+        state.spec.webhooks().notify(payload);
+    }
+    rollout_status::<P>(&view, name)
+}
+
+/// `GET /v1/routes/{route}/rollout`, `GET /v1/flags/{name}/rollout`: phase,
+/// step, time in step, last analysis with each check, reason.
+fn rollout_status<P: Subject + RolloutDoc>(view: &View, name: &str) -> Result<Resp, ApiError> {
+    let noun = P::KIND.noun();
+    if !P::exists(&view.config, name) {
         return Err(store_error(StoreError::NotFound(format!(
-            "no route named `{route}`"
+            "no {noun} named `{name}`"
         ))));
     }
-    let Some(body) = rollout_doc(view, route) else {
+    let Some(body) = rollout_doc::<P>(view, name) else {
         return Err(store_error(StoreError::NotFound(format!(
-            "route `{route}` has no rollout"
+            "{noun} `{name}` has no rollout"
         ))));
     };
     Ok(versioned(StatusCode::OK, &body, view.version))
 }
 
-/// The `GET /v1/routes/{route}/rollout` document, if the route has one.
-pub(crate) fn rollout_doc(view: &View, route: &str) -> Option<Value> {
-    let state = view.rollouts.get(route)?;
+/// What a rollout's document adds for its kind.
+pub(crate) trait RolloutDoc: Subject {
+    fn exists(config: &Config, name: &str) -> bool;
+    fn fields(view: &View, name: &str, state: &RolloutState<Self>) -> Map<String, Value>;
+}
+
+impl RolloutDoc for RolloutSpec {
+    fn exists(config: &Config, route: &str) -> bool {
+        config.routes.iter().any(|r| r.name == route)
+    }
+    fn fields(view: &View, route: &str, state: &RolloutState<Self>) -> Map<String, Value> {
+        let weights = view.config.route_weights(route).unwrap_or_default();
+        let Value::Object(fields) = json!({
+            "route": route,
+            "strategy": state.spec.strategy,
+            "stable": state.spec.stable,
+            "target": state.spec.target,
+            "target_weight": state.target_weight(),
+            "weights": weights,
+            "standby": state.standby,
+        }) else {
+            unreachable!("an object")
+        };
+        fields
+    }
+}
+
+impl RolloutDoc for FlagRolloutSpec {
+    fn exists(config: &Config, flag: &str) -> bool {
+        config.flags.iter().any(|f| f.name == flag)
+    }
+    fn fields(view: &View, flag: &str, state: &RolloutState<Self>) -> Map<String, Value> {
+        let current = view.config.flags.iter().find(|f| f.name == flag);
+        let Value::Object(fields) = json!({
+            "flag": flag,
+            "rollout_percentage": current.map(|f| f.rollout_percentage),
+            "enabled": current.map(|f| f.enabled),
+            "on_failure": state.spec.on_failure,
+            "start": state.before,
+            "steps": state.spec.steps.clone().unwrap_or_else(|| {
+                crate::rollout::Plan::steps(&state.spec).into_iter().map(|s| crate::rollout::FlagStep {
+                    rollout_percentage: s.weight,
+                    hold: s.hold,
+                }).collect()
+            }),
+        }) else {
+            unreachable!("an object")
+        };
+        fields
+    }
+}
+
+/// The `GET …/rollout` document of `name`, if it has a rollout.
+pub(crate) fn rollout_doc<P: RolloutDoc>(view: &View, name: &str) -> Option<Value> {
+    let state = P::in_view(view).get(name)?;
     let steps = state.spec.steps();
-    let weights = view.config.route_weights(route).unwrap_or_default();
-    Some(json!({
-        "route": route,
-        "strategy": state.spec.strategy,
-        "stable": state.spec.stable,
-        "target": state.spec.target,
-        "phase": state.phase,
-        "step": state.step,
-        "steps": steps,
-        "target_weight": state.target_weight(),
-        "weights": weights,
-        "held": state.held,
-        "hold": steps.get(state.step).and_then(|s| s.hold),
-        "step_entered": state.step_entered,
-        "started": state.started,
-        "consecutive_failures": state.consecutive_failures,
-        "inconclusive_for": state.inconclusive,
-        "last_analysis": state.last_analysis,
-        "reason": state.reason,
-        "standby": state.standby,
-        "analysis": state.spec.analysis,
-    }))
+    let mut doc = Map::new();
+    doc.extend(
+        [
+            ("phase", json!(state.phase)),
+            ("step", json!(state.step)),
+            ("steps", json!(steps)),
+            ("held", json!(state.held)),
+            ("hold", json!(steps.get(state.step).and_then(|s| s.hold))),
+            ("step_entered", json!(state.step_entered)),
+            ("started", json!(state.started)),
+            ("consecutive_failures", json!(state.consecutive_failures)),
+            ("inconclusive_for", json!(state.inconclusive)),
+            ("last_analysis", json!(state.last_analysis)),
+            ("reason", json!(state.reason)),
+            ("analysis", json!(state.spec.analysis())),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    // The kind's own fields last: a flag's steps name their percentage.
+    doc.extend(P::fields(view, name, state));
+    Some(Value::Object(doc))
 }
 
 fn flags(view: &View) -> Resp {

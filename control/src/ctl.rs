@@ -146,15 +146,8 @@ pub enum RolloutCommand {
         /// `5:30s,50:30s,100`. Default: 0.1:1h,1:4h,5:24h,25:48h,100.
         #[arg(long)]
         steps: Option<String>,
-        /// Analysis interval (default 5s).
-        #[arg(long)]
-        interval: Option<String>,
-        /// Analysis window (default 30s).
-        #[arg(long)]
-        window: Option<String>,
-        /// Fewer target requests in the window is inconclusive (default 50).
-        #[arg(long)]
-        min_requests: Option<u64>,
+        #[command(flatten)]
+        analysis: AnalysisArgs,
     },
     /// Jump to the last step and finish.
     Promote {
@@ -213,6 +206,89 @@ pub enum FlagCommand {
     Stats {
         name: String,
     },
+    /// Guarded rollouts of a flag's percentage: its on cohort judged against
+    /// its off cohort, reverted (or killed) on a regression.
+    Rollout {
+        #[command(subcommand)]
+        command: FlagRolloutCommand,
+    },
+}
+
+/// The analysis settings `rollout start` takes as flags.
+#[derive(Debug, Args)]
+pub struct AnalysisArgs {
+    /// Analysis interval (default 5s).
+    #[arg(long)]
+    interval: Option<String>,
+    /// Analysis window (default 30s).
+    #[arg(long)]
+    window: Option<String>,
+    /// Fewer requests in the window (to the target, in a flag's on cohort)
+    /// is inconclusive (default 50).
+    #[arg(long)]
+    min_requests: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FlagRolloutCommand {
+    /// Start a guarded rollout of FLAG from the flags given, or any spec the
+    /// API takes from a file with -f.
+    Start {
+        flag: String,
+        /// The API's flag rollout spec, YAML or JSON (docs/flags.md); `-`
+        /// reads standard input.
+        #[arg(long, short = 'f', conflicts_with_all = ["steps", "interval", "window", "min_requests", "on_failure"])]
+        file: Option<PathBuf>,
+        /// PERCENT:HOLD,... with the last step's hold left out, e.g.
+        /// `5:1m,25:1m,100`. Default: 0.1:1h,1:4h,5:24h,25:48h,100.
+        #[arg(long)]
+        steps: Option<String>,
+        #[command(flatten)]
+        analysis: AnalysisArgs,
+        /// On a regression: `revert` to the starting percentage (default)
+        /// or `kill` the flag (off for everyone).
+        #[arg(long, value_parser = ["revert", "kill"])]
+        on_failure: Option<String>,
+    },
+    /// Phase, step, hold, last analysis with each check.
+    Status {
+        flag: String,
+        /// Keep watching, as `flag rollout watch`.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: give up after this long (e.g. `10m`).
+        #[arg(long, requires = "watch", value_parser = duration)]
+        timeout: Option<std::time::Duration>,
+    },
+    /// A live view until the rollout ends; exit status as `rollout watch`
+    /// (0 promoted, 2 rolled back, 3 aborted, 4 --timeout passed).
+    Watch {
+        flag: String,
+        #[arg(long, value_parser = duration)]
+        timeout: Option<std::time::Duration>,
+    },
+    /// Jump to the last step's percentage and finish.
+    Promote {
+        flag: String,
+    },
+    Pause {
+        flag: String,
+    },
+    Resume {
+        flag: String,
+    },
+    /// Stop and go back to the starting percentage.
+    Abort {
+        flag: String,
+    },
+    /// Back to the starting percentage.
+    Rollback {
+        flag: String,
+    },
+    /// After the rollout ended: back to the flag as it was before it began.
+    Undo {
+        flag: String,
+    },
 }
 
 fn duration(s: &str) -> Result<std::time::Duration, String> {
@@ -234,12 +310,24 @@ pub async fn run(args: CtlArgs) -> u8 {
                     watch: true,
                     timeout,
                 },
-        } => Some((route, *timeout)),
+        } => Some((Rolled::Route(route), *timeout)),
+        CtlCommand::Flag {
+            command:
+                FlagCommand::Rollout {
+                    command:
+                        FlagRolloutCommand::Watch { flag, timeout }
+                        | FlagRolloutCommand::Status {
+                            flag,
+                            watch: true,
+                            timeout,
+                        },
+                },
+        } => Some((Rolled::Flag(flag), *timeout)),
         _ => None,
     };
-    if let Some((route, timeout)) = watched {
+    if let Some((rolled, timeout)) = watched {
         return match api(&args) {
-            Ok(api) => watch::run(&api, route, timeout, args.json).await,
+            Ok(api) => watch::run(&api, rolled, timeout, args.json).await,
             Err(e) => report(e),
         };
     }
@@ -563,11 +651,132 @@ async fn flag(api: &Api, command: &FlagCommand) -> Result<(Value, String), CtlEr
                 .await?;
             (json!({ "deleted": name }), format!("deleted flag {name}\n"))
         }
+        FlagCommand::Rollout { command } => flag_rollout(api, command).await?,
     })
 }
 
+/// What a rollout command is about.
+#[derive(Debug, Clone, Copy)]
+enum Rolled<'a> {
+    Route(&'a str),
+    Flag(&'a str),
+}
+
+impl Rolled<'_> {
+    /// `routes/NAME` or `flags/NAME`: the API's path and the audit target.
+    fn path(self) -> String {
+        match self {
+            Rolled::Route(route) => format!("routes/{route}"),
+            Rolled::Flag(flag) => format!("flags/{flag}"),
+        }
+    }
+
+    fn url(self) -> String {
+        format!("/v1/{}/rollout", self.path())
+    }
+
+    /// The backends in bucket order (a flag has none).
+    async fn order(self, api: &Api) -> Vec<String> {
+        match self {
+            Rolled::Route(route) => bucket_order(api, route).await,
+            Rolled::Flag(_) => Vec::new(),
+        }
+    }
+}
+
+/// The spec a rollout starts with from ctl's flags: `steps` as
+/// `VALUE[:HOLD],...` under `step_key` (`weight`, `rollout_percentage`),
+/// and the analysis given.
+fn spec_from_flags(
+    mut spec: Map<String, Value>,
+    steps: Option<&str>,
+    step_key: &str,
+    analysis: &AnalysisArgs,
+) -> Result<Value, CtlError> {
+    if let Some(steps) = steps {
+        let mut list = Vec::new();
+        for item in steps.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (value, hold) = match item.split_once(':') {
+                Some((v, h)) => (v, Some(h)),
+                None => (item, None),
+            };
+            let value: f64 = value
+                .parse()
+                .map_err(|_| CtlError::Usage(format!("`{item}` is not PERCENT[:HOLD]")))?;
+            let value = percent(&format!("the percentage of step `{item}`"), value)?;
+            let mut step = Map::new();
+            step.insert(step_key.into(), json!(value));
+            if let Some(h) = hold {
+                step.insert("hold".into(), json!(h));
+            }
+            list.push(Value::Object(step));
+        }
+        spec.insert("steps".into(), Value::Array(list));
+    }
+    let analysis: Map<String, Value> = [
+        ("interval", analysis.interval.as_ref().map(|i| json!(i))),
+        ("window", analysis.window.as_ref().map(|w| json!(w))),
+        ("min_requests", analysis.min_requests.map(|m| json!(m))),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k.to_owned(), v?)))
+    .collect();
+    spec.insert("analysis".into(), Value::Object(analysis));
+    Ok(Value::Object(spec))
+}
+
+/// `promote`, `pause`, … on `rolled`'s rollout.
+async fn rollout_act(api: &Api, rolled: Rolled<'_>, action: &str) -> Result<Value, CtlError> {
+    let url = format!("{}/{action}", rolled.url());
+    api.call(Method::POST, &url, None, None).await
+}
+
+async fn flag_rollout(
+    api: &Api,
+    command: &FlagRolloutCommand,
+) -> Result<(Value, String), CtlError> {
+    use FlagRolloutCommand as C;
+    let v = match command {
+        C::Status { flag, .. } | C::Watch { flag, .. } => {
+            api.get(&Rolled::Flag(flag).url()).await?
+        }
+        C::Start {
+            flag,
+            file: Some(file),
+            ..
+        } => {
+            let spec = spec_file(file)?;
+            api.call(Method::POST, &Rolled::Flag(flag).url(), Some(spec), None)
+                .await?
+        }
+        C::Start {
+            flag,
+            file: None,
+            steps,
+            analysis,
+            on_failure,
+        } => {
+            let mut spec = Map::new();
+            if let Some(f) = on_failure {
+                spec.insert("on_failure".into(), json!(f));
+            }
+            let spec = spec_from_flags(spec, steps.as_deref(), "rollout_percentage", analysis)?;
+            api.call(Method::POST, &Rolled::Flag(flag).url(), Some(spec), None)
+                .await?
+        }
+        C::Promote { flag } => rollout_act(api, Rolled::Flag(flag), "promote").await?,
+        C::Pause { flag } => rollout_act(api, Rolled::Flag(flag), "pause").await?,
+        C::Resume { flag } => rollout_act(api, Rolled::Flag(flag), "resume").await?,
+        C::Abort { flag } => rollout_act(api, Rolled::Flag(flag), "abort").await?,
+        C::Rollback { flag } => rollout_act(api, Rolled::Flag(flag), "rollback").await?,
+        C::Undo { flag } => rollout_act(api, Rolled::Flag(flag), "undo").await?,
+    };
+    let table = rollout_table(&v, &[], false);
+    Ok((v, table))
+}
+
 async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String), CtlError> {
-    let path = |route: &str| format!("/v1/routes/{route}/rollout");
+    let path = |route: &str| Rolled::Route(route).url();
     let v = match command {
         RolloutCommand::Status { route, .. } | RolloutCommand::Watch { route, .. } => {
             api.get(&path(route)).await?
@@ -587,40 +796,13 @@ async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String),
             stable,
             target,
             steps,
-            interval,
-            window,
-            min_requests,
+            analysis,
         } => {
-            let mut spec = json!({ "strategy": "canary", "stable": stable, "target": target });
-            if let Some(steps) = steps {
-                let mut list = Vec::new();
-                for item in steps.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    let (weight, hold) = match item.split_once(':') {
-                        Some((w, h)) => (w, Some(h)),
-                        None => (item, None),
-                    };
-                    let weight: f64 = weight
-                        .parse()
-                        .map_err(|_| CtlError::Usage(format!("`{item}` is not WEIGHT[:HOLD]")))?;
-                    let weight = percent(&format!("the weight of step `{item}`"), weight)?;
-                    list.push(match hold {
-                        Some(h) => json!({ "weight": weight, "hold": h }),
-                        None => json!({ "weight": weight }),
-                    });
-                }
-                spec["steps"] = Value::Array(list);
-            }
-            let mut analysis = Map::new();
-            if let Some(i) = interval {
-                analysis.insert("interval".into(), json!(i));
-            }
-            if let Some(w) = window {
-                analysis.insert("window".into(), json!(w));
-            }
-            if let Some(m) = min_requests {
-                analysis.insert("min_requests".into(), json!(m));
-            }
-            spec["analysis"] = Value::Object(analysis);
+            let spec = json!({ "strategy": "canary", "stable": stable, "target": target });
+            let Value::Object(spec) = spec else {
+                unreachable!("an object")
+            };
+            let spec = spec_from_flags(spec, steps.as_deref(), "weight", analysis)?;
             api.call(Method::POST, &path(route), Some(spec), None)
                 .await?
         }
@@ -638,8 +820,7 @@ async fn rollout(api: &Api, command: &RolloutCommand) -> Result<(Value, String),
                 RolloutCommand::Undo { .. } => "undo",
                 _ => "abort",
             };
-            let url = format!("{}/{action}", path(route));
-            api.call(Method::POST, &url, None, None).await?
+            rollout_act(api, Rolled::Route(route), action).await?
         }
     };
     let route = match command {
@@ -663,15 +844,26 @@ fn rollout_table(v: &Value, order: &[String], paint: bool) -> String {
     let steps = v["steps"].as_array().map_or(&[][..], |s| s.as_slice());
     let step = v["step"].as_u64().unwrap_or(0) as usize;
     let progressing = matches!(v["phase"].as_str(), Some("progressing" | "paused"));
+    let flag = v["flag"].is_string();
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "route {}: {} -> {} ({})",
-        text(&v["route"]),
-        text(&v["stable"]),
-        text(&v["target"]),
-        colour(paint, &text(&v["phase"]))
-    );
+    if flag {
+        let _ = writeln!(
+            out,
+            "flag {}: on cohort against off ({}; on failure: {})",
+            text(&v["flag"]),
+            colour(paint, &text(&v["phase"])),
+            text(&v["on_failure"])
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "route {}: {} -> {} ({})",
+            text(&v["route"]),
+            text(&v["stable"]),
+            text(&v["target"]),
+            colour(paint, &text(&v["phase"]))
+        );
+    }
     // `10% 20s > [25% 20s] > 50% 20s > 100%`: the current step in brackets.
     let list: Vec<String> = steps
         .iter()
@@ -680,7 +872,12 @@ fn rollout_table(v: &Value, order: &[String], paint: bool) -> String {
             let hold = s["hold"]
                 .as_str()
                 .map_or(String::new(), |h| format!(" {h}"));
-            let item = format!("{}%{hold}", text(&s["weight"]));
+            let share = if flag {
+                &s["rollout_percentage"]
+            } else {
+                &s["weight"]
+            };
+            let item = format!("{}%{hold}", text(share));
             if i == step && progressing {
                 format!("[{item}]")
             } else {
@@ -689,23 +886,46 @@ fn rollout_table(v: &Value, order: &[String], paint: bool) -> String {
         })
         .collect();
     let _ = writeln!(out, "steps {}", list.join(" > "));
+    let share = if flag {
+        &steps.get(step).unwrap_or(&Value::Null)["rollout_percentage"]
+    } else {
+        &v["target_weight"]
+    };
     let _ = writeln!(
         out,
         "step {}/{} at {}%, held {} of {}",
         step + 1,
         steps.len(),
-        text(&v["target_weight"]),
+        text(share),
         text(&v["held"]),
         text(&v["hold"])
     );
-    let _ = writeln!(out, "weights {}", weights_in(&v["weights"], order));
+    if flag {
+        let _ = writeln!(
+            out,
+            "flag {} at {}%",
+            if v["enabled"] == true {
+                "on"
+            } else {
+                "off (killed)"
+            },
+            text(&v["rollout_percentage"])
+        );
+    } else {
+        let _ = writeln!(out, "weights {}", weights_in(&v["weights"], order));
+    }
     if !v["reason"].is_null() {
         let _ = writeln!(out, "reason: {}", text(&v["reason"]));
     }
     if let Some(a) = v["last_analysis"].as_object() {
+        let (judged, baseline) = if flag {
+            ("on", "off")
+        } else {
+            ("target", "stable")
+        };
         let _ = writeln!(
             out,
-            "\nlast analysis: {} (target {} requests, stable {})",
+            "\nlast analysis: {} ({judged} {} requests, {baseline} {})",
             colour(paint, &text(&a["verdict"])),
             text(&a["target_requests"]),
             text(&a["stable_requests"])
@@ -730,6 +950,21 @@ fn rollout_table(v: &Value, order: &[String], paint: bool) -> String {
             })
             .collect();
         out.push_str(&table(&["CHECK", "VALUE", "THRESHOLD", "VERDICT"], &rows));
+        let d = &v["last_analysis"]["error_rate_difference"];
+        if d.is_object() {
+            let beyond = d["beyond_noise"] == true && d["z"].as_f64().is_some_and(|z| z > 0.0);
+            let _ = writeln!(
+                out,
+                "on against off: {:+.2} points of errors (z = {:.2}), {}",
+                d["points"].as_f64().unwrap_or(0.0),
+                d["z"].as_f64().unwrap_or(0.0),
+                if beyond {
+                    "beyond noise: the flag's"
+                } else {
+                    "within noise: not the flag's"
+                }
+            );
+        }
     }
     out
 }
@@ -759,23 +994,23 @@ mod watch {
 
     use serde_json::Value;
 
-    use super::{bucket_order, rollout_table, text, Api, CtlError};
+    use super::{rollout_table, text, Api, CtlError, Rolled};
 
     pub const PROMOTED: u8 = 0;
     pub const ROLLED_BACK: u8 = 2;
     pub const ABORTED: u8 = 3;
     pub const TIMED_OUT: u8 = 4;
 
-    pub async fn run(api: &Api, route: &str, timeout: Option<Duration>, json: bool) -> u8 {
+    pub async fn run(api: &Api, rolled: Rolled<'_>, timeout: Option<Duration>, json: bool) -> u8 {
         let terminal = std::io::stdout().is_terminal();
         let paint = terminal && std::env::var_os("NO_COLOR").is_none();
         let started = Instant::now();
-        let order = bucket_order(api, route).await;
+        let order = rolled.order(api).await;
         let mut cursor = latest_event(api).await;
         let mut events: Vec<String> = Vec::new();
         let (mut drawn, mut last) = (0usize, String::new());
         loop {
-            let rollout = match api.get(&format!("/v1/routes/{route}/rollout")).await {
+            let rollout = match api.get(&rolled.url()).await {
                 Ok(v) => v,
                 Err(CtlError::Failed(m)) if m.starts_with("404") => {
                     eprintln!("switchyard ctl: {m}");
@@ -788,7 +1023,7 @@ mod watch {
                 }
             };
             if !rollout.is_null() {
-                cursor = route_events(api, route, cursor, &mut events).await;
+                cursor = subject_events(api, rolled, cursor, &mut events).await;
                 let view = if json {
                     format!("{}\n", rollout)
                 } else {
@@ -876,16 +1111,21 @@ mod watch {
         }
     }
 
-    /// Appends the route's events after `cursor` (the last five kept);
-    /// returns the new cursor.
-    async fn route_events(api: &Api, route: &str, cursor: u64, kept: &mut Vec<String>) -> u64 {
+    /// Appends the route's (or flag's) events after `cursor` (the last five
+    /// kept); returns the new cursor.
+    async fn subject_events(
+        api: &Api,
+        rolled: Rolled<'_>,
+        cursor: u64,
+        kept: &mut Vec<String>,
+    ) -> u64 {
         let Ok(page) = api
             .get(&format!("/v1/events?after={cursor}&limit=1000"))
             .await
         else {
             return cursor;
         };
-        let target = format!("routes/{route}");
+        let target = rolled.path();
         for e in page["events"].as_array().into_iter().flatten() {
             if e["target"] == target.as_str() {
                 kept.push(format!(

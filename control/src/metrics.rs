@@ -15,6 +15,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::rollout::Kind;
 use crate::window::{self, RollingWindow, WindowStats};
 
 /// Latency buckets (seconds): sub-millisecond to 10 s, including the 2 s and
@@ -122,9 +123,10 @@ pub struct Metrics {
     unrouted: Box<[IntCounter]>,
     reloads: IntCounterVec,
     flags: IntCounterVec,
-    rollout_step: IntGaugeVec,
-    rollbacks: IntCounterVec,
-    checks: IntCounterVec,
+    /// Per kind of rollout (`Kind::Route`, then `Kind::Flag`).
+    rollout_step: [IntGaugeVec; 2],
+    rollbacks: [IntCounterVec; 2],
+    checks: [IntCounterVec; 2],
     tls_reloads: IntCounterVec,
     tls_handshake_failures: IntCounter,
     connections_shed: IntCounter,
@@ -474,30 +476,40 @@ impl Metrics {
             .expect("valid metric"),
             cohorts: cohorts.clone(),
         };
-        let rollout_step = IntGaugeVec::new(
-            Opts::new(
-                "switchyard_rollout_step",
-                "Current step of a route's rollout (0-based); -1 after a rollback or abort.",
-            ),
-            &["route"],
-        )
-        .expect("valid metric");
-        let rollbacks = IntCounterVec::new(
-            Opts::new(
-                "switchyard_rollbacks_total",
-                "Automatic rollbacks, by route.",
-            ),
-            &["route"],
-        )
-        .expect("valid metric");
-        let checks = IntCounterVec::new(
-            Opts::new(
-                "switchyard_analysis_checks_total",
-                "Rollout analysis checks, by route, check and verdict.",
-            ),
-            &["route", "check", "verdict"],
-        )
-        .expect("valid metric");
+        let rollout_metrics = |subject: &str, label: &str| {
+            // `switchyard_rollout_step`, `switchyard_flag_rollout_step`, ...
+            let prefix = if subject == "route" { "" } else { "flag_" };
+            let step = IntGaugeVec::new(
+                Opts::new(
+                    format!("switchyard_{prefix}rollout_step"),
+                    format!("Current step of a {subject}'s rollout (0-based); -1 after a rollback or abort."),
+                ),
+                &[label],
+            )
+            .expect("valid metric");
+            let rollbacks = IntCounterVec::new(
+                Opts::new(
+                    format!("switchyard_{prefix}rollbacks_total"),
+                    format!("Automatic rollbacks, by {subject}."),
+                ),
+                &[label],
+            )
+            .expect("valid metric");
+            let checks = IntCounterVec::new(
+                Opts::new(
+                    format!("switchyard_{prefix}analysis_checks_total"),
+                    format!("Rollout analysis checks, by {subject}, check and verdict."),
+                ),
+                &[label, "check", "verdict"],
+            )
+            .expect("valid metric");
+            (step, rollbacks, checks)
+        };
+        let (route_step, route_rollbacks, route_checks) = rollout_metrics("route", "route");
+        let (flag_step, flag_rollbacks, flag_checks) = rollout_metrics("flag", "flag");
+        let rollout_step = [route_step, flag_step];
+        let rollbacks = [route_rollbacks, flag_rollbacks];
+        let checks = [route_checks, flag_checks];
         let tls_reloads = IntCounterVec::new(
             Opts::new(
                 "switchyard_tls_reloads_total",
@@ -550,9 +562,12 @@ impl Metrics {
             Box::new(flags.clone()),
             Box::new(flag_requests.clone()),
             Box::new(flag_duration),
-            Box::new(rollout_step.clone()),
-            Box::new(rollbacks.clone()),
-            Box::new(checks.clone()),
+            Box::new(rollout_step[0].clone()),
+            Box::new(rollbacks[0].clone()),
+            Box::new(checks[0].clone()),
+            Box::new(rollout_step[1].clone()),
+            Box::new(rollbacks[1].clone()),
+            Box::new(checks[1].clone()),
             Box::new(tls_reloads.clone()),
             Box::new(tls_handshake_failures.clone()),
             Box::new(connections_shed.clone()),
@@ -706,6 +721,23 @@ impl Metrics {
         ))
     }
 
+    /// The counts behind `flag_windows` (off, on), mergeable across
+    /// replicas; `None` when the flag is not watched.
+    pub fn flag_histograms(&self, flag: &str, span: Duration) -> Option<[window::Histogram; 2]> {
+        let cohorts = self.cohorts.load();
+        let c = cohorts.iter().find(|c| &*c.flag == flag)?;
+        let now = Instant::now();
+        Some([
+            c.off.window.histogram_over(now, span),
+            c.on.window.histogram_over(now, span),
+        ])
+    }
+
+    /// The names of the watched flags.
+    pub fn watched_flags(&self) -> Vec<Arc<str>> {
+        self.cohorts.load().iter().map(|c| c.flag.clone()).collect()
+    }
+
     fn find(&self, route: &str, backend: &str) -> Option<Arc<BackendStats>> {
         self.backends
             .load()
@@ -793,17 +825,23 @@ impl Metrics {
         }
     }
 
-    pub fn set_rollout_step(&self, route: &str, step: i64) {
-        self.rollout_step.with_label_values(&[route]).set(step);
+    /// `switchyard_rollout_step{route}` or `switchyard_flag_rollout_step{flag}`.
+    pub fn set_rollout_step(&self, kind: Kind, name: &str, step: i64) {
+        self.rollout_step[kind as usize]
+            .with_label_values(&[name])
+            .set(step);
     }
 
-    pub fn rolled_back(&self, route: &str) {
-        self.rollbacks.with_label_values(&[route]).inc();
+    /// `switchyard_rollbacks_total{route}` or `switchyard_flag_rollbacks_total{flag}`.
+    pub fn rolled_back(&self, kind: Kind, name: &str) {
+        self.rollbacks[kind as usize]
+            .with_label_values(&[name])
+            .inc();
     }
 
-    pub fn analysis_check(&self, route: &str, check: &str, verdict: &str) {
-        self.checks
-            .with_label_values(&[route, check, verdict])
+    pub fn analysis_check(&self, kind: Kind, name: &str, check: &str, verdict: &str) {
+        self.checks[kind as usize]
+            .with_label_values(&[name, check, verdict])
             .inc();
     }
 

@@ -1,9 +1,13 @@
-//! Progressive delivery: the rollout of a route's `target` backend, step by
-//! step, judged against its `stable` backend, rolled back by itself.
+//! Progressive delivery: the rollout of a route's `target` backend judged
+//! against its `stable` backend, or of a flag's `rollout_percentage` judged
+//! on its `on` cohort against its `off` cohort; step by step, rolled back by
+//! itself. Both are one engine: a `Plan` (the steps, the analysis, the
+//! webhooks) and a `RolloutState` over it.
 //!
-//! This module is pure: the rollout document, its validation, the analysis of
-//! two rolling windows, and the decision each analysis leads to. The store
-//! persists and applies; the driver (`driver.rs`) calls it on a timer.
+//! This module is pure: the rollout documents, their validation, the
+//! analysis of two rolling windows, and the decision each analysis leads to.
+//! The store persists and applies (`store/rollouts.rs`); the driver
+//! (`driver.rs`) calls it on a timer.
 //!
 //! A step's hold counts down only on analyses that *pass*: an inconclusive one
 //! (fewer than `min_requests` in the window) never moves a rollout forward,
@@ -12,6 +16,7 @@
 
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ConfigError, Dur, Weight};
@@ -24,6 +29,72 @@ pub enum Strategy {
     #[default]
     Canary,
     BlueGreen,
+}
+
+/// What a rollout rolls out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A route's `target` backend, against its `stable` backend.
+    Route,
+    /// A flag's `rollout_percentage`, its `on` cohort against its `off`.
+    Flag,
+}
+
+impl Kind {
+    /// The two sides an analysis compares, as reasons name them.
+    pub fn sides(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Route => ("target", "stable"),
+            Kind::Flag => ("on cohort", "off cohort"),
+        }
+    }
+
+    /// `route` or `flag`, as messages name it.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Route => "route",
+            Kind::Flag => "flag",
+        }
+    }
+
+    /// `routes/NAME` or `flags/NAME`: the audit target, and in fleet mode
+    /// the name of the rollout's leadership.
+    pub fn path(self, name: &str) -> String {
+        match self {
+            Kind::Route => format!("routes/{name}"),
+            Kind::Flag => format!("flags/{name}"),
+        }
+    }
+
+    /// The leadership's name in fleet mode: a route's is the route's name
+    /// (as before flag rollouts existed), a flag's `flags/NAME`.
+    pub fn leader(self, name: &str) -> String {
+        match self {
+            Kind::Route => name.to_owned(),
+            Kind::Flag => self.path(name),
+        }
+    }
+}
+
+/// What the engine needs of a rollout's spec, whatever it rolls out.
+pub trait Plan:
+    Clone + PartialEq + std::fmt::Debug + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+    /// Where `undo` (and for a flag, a revert) goes back to, recorded when
+    /// the rollout starts.
+    type Start: Clone
+        + PartialEq
+        + std::fmt::Debug
+        + Serialize
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static;
+    const KIND: Kind;
+    /// The steps, defaults applied.
+    fn steps(&self) -> Vec<Step>;
+    fn analysis(&self) -> &AnalysisSpec;
+    fn webhooks(&self) -> &Webhooks;
 }
 
 /// A step: the target's weight, and how long it must hold with passing
@@ -254,26 +325,7 @@ impl RolloutSpec {
                 );
             }
         }
-        if steps.is_empty() {
-            return err("steps", "at least one step is needed".into());
-        }
-        for (i, pair) in steps.windows(2).enumerate() {
-            if pair[1].weight <= pair[0].weight {
-                return err(
-                    &format!("steps[{}].weight", i + 1),
-                    "weights must increase step by step".into(),
-                );
-            }
-        }
-        for (i, s) in steps.iter().enumerate() {
-            let last = i + 1 == steps.len();
-            if !last && s.hold.is_none() {
-                return err(
-                    &format!("steps[{i}].hold"),
-                    "every step but the last needs a hold".into(),
-                );
-            }
-        }
+        validate_steps(&steps, "weight")?;
         let others: u32 = rc
             .backends
             .iter()
@@ -291,11 +343,63 @@ impl RolloutSpec {
                 ),
             );
         }
-        let a = &self.analysis;
-        if a.interval.0 < Duration::from_secs(1) {
+        self.analysis.validate(config)?;
+        self.webhooks
+            .validate()
+            .map_err(|e| ConfigError::new("webhooks", e))?;
+        Ok(())
+    }
+}
+
+impl Plan for RolloutSpec {
+    type Start = std::collections::BTreeMap<String, Weight>;
+    const KIND: Kind = Kind::Route;
+    fn steps(&self) -> Vec<Step> {
+        RolloutSpec::steps(self)
+    }
+    fn analysis(&self) -> &AnalysisSpec {
+        &self.analysis
+    }
+    fn webhooks(&self) -> &Webhooks {
+        &self.webhooks
+    }
+}
+
+/// Steps of any rollout: at least one, rising, every one but the last with
+/// a hold. `value` names the step's share in errors (`weight`,
+/// `rollout_percentage`).
+fn validate_steps(steps: &[Step], value: &str) -> Result<(), ConfigError> {
+    let err = |field: String, reason: &str| Err(ConfigError::new(&field, reason.to_owned()));
+    if steps.is_empty() {
+        return err("steps".into(), "at least one step is needed");
+    }
+    for (i, pair) in steps.windows(2).enumerate() {
+        if pair[1].weight <= pair[0].weight {
+            return err(
+                format!("steps[{}].{value}", i + 1),
+                "must increase step by step",
+            );
+        }
+    }
+    for (i, s) in steps.iter().enumerate() {
+        if i + 1 < steps.len() && s.hold.is_none() {
+            return err(
+                format!("steps[{i}].hold"),
+                "every step but the last needs a hold",
+            );
+        }
+    }
+    Ok(())
+}
+
+impl AnalysisSpec {
+    /// Checks the analysis against the configuration it runs under.
+    pub fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        let err = |field: &str, reason: String| Err(ConfigError::new(field, reason));
+        if self.interval.0 < Duration::from_secs(1) {
             return err("analysis.interval", "must be at least 1s".into());
         }
-        if a.window.0 < a.interval.0 || a.window.0 > config.metrics.window.0 {
+        if self.window.0 < self.interval.0 || self.window.0 > config.metrics.window.0 {
             return err(
                 "analysis.window",
                 format!(
@@ -304,25 +408,125 @@ impl RolloutSpec {
                 ),
             );
         }
-        self.webhooks
-            .validate()
-            .map_err(|e| ConfigError::new("webhooks", e))?;
         if !config.metrics.enabled {
             return err("analysis", "needs metrics.enabled: true".into());
         }
-        if a.failure_threshold == 0 {
+        if self.failure_threshold == 0 {
             return err("analysis.failure_threshold", "must be at least 1".into());
         }
         for (field, v) in [
-            ("analysis.max_error_rate", a.max_error_rate),
-            ("analysis.max_error_rate_ratio", a.max_error_rate_ratio),
-            ("analysis.max_p95_ratio", a.max_p95_ratio),
+            ("analysis.max_error_rate", self.max_error_rate),
+            ("analysis.max_error_rate_ratio", self.max_error_rate_ratio),
+            ("analysis.max_p95_ratio", self.max_p95_ratio),
         ] {
             if !v.is_finite() || v <= 0.0 {
                 return err(field, format!("{v} must be a positive number"));
             }
         }
         Ok(())
+    }
+}
+
+// === flag rollouts ===
+
+/// What a flag rollout does when the analysis fails `failure_threshold`
+/// times in a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Back to the percentage the flag had when the rollout started.
+    #[default]
+    Revert,
+    /// Off for everyone (`enabled: false`), the kill switch.
+    Kill,
+}
+
+/// A step of a flag rollout: the share of users with the flag on, and how
+/// long it must hold with passing analyses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlagStep {
+    pub rollout_percentage: Weight,
+    #[serde(default)]
+    pub hold: Option<Dur>,
+}
+
+/// The body of `POST /v1/flags/{name}/rollout`: a guarded rollout of the
+/// flag's `rollout_percentage`, its `on` cohort judged against its `off`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlagRolloutSpec {
+    /// Default: the canary plan's 0.1 % 1h, 1 % 4h, 5 % 24h, 25 % 48h, 100 %.
+    #[serde(default)]
+    pub steps: Option<Vec<FlagStep>>,
+    #[serde(default)]
+    pub analysis: AnalysisSpec,
+    #[serde(default)]
+    pub webhooks: Webhooks,
+    /// Default `revert`.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+/// A flag as a rollout found it: what a revert and `undo` go back to.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlagStart {
+    pub enabled: bool,
+    pub rollout_percentage: Weight,
+}
+
+impl Plan for FlagRolloutSpec {
+    type Start = FlagStart;
+    const KIND: Kind = Kind::Flag;
+    fn steps(&self) -> Vec<Step> {
+        match &self.steps {
+            Some(steps) => steps
+                .iter()
+                .map(|s| Step {
+                    weight: s.rollout_percentage,
+                    hold: s.hold,
+                })
+                .collect(),
+            None => default_canary_steps(),
+        }
+    }
+    fn analysis(&self) -> &AnalysisSpec {
+        &self.analysis
+    }
+    fn webhooks(&self) -> &Webhooks {
+        &self.webhooks
+    }
+}
+
+impl FlagRolloutSpec {
+    /// Checks the rollout against the flag it is for.
+    pub fn validate(&self, config: &Config, flag: &str) -> Result<(), ConfigError> {
+        let Some(fc) = config.flags.iter().find(|f| f.name == flag) else {
+            return Err(ConfigError::new("flag", format!("no flag named `{flag}`")));
+        };
+        if !fc.enabled {
+            return Err(ConfigError::new(
+                "flag",
+                format!("flag `{flag}` is off for everyone (enabled: false): turn it on at its current percentage first"),
+            ));
+        }
+        let steps = Plan::steps(self);
+        validate_steps(&steps, "rollout_percentage")?;
+        let first = steps[0].weight;
+        if first <= fc.rollout_percentage {
+            return Err(ConfigError::new(
+                "steps[0].rollout_percentage",
+                format!(
+                    "{first} % does not rise above the flag's current {} %: a rollout only adds users",
+                    fc.rollout_percentage
+                ),
+            ));
+        }
+        self.analysis.validate(config)?;
+        self.webhooks
+            .validate()
+            .map_err(|e| ConfigError::new("webhooks", e))
     }
 }
 
@@ -380,13 +584,18 @@ pub struct Analysis {
     pub target_requests: u64,
     pub stable_requests: u64,
     pub checks: Vec<Check>,
+    /// A flag's: the on cohort's error rate against the off cohort's, and
+    /// whether the difference is beyond noise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate_difference: Option<crate::abtest::Difference>,
 }
 
-/// A rollout as persisted: its spec and where it is.
+/// A rollout as persisted: its spec and where it is. `P` is what it rolls
+/// out: a route's backend (`RolloutSpec`) or a flag (`FlagRolloutSpec`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RolloutState {
-    pub spec: RolloutSpec,
+#[serde(deny_unknown_fields, bound = "")]
+pub struct RolloutState<P: Plan = RolloutSpec> {
+    pub spec: P,
     pub phase: Phase,
     pub step: usize,
     /// Hold accumulated in this step by passing analyses.
@@ -402,13 +611,14 @@ pub struct RolloutState {
     /// Blue-green, once promoted: the old colour, kept for instant rollback.
     #[serde(default)]
     pub standby: Option<String>,
-    /// The route's weights when the rollout started: what `undo` restores.
+    /// What the rollout found when it started: a route's weights, a flag's
+    /// percentage; what `undo` restores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub before: Option<std::collections::BTreeMap<String, Weight>>,
+    pub before: Option<P::Start>,
 }
 
-impl RolloutState {
-    pub fn new(spec: RolloutSpec, now: String) -> RolloutState {
+impl<P: Plan> RolloutState<P> {
+    pub fn new(spec: P, now: String) -> RolloutState<P> {
         RolloutState {
             spec,
             phase: Phase::Progressing,
@@ -431,7 +641,7 @@ impl RolloutState {
     /// not this rollout's: a canary whose failures were mended just before
     /// it began must not be rolled back for them.
     pub fn analysis_span(&self, now: std::time::SystemTime) -> Duration {
-        let window = self.spec.analysis.window.0;
+        let window = self.spec.analysis().window.0;
         let Ok(started) = humantime::parse_rfc3339(&self.started) else {
             return window;
         };
@@ -439,7 +649,8 @@ impl RolloutState {
         window.min(Duration::from_secs(since.as_secs() + 1))
     }
 
-    /// The target's weight for the current phase and step.
+    /// The target's weight (a flag's percentage) for the current phase and
+    /// step; 0 once rolled back or aborted.
     pub fn target_weight(&self) -> Weight {
         match self.phase {
             Phase::RolledBack | Phase::Aborted => Weight::default(),
@@ -462,27 +673,59 @@ pub enum Decision {
     Pause(String),
 }
 
-/// Judges the target's window against the stable one.
-pub fn analyze(spec: &AnalysisSpec, stable: &WindowStats, target: &WindowStats) -> Analysis {
+/// Judges the target's window against the stable one (for a flag, the on
+/// cohort's against the off cohort's).
+///
+/// A flag's cohorts share every backend: only the flag tells them apart.
+/// So a flag's checks fail only on what the flag's users suffer more than
+/// the others: the error checks when the on cohort's error rate is above
+/// the off cohort's beyond noise (one-sided two-proportion z-test, p <
+/// 0.05; without an off cohort to compare, as for a route), the p95 check
+/// when the on cohort is also `min_p95_difference` slower. An incident that
+/// hits every user alike does not revert a flag.
+pub fn analyze(
+    kind: Kind,
+    spec: &AnalysisSpec,
+    stable: &WindowStats,
+    target: &WindowStats,
+) -> Analysis {
     let mut checks = Vec::new();
     let inconclusive = target.requests < spec.min_requests;
     let verdict_of = |failed: bool| if failed { Verdict::Fail } else { Verdict::Pass };
     let target_rate = target.error_rate_percent();
     let stable_rate = stable.error_rate_percent();
     let p95_ms = |s: &WindowStats| s.p95.map(|d| d.as_secs_f64() * 1000.0);
+    let min_difference_ms = spec.min_p95_difference.0.as_secs_f64() * 1000.0;
+    let slower_enough = match (p95_ms(target), p95_ms(stable)) {
+        (Some(t), Some(s)) => t - s > min_difference_ms,
+        _ => false,
+    };
+    let difference = crate::abtest::two_proportions(
+        target.errors,
+        target.requests,
+        stable.errors,
+        stable.requests,
+    );
+    let (errors_attributed, slower_attributed) = match kind {
+        Kind::Route => (true, true),
+        Kind::Flag => (
+            difference.is_none_or(|d| d.z > 0.0 && d.p_value / 2.0 < 0.05),
+            p95_ms(stable).is_none() || slower_enough,
+        ),
+    };
 
     checks.push(Check {
         check: "error_rate".into(),
         value: Some(target_rate),
         threshold: spec.max_error_rate,
-        verdict: verdict_of(target_rate > spec.max_error_rate),
+        verdict: verdict_of(target_rate > spec.max_error_rate && errors_attributed),
     });
     let max_p95_ms = spec.max_p95.0.as_secs_f64() * 1000.0;
     checks.push(Check {
         check: "p95".into(),
         value: p95_ms(target),
         threshold: max_p95_ms,
-        verdict: verdict_of(p95_ms(target).is_some_and(|p| p > max_p95_ms)),
+        verdict: verdict_of(p95_ms(target).is_some_and(|p| p > max_p95_ms) && slower_attributed),
     });
     // Relative checks need a stable baseline with enough traffic.
     let baseline = stable.requests >= spec.min_requests;
@@ -490,8 +733,9 @@ pub fn analyze(spec: &AnalysisSpec, stable: &WindowStats, target: &WindowStats) 
     let error_ratio = ratio(target_rate, stable_rate);
     // With a clean stable backend any target error is an infinite ratio; it
     // takes at least two target errors to call that a regression.
-    let error_regressed =
-        target_rate > spec.max_error_rate_ratio * stable_rate && target.errors >= 2;
+    let error_regressed = target_rate > spec.max_error_rate_ratio * stable_rate
+        && target.errors >= 2
+        && errors_attributed;
     checks.push(Check {
         check: "error_rate_ratio".into(),
         value: error_ratio,
@@ -505,11 +749,6 @@ pub fn analyze(spec: &AnalysisSpec, stable: &WindowStats, target: &WindowStats) 
     let p95_ratio = match (p95_ms(target), p95_ms(stable)) {
         (Some(t), Some(s)) => ratio(t, s),
         _ => None,
-    };
-    let min_difference_ms = spec.min_p95_difference.0.as_secs_f64() * 1000.0;
-    let slower_enough = match (p95_ms(target), p95_ms(stable)) {
-        (Some(t), Some(s)) => t - s > min_difference_ms,
-        _ => false,
     };
     checks.push(Check {
         check: "p95_ratio".into(),
@@ -537,6 +776,10 @@ pub fn analyze(spec: &AnalysisSpec, stable: &WindowStats, target: &WindowStats) 
         target_requests: target.requests,
         stable_requests: stable.requests,
         checks,
+        error_rate_difference: match kind {
+            Kind::Route => None,
+            Kind::Flag => difference,
+        },
     }
 }
 
@@ -554,20 +797,21 @@ pub fn check_unit(check: &str) -> &'static str {
 /// A failed check as a reason reads it: its value and threshold with their
 /// unit (`error_rate 6.52 % > 2 %`); an error ratio against a stable
 /// backend without errors (no ratio) says so with the target's rate.
-fn describe_breach(c: &Check, target_rate: Option<f64>) -> String {
+fn describe_breach(c: &Check, target_rate: Option<f64>, kind: Kind) -> String {
     let unit = check_unit(&c.check);
+    let (target, stable) = kind.sides();
     match (c.value, target_rate) {
         (Some(v), _) => format!("{} {v:.2}{unit} > {}{unit}", c.check, c.threshold),
         (None, Some(rate)) if c.check == "error_rate_ratio" => {
-            format!("{} (target {rate:.2} % errors, stable none)", c.check)
+            format!("{} ({target} {rate:.2} % errors, {stable} none)", c.check)
         }
         (None, _) => c.check.clone(),
     }
 }
 
 /// Applies one analysis to a progressing rollout.
-pub fn decide(state: &mut RolloutState, analysis: Analysis) -> Decision {
-    let spec = &state.spec.analysis;
+pub fn decide<P: Plan>(state: &mut RolloutState<P>, analysis: Analysis) -> Decision {
+    let spec = state.spec.analysis();
     let interval = spec.interval.0;
     let decision = match analysis.verdict {
         Verdict::Fail => {
@@ -583,10 +827,16 @@ pub fn decide(state: &mut RolloutState, analysis: Analysis) -> Decision {
                     .checks
                     .iter()
                     .filter(|c| c.verdict == Verdict::Fail)
-                    .map(|c| describe_breach(c, target_rate))
+                    .map(|c| describe_breach(c, target_rate, P::KIND))
                     .collect();
+                let attribution = analysis.error_rate_difference.map_or(String::new(), |d| {
+                    format!(
+                        " (the on cohort's error rate {:+.2} points against the off cohort's, z = {:.2})",
+                        d.points, d.z
+                    )
+                });
                 Decision::RollBack(format!(
-                    "{} consecutive failed analyses: {}",
+                    "{} consecutive failed analyses: {}{attribution}",
                     state.consecutive_failures,
                     breaches.join(", ")
                 ))
@@ -598,9 +848,10 @@ pub fn decide(state: &mut RolloutState, analysis: Analysis) -> Decision {
             state.inconclusive = Dur(state.inconclusive.0 + interval);
             if state.inconclusive.0 >= spec.inconclusive_deadline.0 {
                 Decision::Pause(format!(
-                    "inconclusive for {}: fewer than {} requests to the target in the window",
+                    "inconclusive for {}: fewer than {} requests to the {} in the window",
                     humantime::format_duration(state.inconclusive.0),
-                    spec.min_requests
+                    spec.min_requests,
+                    P::KIND.sides().0
                 ))
             } else {
                 Decision::Stay
@@ -669,22 +920,42 @@ mod tests {
 
     #[test]
     fn absolute_breaches_fail() {
-        let a = analyze(&spec(), &stats(1000, 0, 10), &stats(100, 10, 10));
+        let a = analyze(
+            Kind::Route,
+            &spec(),
+            &stats(1000, 0, 10),
+            &stats(100, 10, 10),
+        );
         assert_eq!(a.verdict, Verdict::Fail);
         assert_eq!(a.checks[0].verdict, Verdict::Fail);
-        let a = analyze(&spec(), &stats(1000, 0, 10), &stats(100, 0, 6000));
+        let a = analyze(
+            Kind::Route,
+            &spec(),
+            &stats(1000, 0, 10),
+            &stats(100, 0, 6000),
+        );
         assert_eq!(a.checks[1].verdict, Verdict::Fail);
     }
 
     #[test]
     fn regressions_against_stable_fail_below_the_absolute_limits() {
         // p95 3× stable's, far below 5 s.
-        let a = analyze(&spec(), &stats(1000, 0, 100), &stats(100, 0, 300));
+        let a = analyze(
+            Kind::Route,
+            &spec(),
+            &stats(1000, 0, 100),
+            &stats(100, 0, 300),
+        );
         assert_eq!(a.verdict, Verdict::Fail);
         assert_eq!(a.checks[3].verdict, Verdict::Fail);
         assert_eq!(a.checks[1].verdict, Verdict::Pass);
         // 1.5 % errors against stable's 0.5 %: under 2 %, but 3× stable.
-        let a = analyze(&spec(), &stats(1000, 5, 100), &stats(200, 3, 100));
+        let a = analyze(
+            Kind::Route,
+            &spec(),
+            &stats(1000, 5, 100),
+            &stats(200, 3, 100),
+        );
         assert_eq!(a.checks[2].verdict, Verdict::Fail);
         // 1.4× but only 0.2 ms slower: noise, not a regression.
         let fast = |p95_us: u64| WindowStats {
@@ -692,6 +963,7 @@ mod tests {
             ..stats(1000, 0, 1)
         };
         let a = analyze(
+            Kind::Route,
             &spec(),
             &fast(500),
             &WindowStats {
@@ -701,18 +973,82 @@ mod tests {
         );
         assert_eq!(a.verdict, Verdict::Pass, "{a:?}");
         // One error against a clean stable is not yet a regression.
-        let a = analyze(&spec(), &stats(1000, 0, 100), &stats(200, 1, 100));
+        let a = analyze(
+            Kind::Route,
+            &spec(),
+            &stats(1000, 0, 100),
+            &stats(200, 1, 100),
+        );
         assert_eq!(a.verdict, Verdict::Pass);
+    }
+
+    /// A flag's cohorts share the backends: what both suffer alike is not
+    /// the flag's, what its users suffer beyond noise is.
+    #[test]
+    fn a_flag_fails_only_on_what_its_users_suffer_more() {
+        let flag = |off: WindowStats, on: WindowStats| analyze(Kind::Flag, &spec(), &off, &on);
+        // An incident that hits everyone: 6 % errors in both cohorts.
+        assert_eq!(
+            analyze(
+                Kind::Route,
+                &spec(),
+                &stats(1000, 60, 10),
+                &stats(500, 30, 10)
+            )
+            .verdict,
+            Verdict::Fail,
+            "a canary at 6 % fails whatever stable does"
+        );
+        let shared = flag(stats(1000, 60, 10), stats(500, 30, 10));
+        assert_eq!(shared.verdict, Verdict::Pass, "{shared:?}");
+        assert_eq!(
+            shared.checks[0].value,
+            Some(6.0),
+            "the value is still shown"
+        );
+        // 4 errors in 80 against 20 in 800: 5 % against 2.5 %, within noise.
+        let noise = flag(stats(800, 20, 10), stats(80, 4, 10));
+        assert_eq!(noise.verdict, Verdict::Pass, "{noise:?}");
+        assert!(!noise.error_rate_difference.unwrap().beyond_noise);
+        // The flag breaks its users: 30 % against 0.2 %.
+        let broken = flag(stats(900, 2, 10), stats(100, 30, 10));
+        assert_eq!(broken.verdict, Verdict::Fail);
+        assert_eq!(broken.checks[0].verdict, Verdict::Fail);
+        assert_eq!(broken.checks[2].verdict, Verdict::Fail);
+        // No off cohort to compare (everyone has it): judged as a route.
+        assert_eq!(
+            flag(stats(0, 0, 10), stats(100, 10, 10)).verdict,
+            Verdict::Fail
+        );
+        // Slow for everyone is not the flag's; slower for its users is.
+        assert_eq!(
+            flag(stats(1000, 0, 6000), stats(100, 0, 6000)).verdict,
+            Verdict::Pass
+        );
+        let slower = flag(stats(1000, 0, 5000), stats(100, 0, 6000));
+        assert_eq!(slower.checks[1].verdict, Verdict::Fail, "{slower:?}");
+        // The reason says how the cohorts differ.
+        let mut r = rollout(&[(5.0, 60), (100.0, 0)]);
+        decide(&mut r, broken.clone());
+        let Decision::RollBack(reason) = decide(&mut r, broken) else {
+            panic!("not rolled back")
+        };
+        assert!(reason.contains("+29.78 points"), "{reason}");
     }
 
     #[test]
     fn too_little_traffic_is_inconclusive_never_a_pass() {
-        let a = analyze(&spec(), &stats(1000, 0, 10), &stats(49, 0, 10));
+        let a = analyze(Kind::Route, &spec(), &stats(1000, 0, 10), &stats(49, 0, 10));
         assert_eq!(a.verdict, Verdict::Inconclusive);
-        let a = analyze(&spec(), &stats(0, 0, 10), &stats(0, 0, 10));
+        let a = analyze(Kind::Route, &spec(), &stats(0, 0, 10), &stats(0, 0, 10));
         assert_eq!(a.verdict, Verdict::Inconclusive);
         // Even a breach on too few requests is inconclusive.
-        let a = analyze(&spec(), &stats(1000, 0, 10), &stats(10, 10, 10));
+        let a = analyze(
+            Kind::Route,
+            &spec(),
+            &stats(1000, 0, 10),
+            &stats(10, 10, 10),
+        );
         assert_eq!(a.verdict, Verdict::Inconclusive);
     }
 
@@ -746,6 +1082,7 @@ mod tests {
             target_requests: 100,
             stable_requests: 100,
             checks: Vec::new(),
+            error_rate_difference: None,
         }
     }
 
@@ -781,7 +1118,12 @@ mod tests {
     fn a_rollback_reason_gives_each_breach_with_its_value_and_unit() {
         let mut r = rollout(&[(5.0, 60), (100.0, 0)]);
         // 6 % errors against a clean stable, p95 3× stable's and 1.5 s slower.
-        let analysis = analyze(&spec(), &stats(1000, 0, 700), &stats(100, 6, 2100));
+        let analysis = analyze(
+            Kind::Route,
+            &spec(),
+            &stats(1000, 0, 700),
+            &stats(100, 6, 2100),
+        );
         decide(&mut r, analysis.clone());
         let Decision::RollBack(reason) = decide(&mut r, analysis) else {
             panic!("not rolled back");

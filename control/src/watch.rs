@@ -6,7 +6,8 @@
 //!
 //! Each event's `data` is one JSON object:
 //! `{"state": <GET /v1/state>, "rollouts": {route: <GET
-//! /v1/routes/{route}/rollout>}, "stats": {route: {backend: {requests,
+//! /v1/routes/{route}/rollout>}, "flag_rollouts": {flag: <GET
+//! /v1/flags/{name}/rollout>}, "stats": {route: {backend: {requests,
 //! errors, rate, error_rate, p50_ms, p95_ms, p99_ms}}}, "events": [new audit
 //! events since the last snapshot], "window_seconds": N}`.
 
@@ -22,6 +23,7 @@ use hyper::body::{Body, Frame};
 use serde_json::{json, Value};
 
 use crate::admin::{Admin, AdminBody};
+use crate::rollout::{FlagRolloutSpec, RolloutSpec};
 
 /// How often a snapshot is sent.
 const EVERY: Duration = Duration::from_secs(1);
@@ -100,11 +102,25 @@ async fn snapshot(admin: &Admin, after: &mut Option<u64>) -> Value {
         .config
         .routes
         .iter()
-        .filter_map(|r| Some((r.name.as_str(), crate::api::rollout_doc(&view, &r.name)?)))
+        .filter_map(|r| {
+            let doc = crate::api::rollout_doc::<RolloutSpec>(&view, &r.name)?;
+            Some((r.name.as_str(), doc))
+        })
+        .collect();
+    let flag_rollouts: BTreeMap<&str, Value> = view
+        .flag_rollouts
+        .keys()
+        .filter_map(|f| {
+            Some((
+                f.as_str(),
+                crate::api::rollout_doc::<FlagRolloutSpec>(&view, f)?,
+            ))
+        })
         .collect();
     json!({
         "state": crate::api::state_doc(&view, metrics),
         "rollouts": rollouts,
+        "flag_rollouts": flag_rollouts,
         "stats": stats,
         "window_seconds": span.as_secs(),
         "events": events,

@@ -6,6 +6,11 @@
 //! help, and its upstreams take a fault: `POST /demo/fail?percent=N` to one
 //! (through the proxy, forcing the backend) makes it fail that share of its
 //! requests, so a newcomer can watch an automatic rollback.
+//!
+//! It also runs a guarded rollout of the flag `new-search` (10 %, 25 %, then
+//! 50 % for ten minutes, then everyone), and `POST
+//! /demo/fail?flag=new-search&percent=N` makes every upstream fail that
+//! share of the requests of the flag's users: the rollout reverts the flag.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,7 +27,8 @@ use hyper_util::rt::TokioIo;
 use switchyard_control::config::Config;
 use tokio::net::TcpListener;
 
-use switchyard_control::rollout::RolloutSpec;
+use arc_swap::ArcSwapOption;
+use switchyard_control::rollout::{FlagRolloutSpec, RolloutSpec};
 
 use crate::listen::Drained;
 use crate::server::{metrics_for, Listeners, Proxy, StartOptions};
@@ -35,6 +41,16 @@ pub const DEMO_CONFIG: &str = include_str!("demo.yaml");
 pub const DEMO_ROLLOUT: &str = r#"{"strategy": "canary", "stable": "blue", "target": "canary",
   "steps": [{"weight": 10, "hold": "20s"}, {"weight": 25, "hold": "20s"}, {"weight": 50, "hold": "20s"}, {"weight": 100}],
   "analysis": {"interval": "5s", "window": "30s", "min_requests": 20}}"#;
+
+/// The guarded flag rollout the demo starts: it stays at 50 % for ten
+/// minutes, time to break the feature and watch the flag revert.
+pub const DEMO_FLAG_ROLLOUT: &str = r#"{"steps": [{"rollout_percentage": 10, "hold": "30s"},
+    {"rollout_percentage": 25, "hold": "30s"}, {"rollout_percentage": 50, "hold": "10m"},
+    {"rollout_percentage": 100}],
+  "analysis": {"interval": "5s", "window": "30s", "min_requests": 20}}"#;
+
+/// The flag the demo rolls out.
+pub const DEMO_FLAG: &str = "new-search";
 
 /// Where the demo listens, and how much traffic it sends itself.
 #[derive(Debug, Clone, Copy)]
@@ -55,12 +71,17 @@ pub async fn run(addrs: DemoAddrs, shutdown: impl Future<Output = ()>) -> std::i
     config.listen = addrs.listen;
     config.admin.listen = addrs.admin;
     let mut upstreams = Vec::new();
+    let flag_fault = Arc::new(FlagFault::default());
     for backend in &mut config.routes[0].backends {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         backend.endpoints = vec![addr.to_string()];
         upstreams.push(format!("{} on {addr}", backend.name));
-        tokio::spawn(serve_name(listener, backend.name.clone()));
+        let faults = Arc::new(Faults {
+            own: AtomicU32::new(0),
+            flag: flag_fault.clone(),
+        });
+        tokio::spawn(serve_name(listener, backend.name.clone(), faults));
     }
     config.validate().map_err(std::io::Error::other)?;
 
@@ -77,6 +98,13 @@ pub async fn run(addrs: DemoAddrs, shutdown: impl Future<Output = ()>) -> std::i
     proxy
         .store()
         .start_rollout("demo", None, "demo", spec)
+        .await
+        .map_err(std::io::Error::other)?;
+    let flag_spec: FlagRolloutSpec =
+        serde_json::from_str(DEMO_FLAG_ROLLOUT).expect("the embedded flag rollout is valid");
+    proxy
+        .store()
+        .start_rollout("demo", None, DEMO_FLAG, flag_spec)
         .await
         .map_err(std::io::Error::other)?;
     Ok(proxy.run(listeners, shutdown).await)
@@ -119,22 +147,39 @@ fn print_banner(config: &Config, listeners: &Listeners, upstreams: &[String], ra
     println!(
         "  switchyard ctl --admin http://{admin} rollout watch demo   # exits 2 once rolled back"
     );
+    println!("A guarded rollout of the flag `{DEMO_FLAG}` runs too; break the feature for its users and watch the flag revert:");
+    println!("  curl -s -X POST 'http://{proxy}/demo/fail?flag={DEMO_FLAG}&percent=100'");
+    println!(
+        "  switchyard ctl --admin http://{admin} flag rollout watch {DEMO_FLAG}   # exits 2 once reverted"
+    );
     println!("Ctrl-C stops it.");
 }
 
+/// A demo upstream's faults: its own share of 500s, and the fault all
+/// demo upstreams share for one flag's users.
+struct Faults {
+    own: AtomicU32,
+    flag: Arc<FlagFault>,
+}
+
+/// The flag whose users' requests fail (by `x-feature-flags`), and what
+/// share of them.
+#[derive(Default)]
+struct FlagFault(ArcSwapOption<(String, u32)>);
+
 /// A demo upstream: answers every request with its name, except the
-/// share its fault says to fail (500). `POST /demo/fail?percent=N` sets
-/// that share (0 mends it).
-async fn serve_name(listener: TcpListener, name: String) {
-    let failing = Arc::new(AtomicU32::new(0));
+/// shares its faults say to fail (500). `POST /demo/fail?percent=N` sets
+/// this upstream's share, `…?flag=F&percent=N` every upstream's share of
+/// flag `F`'s users (0 mends either).
+async fn serve_name(listener: TcpListener, name: String, faults: Arc<Faults>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (name, failing) = (name.clone(), failing.clone());
+        let (name, faults) = (name.clone(), faults.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let answer = answer(&name, &failing, &req);
+                let answer = answer(&name, &faults, &req);
                 async move { Ok::<_, Infallible>(answer) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -144,8 +189,10 @@ async fn serve_name(listener: TcpListener, name: String) {
     }
 }
 
+const FAIL_USAGE: &str = "POST /demo/fail?percent=N, or /demo/fail?flag=NAME&percent=N for a flag's users (N from 0 to 100)\n";
+
 /// What a demo upstream answers `req`.
-fn answer<B>(name: &str, failing: &AtomicU32, req: &http::Request<B>) -> Response<Full<Bytes>> {
+fn answer<B>(name: &str, faults: &Faults, req: &http::Request<B>) -> Response<Full<Bytes>> {
     let respond = |status: StatusCode, text: String| {
         let mut resp = Response::new(Full::new(Bytes::from(text)));
         *resp.status_mut() = status;
@@ -153,32 +200,50 @@ fn answer<B>(name: &str, failing: &AtomicU32, req: &http::Request<B>) -> Respons
     };
     if req.uri().path() == "/demo/fail" {
         if req.method() != http::Method::POST {
-            return respond(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "POST /demo/fail?percent=N (0 to 100)\n".into(),
-            );
+            return respond(StatusCode::METHOD_NOT_ALLOWED, FAIL_USAGE.into());
         }
-        let percent = req
-            .uri()
-            .query()
-            .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("percent=")))
+        let param = |key: &str| {
+            req.uri().query().and_then(|q| {
+                q.split('&')
+                    .find_map(|p| p.strip_prefix(key)?.strip_prefix('='))
+            })
+        };
+        let percent = param("percent")
             .and_then(|p| p.parse::<u32>().ok())
             .filter(|p| *p <= 100);
-        return match percent {
-            Some(p) => {
-                failing.store(p, Ordering::Relaxed);
+        let flag = param("flag");
+        let flag_ok = flag.is_none_or(|f| {
+            !f.is_empty()
+                && f.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        });
+        return match (percent, flag) {
+            (Some(p), None) => {
+                faults.own.store(p, Ordering::Relaxed);
                 respond(
                     StatusCode::OK,
                     format!("{name} now fails {p}% of its requests\n"),
                 )
             }
-            None => respond(
-                StatusCode::BAD_REQUEST,
-                "percent must be a whole number from 0 to 100: POST /demo/fail?percent=50\n".into(),
-            ),
+            (Some(p), Some(f)) if flag_ok => {
+                faults
+                    .flag
+                    .0
+                    .store((p > 0).then(|| Arc::new((f.to_owned(), p))));
+                respond(
+                    StatusCode::OK,
+                    format!(
+                        "every demo upstream now fails {p}% of the requests of `{f}`'s users\n"
+                    ),
+                )
+            }
+            _ => respond(StatusCode::BAD_REQUEST, FAIL_USAGE.into()),
         };
     }
-    let percent = failing.load(Ordering::Relaxed);
+    let percent = match faults.flag.0.load().as_deref() {
+        Some((flag, p)) if carries(req, flag) => *p,
+        _ => faults.own.load(Ordering::Relaxed),
+    };
     if percent > 0 && fastrand::u32(0..100) < percent {
         return respond(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -186,6 +251,16 @@ fn answer<B>(name: &str, failing: &AtomicU32, req: &http::Request<B>) -> Respons
         );
     }
     respond(StatusCode::OK, format!("{name}\n"))
+}
+
+/// Whether the proxy said `flag` is on for `req`'s user.
+fn carries<B>(req: &http::Request<B>, flag: &str) -> bool {
+    req.headers()
+        .get_all("x-feature-flags")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|f| f.trim() == flag)
 }
 
 /// The demo's own traffic: `rate` requests a second through the proxy at
@@ -235,21 +310,34 @@ mod tests {
 
     #[test]
     fn the_demo_fault_is_set_checked_and_applied() {
-        let failing = AtomicU32::new(0);
+        let faults = Faults {
+            own: AtomicU32::new(0),
+            flag: Arc::default(),
+        };
+        let failing = &faults.own;
         let call = |method: &str, uri: &str| {
             let req = http::Request::builder()
                 .method(method)
                 .uri(uri)
                 .body(())
                 .unwrap();
-            answer("canary", &failing, &req).status()
+            answer("canary", &faults, &req).status()
         };
         assert_eq!(call("GET", "/"), StatusCode::OK);
         assert_eq!(
             call("GET", "/demo/fail?percent=50"),
             StatusCode::METHOD_NOT_ALLOWED
         );
-        for bad in ["", "?percent=101", "?percent=-1", "?percent=half", "?pct=5"] {
+        for bad in [
+            "",
+            "?percent=101",
+            "?percent=-1",
+            "?percent=half",
+            "?pct=5",
+            "?flag=new-search",
+            "?flag=&percent=5",
+            "?flag=New%20UI&percent=5",
+        ] {
             let uri = format!("/demo/fail{bad}");
             assert_eq!(call("POST", &uri), StatusCode::BAD_REQUEST, "{bad}");
         }
@@ -262,6 +350,26 @@ mod tests {
         assert!((0..50).all(|_| call("GET", "/x") == StatusCode::INTERNAL_SERVER_ERROR));
         assert_eq!(call("POST", "/demo/fail?percent=0"), StatusCode::OK);
         assert!((0..50).all(|_| call("GET", "/x") == StatusCode::OK));
+        // A flag's fault fails only its users.
+        let flagged = |flags: &str| {
+            let req = http::Request::get("/x")
+                .header("x-feature-flags", flags)
+                .body(())
+                .unwrap();
+            answer("blue", &faults, &req).status()
+        };
+        assert_eq!(
+            call("POST", "/demo/fail?flag=new-search&percent=100"),
+            StatusCode::OK
+        );
+        assert!((0..50).all(|_| flagged("a,new-search") == StatusCode::INTERNAL_SERVER_ERROR));
+        assert!((0..50).all(|_| flagged("new-searcher") == StatusCode::OK));
+        assert!((0..50).all(|_| call("GET", "/x") == StatusCode::OK));
+        assert_eq!(
+            call("POST", "/demo/fail?percent=0&flag=new-search"),
+            StatusCode::OK
+        );
+        assert!((0..50).all(|_| flagged("new-search") == StatusCode::OK));
     }
 
     #[test]
@@ -276,5 +384,7 @@ mod tests {
         assert_eq!(c.routes[0].name, "demo");
         let spec: RolloutSpec = serde_json::from_str(DEMO_ROLLOUT).unwrap();
         spec.validate(&c, "demo").unwrap();
+        let flag: FlagRolloutSpec = serde_json::from_str(DEMO_FLAG_ROLLOUT).unwrap();
+        flag.validate(&c, DEMO_FLAG).unwrap();
     }
 }

@@ -563,7 +563,7 @@ async fn ctl_drives_every_endpoint() {
         let token_file = token_file.to_str().unwrap();
         let mut all = vec!["ctl", "--admin", &admin, "--token-file", token_file];
         all.extend_from_slice(args);
-        switchyard(&all)
+        common::switchyard(&all)
     };
 
     let (code, out, err) = ctl(&["status"]);
@@ -717,22 +717,6 @@ async fn ctl_drives_every_endpoint() {
     );
 }
 
-/// Runs the binary with `args` (without the admin address and token of
-/// the environment): exit code, stdout, stderr.
-fn switchyard(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
-        .env_remove("SWITCHYARD_ADMIN")
-        .env_remove("SWITCHYARD_TOKEN")
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// `switchyard ctl` says what is wrong in the user's terms before and
 /// around the API: an admin address without a scheme (with the fix), an
 /// https one, a proxy that is not there (with where to look), a mistyped
@@ -740,7 +724,7 @@ fn switchyard(args: &[&str]) -> (Option<i32>, String, String) {
 /// completions.
 #[test]
 fn ctl_errors_say_what_to_do() {
-    let run = switchyard;
+    let run = common::switchyard;
     let (code, _, err) = run(&["ctl", "--admin", "127.0.0.1:9901", "status"]);
     assert_eq!(code, Some(64));
     assert!(
@@ -853,12 +837,34 @@ fn openapi_matches_the_rollout_spec_and_audit_actions() {
     }))
     .unwrap();
     let served = serde_json::to_value(&spec).unwrap();
+    // A property's schema, through its `$ref` when it has one.
+    let resolve = |v: &Value| -> Value {
+        match v["$ref"].as_str() {
+            Some(r) => doc["components"]["schemas"][r.rsplit('/').next().unwrap()].clone(),
+            None => v.clone(),
+        }
+    };
     assert_eq!(keys(&schema["properties"]), keys(&served));
     for part in ["analysis", "webhooks"] {
         assert_eq!(
-            keys(&schema["properties"][part]["properties"]),
+            keys(&resolve(&schema["properties"][part])["properties"]),
             keys(&served[part]),
             "{part}"
+        );
+    }
+    let flag_schema = &doc["components"]["schemas"]["FlagRolloutSpec"];
+    let flag_spec: switchyard_control::rollout::FlagRolloutSpec = serde_json::from_value(json!({
+        "steps": [{"rollout_percentage": 100}], "on_failure": "kill",
+        "webhooks": {"gate": "http://127.0.0.1:1/gate", "notify": ["http://127.0.0.1:1/n"]}
+    }))
+    .unwrap();
+    let flag_served = serde_json::to_value(&flag_spec).unwrap();
+    assert_eq!(keys(&flag_schema["properties"]), keys(&flag_served));
+    for part in ["analysis", "webhooks"] {
+        assert_eq!(
+            keys(&resolve(&flag_schema["properties"][part])["properties"]),
+            keys(&flag_served[part]),
+            "flag {part}"
         );
     }
     let listed = doc["components"]["schemas"]["Event"]["properties"]["action"]["description"]

@@ -772,6 +772,14 @@ async fn the_readme_tour_works_as_written() {
         "{watched:?}"
     );
     assert!(watched[1].contains("promoted"), "{watched:?}");
+    let flag = output("switchyard ctl flag rollout watch new-search");
+    assert!(
+        flag[0].contains("rolled-back") && flag[0].contains("error_rate"),
+        "{flag:?}"
+    );
+    assert!(flag[1].contains("promoted"), "{flag:?}");
+    let stats = output("switchyard ctl flag stats new-search");
+    assert!(stats[0].contains("beyond noise"), "{stats:?}");
     let _ = std::fs::remove_dir_all(&bin_dir);
     drop(demo);
 }

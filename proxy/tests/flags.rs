@@ -461,46 +461,14 @@ async fn two_processes_and_a_restart_agree_on_every_user() {
     }
 }
 
-/// An upstream that answers 500 to requests whose `x-feature-flags` carries
-/// `flag`, 200 to the rest.
-async fn failing_for_flag(flag: &'static str) -> std::net::SocketAddr {
-    use http_body_util::Full;
-    use hyper::service::service_fn;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(
-                    move |req: http::Request<hyper::body::Incoming>| async move {
-                        let flagged = req
-                            .headers()
-                            .get("x-feature-flags")
-                            .and_then(|v| v.to_str().ok())
-                            .is_some_and(|v| v.split(',').any(|f| f == flag));
-                        let mut resp = http::Response::new(Full::new(bytes::Bytes::from("x")));
-                        if flagged {
-                            *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                        }
-                        Ok::<_, std::convert::Infallible>(resp)
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 /// Issue 21: a watched flag's requests are counted in its `on` or `off`
 /// cohort by status class (and latency when asked); an unwatched flag has
 /// no series. The upstream fails exactly the flag's users: the `on` cohort
 /// holds every 5xx, the `off` cohort none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watched_flags_cohorts_are_counted_apart() {
-    let upstream = failing_for_flag("new-ui").await;
+    let upstream = Upstream::start("app", Behaviour::FailFlag("new-ui")).await;
+    let upstream = upstream.addr;
     let yaml = format!(
         "flags:\n  - {{ name: new-ui, rollout_percentage: 50, metrics: [requests, errors, latency] }}\n  - {{ name: quiet, rollout_percentage: 50 }}\nretries: {{ attempts: 0 }}\nroutes:\n  - name: api\n    backends: [{{ name: app, endpoints: [\"{upstream}\"], weight: 100 }}]\n"
     );
@@ -567,19 +535,8 @@ async fn a_watched_flags_cohorts_are_counted_apart() {
     assert!(body.contains("metrics"), "{body}");
     let (status, _, _) = call("GET", &stats_url("nope"), None, &[], "").await;
     assert_eq!(status, 404);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "ctl",
-            "--admin",
-            &format!("http://{}", proxy.admin),
-            "flag",
-            "stats",
-            "new-ui",
-        ])
-        .env_remove("SWITCHYARD_TOKEN")
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
+    let admin = format!("http://{}", proxy.admin);
+    let (_, table, _) = common::switchyard(&["ctl", "--admin", &admin, "flag", "stats", "new-ui"]);
     assert!(
         table.contains("COHORT") && table.contains("100.00 %") && table.contains("beyond noise"),
         "{table}"

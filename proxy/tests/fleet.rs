@@ -699,6 +699,79 @@ async fn the_fleets_merged_traffic_rolls_a_faulty_canary_back() {
     assert_eq!(rollbacks, 1, "{events}");
 }
 
+/// Issue 21: a guarded flag rollout is fleet-wide like a route's. Every
+/// replica publishes the flag's cohorts; the leader judges them merged
+/// (`min_requests` is more than any one replica's on-cohort traffic and
+/// less than the fleet's) and reverts the flag for every replica, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleets_merged_cohorts_revert_a_faulty_flag() {
+    let Some(mut fleet) = Fleet::start(0, Behaviour::FailFlag("new-ui")).await else {
+        return;
+    };
+    // All users on `canary`, which fails the flag's users.
+    for i in 1..=3 {
+        fleet.add(&format!("r{i}"), 0.0);
+    }
+    let flag = json!({"name": "new-ui", "rollout_percentage": 0});
+    let (status, body) = put_flag(&fleet.replicas[0], &flag).await;
+    assert_eq!(status, 201, "{body}");
+    let spec = json!({
+        "steps": [{"rollout_percentage": 50, "hold": "1h"}, {"rollout_percentage": 100}],
+        "analysis": {"interval": "1s", "window": "30s", "min_requests": 50, "failure_threshold": 1},
+    });
+    let (status, body) = put(&fleet.replicas[1], "/v1/flags/new-ui/rollout", spec).await;
+    assert_eq!(status, 201, "{body}");
+    fleet.converge(fleet.replicas[1].version().await).await;
+    // 30 flag users and 30 others per replica: no replica alone has 50 in
+    // the on cohort, the fleet's 90 are.
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for i in 0.. {
+        let user = format!("user-{i}");
+        match bucket("new-ui", user.as_bytes()) < 5000 {
+            true if on.len() < 30 => on.push(user),
+            false if off.len() < 30 => off.push(user),
+            _ => {}
+        }
+        if on.len() == 30 && off.len() == 30 {
+            break;
+        }
+    }
+    let client = client();
+    for r in &fleet.replicas {
+        for user in on.iter().chain(&off) {
+            let _ = get(&client, &r.url("/"), &[("x-user-id", user)]).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rollout = loop {
+        let rollout = fleet.replicas[2].json("/v1/flags/new-ui/rollout").await;
+        if rollout["phase"] == "rolled-back" {
+            break rollout;
+        }
+        assert!(Instant::now() < deadline, "not reverted in 20 s: {rollout}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let judged = rollout["last_analysis"]["target_requests"]
+        .as_u64()
+        .unwrap();
+    assert!((50..=90).contains(&judged), "judged merged: {rollout}");
+    // Every replica serves the flag to nobody again.
+    fleet.converge(fleet.replicas[2].version().await).await;
+    for r in &fleet.replicas {
+        let (status, _, _) = get(&client, &r.url("/"), &[("x-user-id", &on[0])]).await;
+        assert_eq!(status, 200, "{} still gives {} the flag", r.id, on[0]);
+    }
+    let events = fleet.replicas[0].json("/v1/events").await;
+    let rollbacks: Vec<&Value> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "rollout.rollback")
+        .collect();
+    assert_eq!(rollbacks.len(), 1, "{events}");
+    assert_eq!(rollbacks[0]["target"], "flags/new-ui");
+}
+
 /// Sends requests through every replica until `stop`, counting answers
 /// other than 200 (and connections that failed).
 fn traffic(

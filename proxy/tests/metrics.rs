@@ -285,11 +285,30 @@ async fn metrics_md_lists_every_exported_family() {
     let spec = r#"{"stable":"blue","target":"canary","steps":[{"weight":10,"hold":"1h"},{"weight":100}],"analysis":{"interval":"1s","window":"5s"}}"#;
     let url = format!("http://{}/v1/routes/api/rollout", proxy.admin);
     assert_eq!(common::call("POST", &url, None, &[], spec).await.0, 201);
+    let flag_spec = r#"{"steps":[{"rollout_percentage":60,"hold":"1h"},{"rollout_percentage":100}],"analysis":{"interval":"1s","window":"5s"}}"#;
+    let url = format!("http://{}/v1/flags/dark-mode/rollout", proxy.admin);
+    assert_eq!(
+        common::call("POST", &url, None, &[], flag_spec).await.0,
+        201
+    );
     let c = client();
-    for i in 0..100 {
-        get(&c, &proxy.url("/"), &[("x-user-id", &format!("u{i}"))]).await;
-    }
-    let text = scrape(&proxy).await;
+    // Traffic until both kinds of rollout have been analyzed (their check
+    // families have series), at most 20 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut i = 0;
+    let text = loop {
+        for _ in 0..50 {
+            get(&c, &proxy.url("/"), &[("x-user-id", &format!("u{i}"))]).await;
+            i += 1;
+        }
+        let text = scrape(&proxy).await;
+        if text.contains("switchyard_analysis_checks_total{")
+            && text.contains("switchyard_flag_analysis_checks_total{")
+        {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "no analyses: {text}");
+    };
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
         .unwrap();
     // Every backticked name in a table row's first cell.

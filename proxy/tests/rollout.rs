@@ -1,79 +1,19 @@
 //! Rollouts with automatic rollback, end to end: real upstreams that
 //! misbehave on purpose, steady traffic, the driver judging live windows.
 
-// The webhook receiver below is test scaffolding, not data plane: the crate's
-// ban on locks does not apply to it.
-#![allow(clippy::disallowed_types)]
-
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::rollouts::{api, wait_rollout, Receiver, Traffic};
 use common::{call, client, get, Behaviour, Running, Upstream};
 use serde_json::{json, Value};
 
-/// Steady traffic from distinct users until stopped (at most 60 s and
-/// 100,000 requests, so a bug cannot run it forever).
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<u64>,
-}
-
-impl Traffic {
-    fn start(proxy: &Running) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let url = proxy.url("/");
-        let task = tokio::spawn(async move {
-            let c = client();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let mut sent = 0u64;
-            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline && sent < 100_000 {
-                get(&c, &url, &[("x-user-id", &format!("user-{}", sent % 5000))]).await;
-                sent += 1;
-            }
-            sent
-        });
-        Traffic { stop, task }
-    }
-
-    async fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.unwrap()
-    }
-}
-
-async fn api(proxy: &Running, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let (status, _, text) = call(
-        method,
-        &format!("http://{}{path}", proxy.admin),
-        None,
-        &[],
-        body.to_owned(),
-    )
-    .await;
-    (
-        status.as_u16(),
-        serde_json::from_str(&text).unwrap_or(Value::Null),
-    )
-}
-
-/// Polls the rollout status every 50 ms (at most 30 s) until `done` holds.
+/// Polls the route's rollout status every 50 ms (at most 30 s) until
+/// `done` holds.
 async fn wait_status(proxy: &Running, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, status) = api(proxy, "GET", "/v1/routes/api/rollout", "").await;
-        if done(&status) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rollout never reached the expected state: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_rollout(proxy, "/v1/routes/api/rollout", done).await
 }
 
 async fn proxy_with(blue: &Upstream, canary: &Upstream) -> Running {
@@ -403,92 +343,6 @@ async fn rollout_api_validates_and_controls() {
         .unwrap()
         .contains("aborted by anonymous"));
     proxy.stop().await;
-}
-
-/// A webhook receiver: records every body, answers with a settable status.
-struct Receiver {
-    addr: std::net::SocketAddr,
-    bodies: Arc<std::sync::Mutex<Vec<Value>>>,
-    status: Arc<std::sync::atomic::AtomicU16>,
-    got: Arc<tokio::sync::Notify>,
-}
-
-impl Receiver {
-    async fn start(status: u16) -> Receiver {
-        use http_body_util::BodyExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let status = Arc::new(std::sync::atomic::AtomicU16::new(status));
-        let got = Arc::new(tokio::sync::Notify::new());
-        let (b, s, g) = (bodies.clone(), status.clone(), got.clone());
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (b, s, g) = (b.clone(), s.clone(), g.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let (b, s, g) = (b.clone(), s.clone(), g.clone());
-                            async move {
-                                let bytes = req.into_body().collect().await.unwrap().to_bytes();
-                                b.lock()
-                                    .unwrap()
-                                    .push(serde_json::from_slice(&bytes).unwrap_or(Value::Null));
-                                g.notify_waiters();
-                                let mut resp = http::Response::new(http_body_util::Full::new(
-                                    bytes::Bytes::new(),
-                                ));
-                                *resp.status_mut() =
-                                    http::StatusCode::from_u16(s.load(Ordering::SeqCst)).unwrap();
-                                Ok::<_, std::convert::Infallible>(resp)
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Receiver {
-            addr,
-            bodies,
-            status,
-            got,
-        }
-    }
-
-    fn events(&self) -> Vec<String> {
-        self.bodies
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|b| b["event"].as_str().unwrap_or("").to_owned())
-            .collect()
-    }
-
-    /// Resolves once a body with `event` arrived (at most 30 s).
-    async fn wait_for(&self, event: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let notified = self.got.notified();
-            if let Some(b) = self
-                .bodies
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|b| b["event"] == event)
-            {
-                return b.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no `{event}` webhook; got {:?}",
-                self.events()
-            );
-            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

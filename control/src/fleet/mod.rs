@@ -89,6 +89,9 @@ pub struct Windows {
     pub at_ms: u64,
     /// route → backend → window.
     pub routes: BTreeMap<String, BTreeMap<String, WireWindow>>,
+    /// Watched flag → its cohorts' windows, off then on.
+    #[serde(default)]
+    pub flags: BTreeMap<String, [WireWindow; 2]>,
 }
 
 /// A window on the wire: counts and the non-zero latency buckets.
@@ -99,6 +102,16 @@ pub struct WireWindow {
     /// Responses by status class, 1xx to 5xx.
     pub classes: [u64; 5],
     pub latency: Vec<(u32, u64)>,
+}
+
+/// A window as published.
+fn wire(h: &Histogram) -> WireWindow {
+    WireWindow {
+        span_s: h.span.as_secs(),
+        requests: h.requests,
+        classes: h.classes,
+        latency: h.sparse(),
+    }
 }
 
 impl Fleet {
@@ -363,21 +376,18 @@ impl Fleet {
 
     // === windows ===
 
-    /// The fleet's traffic to `backends` of `route` over `span`: this
-    /// replica's own window now, plus every other live replica's last
-    /// publication. Also returns how many replicas contributed.
+    /// The fleet's traffic over `span` on the sides of a rollout: this
+    /// replica's own windows now (`local`), plus every other live
+    /// replica's last publication of them (`pick`). Also returns how many
+    /// replicas contributed.
     pub async fn merged_windows(
         &self,
-        metrics: &Metrics,
-        route: &str,
-        backends: &[&str],
+        local: Vec<Histogram>,
+        pick: impl for<'w> Fn(&'w Windows) -> Vec<Option<&'w WireWindow>>,
         span: Duration,
     ) -> Result<(Vec<Histogram>, usize), EtcdError> {
         let (kvs, _) = self.etcd.range(&self.key("windows/"), None, 0).await?;
-        let mut merged: Vec<Histogram> = backends
-            .iter()
-            .map(|b| metrics.backend_histogram(route, b, span))
-            .collect();
+        let mut merged = local;
         let mut replicas = 1;
         for kv in kvs {
             let Ok(published) = serde_json::from_slice::<Windows>(&kv.value) else {
@@ -387,19 +397,13 @@ impl Fleet {
             if published.replica == self.replica_id {
                 continue;
             }
-            let Some(windows) = published.routes.get(route) else {
-                continue;
-            };
             let mut counted = false;
-            for (sum, backend) in merged.iter_mut().zip(backends) {
+            for (sum, window) in merged.iter_mut().zip(pick(&published)) {
                 // A replica that has not yet seen the rollout publishes over
                 // another span: left out rather than miscounted. A second
                 // apart is the same span (early in a rollout the span grows
                 // by the second, and replicas publish between analyses).
-                let Some(w) = windows
-                    .get(*backend)
-                    .filter(|w| w.span_s.abs_diff(span.as_secs()) <= 1)
-                else {
+                let Some(w) = window.filter(|w| w.span_s.abs_diff(span.as_secs()) <= 1) else {
                     continue;
                 };
                 match Histogram::from_sparse(span, w.requests, w.classes, &w.latency) {
@@ -436,21 +440,28 @@ impl Fleet {
                 .iter()
                 .map(|b| {
                     let h = metrics.backend_histogram(&route.name, &b.name, span);
-                    let wire = WireWindow {
-                        span_s: h.span.as_secs(),
-                        requests: h.requests,
-                        classes: h.classes,
-                        latency: h.sparse(),
-                    };
-                    (b.name.clone(), wire)
+                    (b.name.clone(), wire(&h))
                 })
                 .collect();
             routes.insert(route.name.clone(), backends);
+        }
+        // Watched flags' cohorts, over the span of the flag's rollout while
+        // one progresses.
+        let mut flags = BTreeMap::new();
+        for flag in metrics.watched_flags() {
+            let span = match view.flag_rollouts.get(&*flag) {
+                Some(r) if r.phase == Phase::Progressing => r.analysis_span(now),
+                _ => metrics.window_span(),
+            };
+            if let Some(cohorts) = metrics.flag_histograms(&flag, span) {
+                flags.insert(flag.to_string(), cohorts.map(|h| wire(&h)));
+            }
         }
         Windows {
             replica: self.replica_id.clone(),
             at_ms: crate::store::unix_millis(),
             routes,
+            flags,
         }
     }
 

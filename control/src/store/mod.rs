@@ -26,6 +26,9 @@
 mod etcd;
 mod file;
 mod log;
+mod rollouts;
+
+pub use rollouts::{RolloutOutcome, Subject};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -36,10 +39,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::bucket::BUCKETS;
-use crate::config::{Config, ConfigError, Dur, FlagConfig, Weight};
+use crate::config::{Config, ConfigError, FlagConfig, Weight};
 use crate::fleet::Fleet;
-use crate::rollout::{decide, Analysis, Decision, Phase, RolloutSpec, RolloutState, Strategy};
-use std::time::Duration;
+use crate::rollout::{FlagRolloutSpec, RolloutState};
 
 pub(crate) use etcd::unix_millis;
 pub use etcd::Document;
@@ -63,6 +65,9 @@ pub struct Overrides {
     /// stays rolled back until a new one starts).
     #[serde(default)]
     pub rollouts: BTreeMap<String, RolloutState>,
+    /// flag → its latest guarded rollout.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub flag_rollouts: BTreeMap<String, RolloutState<FlagRolloutSpec>>,
 }
 
 /// Events the audit log may refuse (kept in `state.json` meanwhile) before
@@ -125,6 +130,8 @@ pub struct View {
     pub config: Arc<Config>,
     /// Every route's latest rollout, with its progress.
     pub rollouts: Arc<BTreeMap<String, RolloutState>>,
+    /// Every flag's latest guarded rollout.
+    pub flag_rollouts: Arc<BTreeMap<String, RolloutState<FlagRolloutSpec>>>,
     /// The etcd revision of the state served (fleet mode; 0 standalone).
     pub revision: i64,
     /// What the runtime state sets over the configuration file.
@@ -300,6 +307,7 @@ impl Store {
                 version,
                 config: Arc::new(effective),
                 rollouts: Arc::new(overrides.rollouts.clone()),
+                flag_rollouts: Arc::new(overrides.flag_rollouts.clone()),
                 revision,
                 overridden: Arc::new(Overridden::of(&overrides)),
             }),
@@ -435,6 +443,7 @@ impl Store {
                 let before = current.flags.iter().find(|f| f.name == flag.name);
                 created = before.is_none();
                 let before = before.map_or(Value::Null, |f| json!(f));
+                flag_rollout_yields(overrides, &flag.name, Some(&flag), actor)?;
                 overrides
                     .flags
                     .insert(flag.name.clone(), Some(flag.clone()));
@@ -475,6 +484,7 @@ impl Store {
             }
             flag.name = name.to_owned();
             flag.validate("flag").map_err(StoreError::Invalid)?;
+            flag_rollout_yields(overrides, name, Some(&flag), actor)?;
             let change = Change {
                 action: "flag.patch",
                 target: format!("flags/{name}"),
@@ -508,6 +518,18 @@ impl Store {
             if let Some(route) = active.first() {
                 return Err(StoreError::Conflict(format!(
                     "route `{route}` has an active rollout, which sets its weights; abort or finish it first"
+                )));
+            }
+            if let Some((flag, _)) = overrides.flag_rollouts.iter().find(|(flag, r)| {
+                r.phase.active()
+                    && match &target {
+                        ResetTarget::Flag(name) => *flag == name,
+                        ResetTarget::All => true,
+                        ResetTarget::Route(_) => false,
+                    }
+            }) {
+                return Err(StoreError::Conflict(format!(
+                    "flag `{flag}` has an active rollout, which sets its percentage; abort or finish it first"
                 )));
             }
             let before = json!({
@@ -557,6 +579,7 @@ impl Store {
         self.mutate(actor, if_match, |current, overrides| {
             let old = find_flag(current, name)?;
             let before = json!(old);
+            flag_rollout_yields(overrides, name, None, actor)?;
             overrides.flags.insert(name.to_owned(), None);
             Ok(Change {
                 action: "flag.delete",
@@ -801,6 +824,7 @@ impl Store {
             version: inner.version,
             config,
             rollouts: Arc::new(inner.overrides.rollouts.clone()),
+            flag_rollouts: Arc::new(inner.overrides.flag_rollouts.clone()),
             revision: inner.revision,
             overridden: Arc::new(Overridden::of(&inner.overrides)),
         }));
@@ -852,273 +876,6 @@ impl Store {
     /// The etcd revision of the state served (fleet mode).
     pub fn revision(&self) -> i64 {
         self.view().revision
-    }
-
-    // === rollouts ===
-
-    /// Starts a rollout on `route` at its first step.
-    pub async fn start_rollout(
-        &self,
-        actor: &str,
-        if_match: Option<u64>,
-        route: &str,
-        spec: RolloutSpec,
-    ) -> Result<Arc<View>, StoreError> {
-        self.mutate(actor, if_match, |current, overrides| {
-            spec.validate(current, route).map_err(StoreError::Invalid)?;
-            if let Some(existing) = overrides.rollouts.get(route).filter(|r| r.phase.active()) {
-                return Err(StoreError::Conflict(format!(
-                    "route `{route}` already has a rollout of `{}` ({:?}); abort or promote it first",
-                    existing.spec.target, existing.phase
-                )));
-            }
-            let before = route_weights(current, route);
-            let mut state = RolloutState::new(spec.clone(), now_rfc3339());
-            state.before = current.route_weights(route).map(|weights| {
-                weights
-                    .into_iter()
-                    .map(|(b, w)| (b.to_owned(), w))
-                    .collect()
-            });
-            let weights = rollout_weights(current, route, &state);
-            let after = json!({ "rollout": &state, "weights": &weights });
-            overrides.weights.insert(route.to_owned(), weights);
-            overrides.rollouts.insert(route.to_owned(), state);
-            Ok(Change { action: "rollout.start", target: format!("routes/{route}"), before, after })
-        })
-        .await
-    }
-
-    /// An operator's `promote`, `pause`, `resume`, `abort`, `rollback`, or
-    /// `undo` (an ended rollout: back to the weights before it started).
-    pub async fn rollout_action(
-        &self,
-        actor: &str,
-        route: &str,
-        action: &str,
-    ) -> Result<Arc<View>, StoreError> {
-        let actor_name = actor.to_owned();
-        self.mutate(actor, None, |current, overrides| {
-            let state = overrides
-                .rollouts
-                .get_mut(route)
-                .ok_or_else(|| StoreError::NotFound(format!("route `{route}` has no rollout")))?;
-            let before = json!({ "phase": state.phase, "step": state.step });
-            let conflict = |what: &str| {
-                StoreError::Conflict(format!("cannot {what} a rollout that is {:?}", state.phase))
-            };
-            let (phase, name) = match (action, state.phase) {
-                ("pause", Phase::Progressing) => (Phase::Paused, "rollout.pause"),
-                ("resume", Phase::Paused) => (Phase::Progressing, "rollout.resume"),
-                ("promote", p) if p.active() => (Phase::Promoted, "rollout.promote"),
-                // Blue-green keeps the old colour as standby: back in one swap.
-                ("rollback", Phase::Promoted) if state.standby.is_some() => {
-                    (Phase::RolledBack, "rollout.rollback")
-                }
-                ("rollback", p) if p.active() => (Phase::RolledBack, "rollout.rollback"),
-                ("abort", p) if p.active() => (Phase::Aborted, "rollout.abort"),
-                ("undo", p) if !p.active() => (Phase::RolledBack, "rollout.undo"),
-                ("undo", _) => {
-                    return Err(StoreError::Conflict(format!(
-                        "cannot undo a rollout that is {:?}: abort or roll it back",
-                        state.phase
-                    )))
-                }
-                ("pause" | "resume" | "promote" | "abort" | "rollback", _) => {
-                    return Err(conflict(action))
-                }
-                _ => {
-                    return Err(StoreError::NotFound(format!(
-                        "no rollout action `{action}`"
-                    )))
-                }
-            };
-            state.phase = phase;
-            state.inconclusive = Dur(Duration::ZERO);
-            state.consecutive_failures = 0;
-            state.reason = match phase {
-                Phase::Aborted => Some(format!("aborted by {actor_name}")),
-                Phase::Promoted => Some(format!("promoted by {actor_name}")),
-                Phase::RolledBack if name == "rollout.undo" => Some(format!(
-                    "undone by {actor_name}: back to the weights before the rollout"
-                )),
-                Phase::RolledBack => Some(format!(
-                    "rolled back to {} by {actor_name}",
-                    state.spec.stable
-                )),
-                _ => None,
-            };
-            state.standby = standby_after(state);
-            let weights = if name == "rollout.undo" {
-                undo_weights(current, route, state)?
-            } else {
-                rollout_weights(current, route, state)
-            };
-            let after = json!({ "phase": state.phase, "step": state.step, "weights": &weights });
-            overrides.weights.insert(route.to_owned(), weights);
-            Ok(Change {
-                action: name,
-                target: format!("routes/{route}"),
-                before,
-                after,
-            })
-        })
-        .await
-    }
-
-    /// Applies one analysis of `route`'s progressing rollout. Progress within
-    /// a step (held time, counters, the analysis) is persisted without a new
-    /// version or an audit record; step changes, promotion, rollback and
-    /// pause go through the audited write path.
-    ///
-    /// `gate` is the gate webhook's answer (asked by the driver when this
-    /// analysis was expected to advance): an error holds the step.
-    ///
-    /// In fleet mode the result is committed only while this replica still
-    /// leads the rollout (the transaction checks the leader key), so a
-    /// replica that lost its lease cannot move a rollout another now drives.
-    pub async fn rollout_analyzed(
-        &self,
-        route: &str,
-        analysis: Analysis,
-        gate: Result<(), String>,
-    ) -> Result<RolloutOutcome, StoreError> {
-        let fence = self.fleet().map(|_| route);
-        let mut inner = self.write.lock().await;
-        let Some(analyzed) = inner
-            .overrides
-            .rollouts
-            .get(route)
-            .filter(|r| r.phase == Phase::Progressing)
-            .cloned()
-        else {
-            return Ok(RolloutOutcome::NotRunning);
-        };
-        let mut state = analyzed.clone();
-        let mut decision = decide(&mut state, analysis);
-        if decision == Decision::Advance {
-            match gate {
-                Ok(()) => state.reason = None,
-                Err(why) => {
-                    state.reason = Some(format!("gate holds the step: {why}"));
-                    decision = Decision::Stay;
-                }
-            }
-        }
-        if decision == Decision::Stay {
-            // Progress is written without a version or an event. Another
-            // write landing first (a flag, another route's rollout) only
-            // means writing it again on the newer state; a change to this
-            // rollout since it was analyzed means the analysis is void.
-            for _ in 0..COMMIT_ATTEMPTS {
-                let mut next = inner.overrides.clone();
-                next.rollouts.insert(route.to_owned(), state.clone());
-                let committed = self
-                    .commit(
-                        &inner,
-                        Next {
-                            overrides: &next,
-                            version: inner.version,
-                            next_seq: inner.next_seq,
-                            event: None,
-                            fence,
-                            judged: true,
-                        },
-                    )
-                    .await?;
-                match committed {
-                    Commit::Done(revision) => {
-                        inner.overrides = next;
-                        inner.revision = revision;
-                        let effective = self.view().config.as_ref().clone();
-                        self.swap(&inner, effective);
-                        return Ok(RolloutOutcome::Stayed);
-                    }
-                    Commit::Moved(document, revision) => {
-                        self.adopt_moved(&mut inner, document, revision);
-                        match inner.overrides.rollouts.get(route) {
-                            // An earlier attempt landed after all.
-                            Some(now) if *now == state => return Ok(RolloutOutcome::Stayed),
-                            Some(now) if *now == analyzed => continue,
-                            _ => break,
-                        }
-                    }
-                }
-            }
-            return Err(StoreError::Conflict(format!(
-                "the rollout of `{route}` changed during its analysis"
-            )));
-        }
-        drop(inner);
-        let last_step = state.spec.steps().len() - 1;
-        let (actor, action, outcome) = match &decision {
-            Decision::Advance if state.step < last_step => {
-                state.step += 1;
-                state.held = Dur(Duration::ZERO);
-                state.step_entered = now_rfc3339();
-                (
-                    "rollout",
-                    "rollout.step",
-                    RolloutOutcome::Advanced(state.step),
-                )
-            }
-            Decision::Advance => {
-                state.phase = Phase::Promoted;
-                state.reason = Some("every step held with passing analyses".into());
-                state.standby = standby_after(&state);
-                ("rollout", "rollout.promote", RolloutOutcome::Promoted)
-            }
-            Decision::RollBack(reason) => {
-                state.phase = Phase::RolledBack;
-                state.reason = Some(reason.clone());
-                (
-                    "auto-rollback",
-                    "rollout.rollback",
-                    RolloutOutcome::RolledBack(reason.clone()),
-                )
-            }
-            Decision::Pause(reason) => {
-                state.phase = Phase::Paused;
-                state.reason = Some(reason.clone());
-                ("rollout", "rollout.pause", RolloutOutcome::Paused)
-            }
-            Decision::Stay => unreachable!("handled above"),
-        };
-        let decided = self.mutate_fenced(actor, None, fence, true, &mut |current, overrides| {
-            // An operator may have paused, aborted, promoted or replaced the
-            // rollout meanwhile: the decision holds only for the very state
-            // it was made on.
-            if overrides.rollouts.get(route) != Some(&analyzed) {
-                return Err(StoreError::Conflict(format!(
-                    "the rollout of `{route}` changed during its analysis"
-                )));
-            }
-            let before =
-                json!({ "phase": Phase::Progressing, "weights": route_weights(current, route) });
-            let weights = rollout_weights(current, route, &state);
-            let after = json!({
-                "phase": state.phase, "step": state.step, "weights": &weights,
-                "reason": &state.reason, "analysis": &state.last_analysis,
-            });
-            overrides.weights.insert(route.to_owned(), weights);
-            overrides.rollouts.insert(route.to_owned(), state.clone());
-            Ok(Change {
-                action,
-                target: format!("routes/{route}"),
-                before,
-                after,
-            })
-        })
-        .await;
-        match decided {
-            Ok(_) => Ok(outcome),
-            // An earlier attempt through another member landed after all
-            // (and was recognised no more): the decision stands.
-            Err(StoreError::Conflict(_)) if self.view().rollouts.get(route) == Some(&state) => {
-                Ok(outcome)
-            }
-            Err(e) => Err(e),
-        }
     }
 
     /// The audit record of `change`, taking the next sequence number.
@@ -1334,18 +1091,6 @@ pub fn check_state(config: &Config) -> Result<Option<String>, StoreError> {
     Ok(Some(summary))
 }
 
-/// What an analysis did to a rollout.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RolloutOutcome {
-    NotRunning,
-    Stayed,
-    Advanced(usize),
-    Promoted,
-    RolledBack(String),
-    Paused,
-}
-
-/// Blue-green, once promoted: the old colour stays as standby.
 /// Logs each value the new configuration file `next` changes (from `was`)
 /// that the runtime state overrides: the edit does not take effect.
 fn warn_shadowed(was: &Config, next: &Config, overrides: &Overrides) {
@@ -1368,68 +1113,33 @@ fn warn_shadowed(was: &Config, next: &Config, overrides: &Overrides) {
     }
 }
 
-/// The weights `state` recorded when it started, if the route still has
-/// exactly those backends.
-fn undo_weights(
-    config: &Config,
-    route: &str,
-    state: &RolloutState,
-) -> Result<BTreeMap<String, Weight>, StoreError> {
-    let Some(before) = &state.before else {
-        return Err(StoreError::Conflict(
-            "this rollout started before Switchyard recorded the weights to undo to; set the weights instead".into(),
-        ));
+/// A write of flag `name` (`None`: its deletion) while a rollout of it is
+/// under way: refused, for the rollout sets the flag's percentage, unless
+/// it turns the flag off. The kill switch always works: it ends the rollout
+/// as aborted, and the flag stays as written.
+fn flag_rollout_yields(
+    overrides: &mut Overrides,
+    name: &str,
+    written: Option<&FlagConfig>,
+    actor: &str,
+) -> Result<(), StoreError> {
+    let Some(rollout) = overrides
+        .flag_rollouts
+        .get_mut(name)
+        .filter(|r| r.phase.active())
+    else {
+        return Ok(());
     };
-    let now: Vec<&str> = config
-        .route_weights(route)
-        .map(|w| w.into_keys().collect())
-        .unwrap_or_default();
-    if !now.iter().copied().eq(before.keys().map(String::as_str)) {
-        return Err(StoreError::Conflict(format!(
-            "the route's backends changed since the rollout started ({} then, {} now); set the weights instead",
-            before.keys().cloned().collect::<Vec<_>>().join(", "),
-            now.join(", ")
-        )));
+    if written.is_some_and(|f| !f.enabled) {
+        rollout.phase = crate::rollout::Phase::Aborted;
+        rollout.reason = Some(format!("turned off by {actor}: the rollout ended"));
+        return Ok(());
     }
-    Ok(before.clone())
-}
-
-fn standby_after(state: &RolloutState) -> Option<String> {
-    (state.phase == Phase::Promoted && state.spec.strategy == Strategy::BlueGreen)
-        .then(|| state.spec.stable.clone())
-}
-
-/// The route's weights with the rollout's target at its current weight: other
-/// backends keep theirs, the stable backend takes the rest.
-fn rollout_weights(config: &Config, route: &str, state: &RolloutState) -> BTreeMap<String, Weight> {
-    let rc = config
-        .routes
-        .iter()
-        .find(|r| r.name == route)
-        .expect("rollout routes exist");
-    let target = state.target_weight().basis_points();
-    let others: u32 = rc
-        .backends
-        .iter()
-        .filter(|b| b.name != state.spec.stable && b.name != state.spec.target)
-        .map(|b| b.weight.basis_points())
-        .sum();
-    rc.backends
-        .iter()
-        .map(|b| {
-            let w = if b.name == state.spec.target {
-                target
-            } else if b.name == state.spec.stable {
-                Weight::FULL.basis_points().saturating_sub(others + target)
-            } else {
-                b.weight.basis_points()
-            };
-            (
-                b.name.clone(),
-                Weight::from_basis_points(w).expect("at most 100 %"),
-            )
-        })
-        .collect()
+    Err(StoreError::Conflict(format!(
+        "flag `{name}` has a rollout under way ({:?}, step {}), which sets its percentage: abort it first, or turn the flag off (enabled: false), which ends it",
+        rollout.phase,
+        rollout.step + 1
+    )))
 }
 
 fn now_rfc3339() -> String {

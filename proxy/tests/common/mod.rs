@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod rollouts;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -38,6 +39,9 @@ pub enum Behaviour {
     UpgradeEcho,
     /// `200` with the request body as received.
     EchoBody,
+    /// `500` to requests whose `x-feature-flags` carries this flag (its
+    /// users), else like `Name`: a feature that breaks for those who get it.
+    FailFlag(&'static str),
     /// By arrival order: every `slow_every`-th request waits `slow`, the
     /// rest `fast`; every `fail_every`-th answers 500 (0: never).
     Pattern {
@@ -151,6 +155,19 @@ async fn answer(
             format!("{name}\n")
         }
         Behaviour::Name => format!("{name}\n"),
+        Behaviour::FailFlag(flag) => {
+            let flagged = req
+                .headers()
+                .get("x-feature-flags")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.split(',').any(|f| f.trim() == flag));
+            if flagged {
+                let mut resp = Response::new(Full::new(Bytes::from("failed\n")));
+                *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                return Ok(resp);
+            }
+            format!("{name}\n")
+        }
         Behaviour::Delay(d) => {
             tokio::time::sleep(d).await;
             format!("{name}\n")
@@ -424,4 +441,20 @@ pub async fn metric(admin: SocketAddr, series: &str) -> u64 {
         .filter(|l| l.starts_with(series))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// Runs the binary with `args` (without the admin address and token of
+/// the environment): exit code, stdout, stderr.
+pub fn switchyard(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env_remove("SWITCHYARD_ADMIN")
+        .env_remove("SWITCHYARD_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
