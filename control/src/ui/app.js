@@ -131,9 +131,14 @@ function redraw(snapshot) {
       el("h2", {}, "Route ", route.name, overridden.has(route.name) ? el("span", { class: "muted" }, " (weights set over the file)") : null),
       backendsTable(route, stats),
       weightsForm(route, rollout),
-      rollout ? rolloutPanel(route.name, rollout) : el("p", { class: "muted" }, "no rollout"));
+      rollout ? rolloutPanel(`/v1/routes/${route.name}/rollout`, rollout) : el("p", { class: "muted" }, "no rollout"));
   }));
   flagsTable(state.flags);
+  const flagRollouts = Object.entries(snapshot.flag_rollouts || {});
+  $("flag-rollouts").replaceChildren(...flagRollouts.map(([flag, r]) =>
+    el("div", { "data-testid": "flag-rollout-" + flag },
+      el("h3", {}, "Guarded rollout of ", flag),
+      rolloutPanel(`/v1/flags/${flag}/rollout`, r))));
   for (const e of snapshot.events || []) events.push(e);
   events = events.slice(-50);
   $("events").replaceChildren(...events.slice().reverse().map((e) =>
@@ -155,19 +160,23 @@ function backendsTable(route, stats) {
     }));
 }
 
-function rolloutPanel(route, r) {
+/** A rollout, a route's or a flag's (`path`: its API path). */
+function rolloutPanel(path, r) {
+  const flag = r.flag !== undefined;
   const steps = r.steps || [];
   const unit = (check) => check === "error_rate" ? " %" : check === "p95" ? " ms" : check.endsWith("_ratio") ? "×" : "";
   const held = seconds(r.held), hold = r.hold ? seconds(r.hold) : 0;
   const active = r.phase === "progressing" || r.phase === "paused";
   const checks = r.last_analysis ? r.last_analysis.checks : [];
+  const difference = r.last_analysis && r.last_analysis.error_rate_difference;
   return el("div", { "data-testid": "rollout" },
-    el("p", {}, `${r.strategy} rollout of ${r.target} against ${r.stable}: `,
+    el("p", {}, flag ? `on cohort against off (on failure: ${r.on_failure}), now at ${r.rollout_percentage}%${r.enabled ? "" : ", flag off"}: `
+      : `${r.strategy} rollout of ${r.target} against ${r.stable}: `,
       el("span", { class: r.phase, "data-testid": "phase" }, r.phase),
       r.reason ? el("span", { class: "muted" }, " — " + r.reason) : null),
     el("div", { class: "steps" }, steps.map((s, i) =>
       el("div", { class: "step" + (i < r.step || r.phase === "promoted" ? " done" : "") + (i === r.step && active ? " current" : "") },
-        s.weight + "%" + (s.hold ? " " + s.hold : "")))),
+        (flag ? s.rollout_percentage : s.weight) + "%" + (s.hold ? " " + s.hold : "")))),
     active && hold ? el("div", { class: "hold", title: `held ${r.held} of ${r.hold}` },
       el("div", { style: `width:${Math.min(100, (100 * held) / hold)}%` })) : null,
     checks.length ? el("table", {},
@@ -175,8 +184,11 @@ function rolloutPanel(route, r) {
       checks.map((c) => el("tr", {},
         el("td", {}, c.check), el("td", {}, fixed(c.value, 2, unit(c.check))),
         el("td", {}, c.threshold + unit(c.check)), el("td", { class: c.verdict }, c.verdict)))) : null,
+    difference ? el("p", { class: "muted", "data-testid": "difference" },
+      `on against off: ${difference.points >= 0 ? "+" : ""}${difference.points.toFixed(2)} points of errors (z = ${difference.z.toFixed(2)}), ` +
+      (difference.beyond_noise && difference.z > 0 ? "beyond noise" : "within noise")) : null,
     el("div", { class: "actions" }, ["promote", "pause", "resume", "abort", "rollback", "undo"].map((action) =>
-      el("button", { "data-testid": "action-" + action, onclick: () => act("POST", `/v1/routes/${route}/rollout/${action}`) }, action))));
+      el("button", { "data-testid": "action-" + action, onclick: () => act("POST", `${path}/${action}`) }, action))));
 }
 
 function weightsForm(route, rollout) {

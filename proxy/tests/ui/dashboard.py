@@ -87,6 +87,12 @@ def demo(binary, pw):
         expect(route.get_by_test_id("phase")).to_have_text("progressing")
         expect(route.get_by_test_id("weight-canary")).to_have_text("10%")
         expect(page.get_by_test_id("events")).to_contain_text("rollout.start routes/demo by demo")
+        # The demo's guarded flag rollout, with its steps and phase.
+        flag = page.get_by_test_id("flag-rollout-new-search")
+        expect(flag.get_by_test_id("phase")).to_have_text("progressing")
+        expect(flag).to_contain_text("on cohort against off")
+        expect(flag).to_contain_text("50% 10m")
+        expect(page.get_by_test_id("events")).to_contain_text("rollout.start flags/new-search by demo")
         browser.close()
     finally:
         proc.terminate()
