@@ -1588,17 +1588,19 @@ def suite_cohorts(args):
     """Issue 21: what watching flags costs. Switchyard's instructions per
     request (callgrind, as the instructions suite) with the compare suite's
     five flags unwatched, then the same five watched (metrics: requests,
-    errors, latency: every request counted in each flag's on or off cohort)."""
+    errors, latency: every request counted in each flag's on or off cohort);
+    then its throughput and CPU per request under wrk, the two alternating."""
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         sys.exit("not installed: valgrind (Debian: apt-get install valgrind)")
     os.sched_setaffinity(0, {GENERATOR_CORE})
     workdir = Path(tempfile.mkdtemp(prefix="switchyard-cohorts-"))
     origin_proc, port = start_origin(workdir)
-    counts = {}
+    variants = (("five flags, unwatched", FLAGS_YAML), ("five flags, watched", WATCHED_FLAGS_YAML))
+    counts, loads, discarded = {}, {}, []
     started = time.monotonic()
     try:
         for rnd in range(args.rounds):
-            for name, flags in (("five flags, unwatched", FLAGS_YAML), ("five flags, watched", WATCHED_FLAGS_YAML)):
+            for name, flags in variants:
                 def start(wrapper, flags=flags):
                     proc, p = start_switchyard(args.binary, workdir, port, True, wrapper=wrapper,
                                                extra=SWITCHYARD_LIMITS_YAML + "\n" + flags)
@@ -1606,24 +1608,53 @@ def suite_cohorts(args):
                 n = count_instructions(start, workdir, requests=args.requests)
                 counts.setdefault(name, []).append(n)
                 print(f"round {rnd + 1} {name}: {n:.0f} instructions/request", flush=True)
+        for rnd in range(args.rounds):
+            for name, flags in (variants if rnd % 2 == 0 else variants[::-1]):
+                proc, p = start_switchyard(args.binary, workdir, port, True,
+                                           extra=SWITCHYARD_LIMITS_YAML + "\n" + flags)
+                try:
+                    r = with_cpu(proc.pid, lambda: run_wrk(p, workdir, args.duration, args.connections))
+                finally:
+                    stop(proc)
+                print(f"round {rnd + 1} {name}: {r['rps']:.0f} req/s, {r['cpu_us_per_req']:.2f} µs CPU/req, "
+                      f"bad {r['bad']}", flush=True)
+                if r["bad"] or r["socket_errors"]:
+                    discarded.append(f"round {rnd + 1} {name}: {r['bad']} non-2xx, socket errors {r['socket_errors']!r}")
+                else:
+                    loads.setdefault(name, []).append(r)
     finally:
         stop(origin_proc)
     base = statistics.median(counts["five flags, unwatched"])
-    rows = "\n".join(f"| {name} | {summary(values, '{:,.0f}')} | {statistics.median(values) / base - 1:+.1%} |"
+    base_rps = statistics.median(r["rps"] for r in loads.get("five flags, unwatched", [{"rps": 0}]))
+
+    def load_cells(name):
+        rs = loads.get(name)
+        if not rs:
+            return "— | — | —"
+        rps = statistics.median(r["rps"] for r in rs)
+        against = f"{rps / base_rps - 1:+.1%}" if base_rps else "—"
+        return (f"{summary([r['rps'] for r in rs], '{:.0f}')} | {against} | "
+                f"{summary([r['cpu_us_per_req'] for r in rs], '{:.2f}')}")
+    rows = "\n".join(f"| {name} | {summary(values, '{:,.0f}')} | {statistics.median(values) / base - 1:+.1%} | "
+                     f"{load_cells(name)} |"
                      for name, values in counts.items())
     section = f"""## Cohort metrics: what watching five flags costs
 
-{provenance(args, [['valgrind', '--version']])}
+{provenance(args, [['valgrind', '--version'], ['wrk', '-v']])}
 - Setup: Switchyard as in the instructions suite (one worker, metrics on, the three-backend split), with the
-  compare suite's five flags, first unwatched, then each with `metrics: [requests, errors, latency]`; under
-  `valgrind --tool=callgrind` on core 0, the origin nginx on core 1; {args.requests} sequential keep-alive
-  requests counted after 200 of warm-up. {args.rounds} round(s); cells: median (min–max).
+  compare suite's five flags, first unwatched, then each with `metrics: [requests, errors, latency]`.
+  Instructions: under `valgrind --tool=callgrind` on core 0, the origin nginx on core 1; {args.requests}
+  sequential keep-alive requests counted after 200 of warm-up. Throughput: Switchyard on core 0, wrk (1
+  thread, {args.connections} connections, {args.duration} s, a new `x-user-id` per request) and the origin on
+  core 1, the two variants alternating. {args.rounds} round(s); cells: median (min–max).
 - Goal (issue 21): under 3 % more instructions with five watched flags.
 - The run took {(time.monotonic() - started) / 60:.1f} minutes.
 
-| Switchyard | instructions per request | against unwatched |
-|---|---|---|
+| Switchyard | instructions per request | against unwatched | requests/s | against unwatched | proxy CPU µs/request |
+|---|---|---|---|---|---|
 {rows}
+
+{('Discarded: ' + '; '.join(discarded)) if discarded else 'No round was discarded.'}
 """
     write_section("## Cohort metrics: what watching five flags costs", section)
     print(section)
@@ -1943,7 +1974,7 @@ SUITES = {
     "instructions": (suite_instructions, 1, 0),
     "memory": (suite_memory, 3, 0),
     "burst": (suite_burst, 1, 0),
-    "cohorts": (suite_cohorts, 1, 0),
+    "cohorts": (suite_cohorts, 3, 10),
     "tls": (suite_tls, 3, 10),
 }
 
@@ -1969,6 +2000,8 @@ def require_tools(suite):
     if suite in ("instructions", "cohorts"):
         needed = {"haproxy": "haproxy", "taskset": "util-linux", "valgrind": "valgrind",
                   "callgrind_control": "valgrind"}
+    if suite == "cohorts":
+        needed["wrk"] = "wrk"
     if suite == "tls":
         needed.update({"h2load": "nghttp2-client", "hey": "hey", "openssl": "openssl"})
     missing = [f"{tool} (Debian: apt-get install {pkg})" for tool, pkg in needed.items() if not shutil.which(tool)]

@@ -301,17 +301,28 @@ pub struct CohortSample {
     nanos: u64,
 }
 
+impl CohortSample {
+    /// A request whose window sample is already worked out (by its
+    /// backend's window: every window shares the metrics' origin and span).
+    pub fn of(window: window::Sample, latency: Duration, status: u16) -> CohortSample {
+        CohortSample {
+            window,
+            class: window::status_class(status),
+            bucket: DURATION_BUCKETS.partition_point(|upper| *upper < latency.as_secs_f64()),
+            nanos: u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
 impl FlagCohorts {
     /// Works out a request answered with `status` after `latency`, at `now`
     /// (the same for every flag: their windows share an origin and span).
     pub fn sample(&self, now: Instant, latency: Duration, status: u16) -> CohortSample {
-        let seconds = latency.as_secs_f64();
-        CohortSample {
-            window: self.on.window.sample(now, latency, Some(status)),
-            class: window::status_class(status),
-            bucket: DURATION_BUCKETS.partition_point(|upper| *upper < seconds),
-            nanos: u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX),
-        }
+        CohortSample::of(
+            self.on.window.sample(now, latency, Some(status)),
+            latency,
+            status,
+        )
     }
 
     /// Counts the request in the `on` (or off) cohort.
@@ -1058,30 +1069,33 @@ impl BackendStats {
         self.finish_at(Instant::now(), started, status, failure);
     }
 
-    /// `finish`, with the clock already read (`now`).
+    /// As `finish`, with the clock already read (`now`); returns where the request landed in the
+    /// window (`None`: a client's failure, kept out of it), for the
+    /// request's cohorts to count it without working it out again.
     pub fn finish_at(
         &self,
         now: Instant,
         started: Instant,
         status: u16,
         failure: Option<FailureReason>,
-    ) {
+    ) -> Option<(Duration, window::Sample)> {
         let latency = now.saturating_duration_since(started);
         self.in_flight.dec();
+        self.requests[window::status_class(status)].inc();
         if failure == Some(FailureReason::ClientBody) {
             // The client's failure: a response was sent (its class counts),
             // but neither its latency nor its status says anything of the
             // backend, so the window and the analysis never see it.
-            self.requests[window::status_class(status)].inc();
             self.failures[FailureReason::ClientBody as usize].inc();
-            return;
+            return None;
         }
-        self.requests[window::status_class(status)].inc();
         self.duration.observe(latency.as_secs_f64());
         if let Some(reason) = failure {
             self.failures[reason as usize].inc();
         }
-        self.window.record(now, latency, Some(status));
+        let sample = self.window.sample(now, latency, Some(status));
+        self.window.record_sample(&sample);
+        Some((latency, sample))
     }
 
     /// The client left before the response headers: no response was sent,

@@ -103,6 +103,8 @@ pub struct RollingWindow {
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {
     sec: u64,
+    /// `sec`'s slot (windows with one span share it).
+    slot: usize,
     class: Option<usize>,
     bucket: usize,
 }
@@ -161,21 +163,41 @@ impl RollingWindow {
     /// request in many flags' cohorts).
     pub fn sample(&self, at: Instant, latency: Duration, status: Option<u16>) -> Sample {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let sec = self.second(at);
         Sample {
-            sec: self.second(at),
+            sec,
+            slot: (sec % self.slots.len() as u64) as usize,
             class: status.map(status_class),
             bucket: bucket_index(micros),
         }
     }
 
-    /// Records a request worked out by `sample`.
+    /// Records a request worked out by `sample` (by this window, or by one
+    /// with the same origin and span). The slot is almost always already
+    /// this second's: that path is a load and three additions, inlined.
+    #[inline]
     pub fn record_sample(&self, sample: &Sample) {
-        let sec = sample.sec;
-        let slot = &self.slots[(sec % self.slots.len() as u64) as usize];
+        let slot = &self.slots[sample.slot];
+        if slot.epoch.load(Acquire) != sample.sec && !self.claim(slot, sample.sec) {
+            return;
+        }
+        slot.requests.fetch_add(1, Relaxed);
+        if let Some(class) = sample.class {
+            slot.classes[class].fetch_add(1, Relaxed);
+        }
+        slot.latency[sample.bucket].fetch_add(1, Relaxed);
+    }
+
+    /// Makes `slot` second `sec`'s, clearing an older second's counts;
+    /// `false` when a newer second already owns it (the sample is older
+    /// than the window's resolution allows keeping).
+    #[cold]
+    #[inline(never)]
+    fn claim(&self, slot: &Slot, sec: u64) -> bool {
         let mut spins = 0u32;
         loop {
             match slot.epoch.load(Acquire) {
-                seen if seen == sec => break,
+                seen if seen == sec => return true,
                 CLEARING => {
                     // Another thread is clearing the slot, for this second
                     // or a newer one: wait for it to publish which.
@@ -186,11 +208,7 @@ impl RollingWindow {
                         std::hint::spin_loop();
                     }
                 }
-                seen if seen != UNUSED && seen > sec => {
-                    // A newer second already owns the slot: this sample is
-                    // older than the window's resolution allows keeping.
-                    return;
-                }
+                seen if seen != UNUSED && seen > sec => return false,
                 seen => {
                     if slot
                         .epoch
@@ -201,16 +219,11 @@ impl RollingWindow {
                         // Release: whoever sees the new second sees the
                         // clear before its own adds.
                         slot.epoch.store(sec, Release);
-                        break;
+                        return true;
                     }
                 }
             }
         }
-        slot.requests.fetch_add(1, Relaxed);
-        if let Some(class) = sample.class {
-            slot.classes[class].fetch_add(1, Relaxed);
-        }
-        slot.latency[sample.bucket].fetch_add(1, Relaxed);
     }
 
     /// The whole window, read at `at`.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::StatusCode;
-use switchyard_control::metrics::{BackendStats, FailureReason};
+use switchyard_control::metrics::{BackendStats, CohortSample, FailureReason};
 
 use crate::snapshot::Watched;
 
@@ -64,10 +64,15 @@ impl Recording {
         if self.started.is_none() && self.cohorts.is_none() {
             return; // metrics off: nothing to read the clock for
         }
-        // One clock read for the backend and the cohorts.
+        // One clock read for the backend and the cohorts, and (unless the
+        // request failed over) one latency and window sample.
         let now = Instant::now();
+        let status = status.as_u16();
+        let mut recorded = None;
         if let Some((stats, started)) = self.started.take() {
-            stats.finish_at(now, started, status.as_u16(), failure);
+            recorded = stats
+                .finish_at(now, started, status, failure)
+                .map(|sampled| (started, sampled));
         }
         if let Some(cohorts) = self.cohorts.take() {
             // The client's failure says nothing of the flag either.
@@ -75,8 +80,12 @@ impl Recording {
                 failure != Some(FailureReason::ClientBody),
                 cohorts.watched.first(),
             ) {
-                let latency = now.saturating_duration_since(cohorts.started);
-                let sample = first.sample(now, latency, status.as_u16());
+                let sample = match recorded {
+                    Some((started, (latency, window))) if started == cohorts.started => {
+                        CohortSample::of(window, latency, status)
+                    }
+                    _ => first.sample(now, now.saturating_duration_since(cohorts.started), status),
+                };
                 for (i, (_, flag)) in cohorts.watched.iter().enumerate() {
                     flag.record(cohorts.on & (1 << i) != 0, &sample);
                 }
