@@ -127,7 +127,7 @@ fn record(c: &mut Criterion) {
 
 fn upstream_wire(c: &mut Criterion) {
     use bytes::BytesMut;
-    use switchyard_proxy::h1::{self, ChunkedDecoder, Decoded, RequestFraming};
+    use switchyard_proxy::http1::{self as h1, ChunkedDecoder, Decoded, RequestFraming};
 
     let (parts, ()) = Request::get("/api/v1/courses?page=2")
         .header("host", "app.example.com")

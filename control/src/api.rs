@@ -553,11 +553,13 @@ async fn put_flag(
             format!("body names flag `{}` but the URL names `{name}`", flag.name),
         ));
     }
+    let was = admin.store.view();
     let (view, created) = admin
         .store
         .put_flag(actor, if_match, flag)
         .await
         .map_err(store_error)?;
+    notify_if_killed(&was, &view, name);
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -567,6 +569,18 @@ async fn put_flag(
         *resp.status_mut() = status;
         resp
     })
+}
+
+/// A flag write that turned the flag off ended its rollout: the rollout's
+/// notify webhooks hear of it as an `abort`.
+fn notify_if_killed(was: &View, now: &View, name: &str) {
+    let active = |v: &View| v.flag_rollouts.get(name).is_some_and(|r| r.phase.active());
+    if active(was) && !active(now) {
+        if let Some(state) = now.flag_rollouts.get(name) {
+            let payload = crate::driver::event_payload("abort", name, state);
+            state.spec.webhooks.notify(payload);
+        }
+    }
 }
 
 async fn patch_flag(
@@ -584,11 +598,13 @@ async fn patch_flag(
             "a merge patch is a JSON object",
         ));
     }
+    let was = admin.store.view();
     let view = admin
         .store
         .patch_flag(actor, if_match, name, patch)
         .await
         .map_err(store_error)?;
+    notify_if_killed(&was, &view, name);
     get_flag(&view, name)
 }
 

@@ -414,6 +414,12 @@ impl AnalysisSpec {
         if self.failure_threshold == 0 {
             return err("analysis.failure_threshold", "must be at least 1".into());
         }
+        if self.min_requests == 0 {
+            return err(
+                "analysis.min_requests",
+                "must be at least 1: with none, an analysis without traffic would pass".into(),
+            );
+        }
         for (field, v) in [
             ("analysis.max_error_rate", self.max_error_rate),
             ("analysis.max_error_rate_ratio", self.max_error_rate_ratio),
@@ -505,12 +511,6 @@ impl FlagRolloutSpec {
         let Some(fc) = config.flags.iter().find(|f| f.name == flag) else {
             return Err(ConfigError::new("flag", format!("no flag named `{flag}`")));
         };
-        if !fc.enabled {
-            return Err(ConfigError::new(
-                "flag",
-                format!("flag `{flag}` is off for everyone (enabled: false): turn it on at its current percentage first"),
-            ));
-        }
         let steps = Plan::steps(self);
         validate_steps(&steps, "rollout_percentage")?;
         let first = steps[0].weight;

@@ -42,8 +42,8 @@ use tokio_util::either::Either;
 use tokio_util::io::poll_read_buf;
 use tower_service::Service;
 
-use crate::h1::{self, ChunkedDecoder, Decoded, Framing, RequestFraming, ResponseHead};
 use crate::headers::Added;
+use crate::http1::{self as h1, ChunkedDecoder, Decoded, Framing, RequestFraming, ResponseHead};
 use crate::respond::ProxyError;
 
 /// A request body on its way upstream, bounded by `limits.max_request_body_bytes`.

@@ -136,15 +136,21 @@ async fn on_failure_kill_turns_the_flag_off_for_everyone() {
     let upstream = Upstream::start("app", Behaviour::FailFlag("new-ui")).await;
     let proxy = proxy_with_flag(&upstream, 5.0).await;
     let traffic = Traffic::start(&proxy);
+    let hooks = Receiver::start(200).await;
     let body = fast_flag_rollout(
         json!([{"rollout_percentage": 30, "hold": "60s"}, {"rollout_percentage": 100}]),
-        json!({"on_failure": "kill"}),
+        json!({"on_failure": "kill", "webhooks": {"notify": [format!("http://{}/n", hooks.addr)]}}),
     );
     let (status, started) = api(&proxy, "POST", ROLLOUT, &body).await;
     assert_eq!(status, 201, "{started}");
     let status = wait_flag(&proxy, |s| s["phase"] == "rolled-back").await;
     traffic.stop().await;
     assert_eq!(status["enabled"], false, "{status}");
+    let told = hooks.wait_for("rollback").await;
+    assert_eq!(
+        told["rollout_percentage"], 5,
+        "where the flag went back to: {told}"
+    );
     let (_, flag) = api(&proxy, "GET", "/v1/flags/new-ui", "").await;
     assert_eq!(flag["enabled"], false, "{flag}");
     // Killed: even the 5 % who had it before the rollout are off.
@@ -308,6 +314,11 @@ async fn flag_rollouts_are_validated_and_controlled() {
             "interval",
         ),
         (json!({"steps": [{"weight": 20}]}), 422, "weight"),
+        (
+            json!({"steps": steps, "analysis": {"min_requests": 0}}),
+            422,
+            "min_requests",
+        ),
     ];
     for (body, code, says) in refused {
         let (status, answer) = api(&proxy, "POST", ROLLOUT, &body.to_string()).await;
@@ -335,7 +346,23 @@ async fn flag_rollouts_are_validated_and_controlled() {
         "refusals changed nothing: {state}"
     );
 
-    let body = json!({"steps": steps}).to_string();
+    // Without steps: the default plan's above the flag's 10 %.
+    let (status, defaulted) = api(&proxy, "POST", ROLLOUT, "{}").await;
+    assert_eq!(status, 201, "{defaulted}");
+    let percentages: Vec<&Value> = defaulted["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["rollout_percentage"])
+        .collect();
+    assert_eq!(percentages, [&json!(25), &json!(100)], "{defaulted}");
+    let (status, _) = api(&proxy, "POST", &format!("{ROLLOUT}/abort"), "").await;
+    assert_eq!(status, 200);
+
+    let hooks = Receiver::start(200).await;
+    let body =
+        json!({"steps": steps, "webhooks": {"notify": [format!("http://{}/n", hooks.addr)]}})
+            .to_string();
     let (status, started) = api(&proxy, "POST", ROLLOUT, &body).await;
     assert_eq!(status, 201, "{started}");
     let (_, flag) = api(&proxy, "GET", "/v1/flags/new-ui", "").await;
@@ -396,6 +423,29 @@ async fn flag_rollouts_are_validated_and_controlled() {
     assert_eq!(s["phase"], "aborted", "{s}");
     assert!(s["reason"].as_str().unwrap().contains("turned off"), "{s}");
     assert_eq!(s["enabled"], false);
+    // Audited and told as the end of the rollout.
+    let told = hooks.wait_for("abort").await;
+    assert_eq!(told["flag"], "new-ui", "{told}");
+    let (_, events) = api(&proxy, "GET", "/v1/events", "").await;
+    let patched = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|e| e["action"] == "flag.patch")
+        .cloned()
+        .unwrap();
+    assert_eq!(patched["after"]["rollout"], "aborted", "{patched}");
+    // A flag that is off cannot start a rollout: 409 (its state, not the
+    // request, is what is wrong).
+    let (status, answer) = api(
+        &proxy,
+        "POST",
+        ROLLOUT,
+        &json!({"steps": [{"rollout_percentage": 90}]}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(answer.to_string().contains("enabled: false"), "{answer}");
 
     // ctl drives the same API.
     let (status, _) = api(&proxy, "PATCH", "/v1/flags/new-ui", r#"{"enabled": true}"#).await;
@@ -450,6 +500,12 @@ async fn flag_rollouts_are_validated_and_controlled() {
     assert!(err.contains("rise above"), "{err}");
     let (code, _, err) = ctl(&["start", "new-ui", "--steps", "abc"]);
     assert_eq!(code, Some(64), "{err}");
+    // A deleted flag takes its ended rollout with it: one made again under
+    // its name starts clean.
+    let (status, _) = api(&proxy, "DELETE", "/v1/flags/new-ui", "").await;
+    assert_eq!(status, 204);
+    let (_, state) = api(&proxy, "GET", "/v1/state", "").await;
+    assert!(state["flag_rollouts"].get("new-ui").is_none(), "{state}");
     proxy.stop().await;
 }
 

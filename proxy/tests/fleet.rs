@@ -82,8 +82,29 @@ impl Drop for Scratch {
 }
 
 impl Cluster {
+    /// Starts a cluster, trying again with new ports (up to three times)
+    /// when it does not become healthy: ports picked free can be taken by
+    /// another test's processes before etcd binds them.
     async fn start() -> Option<Cluster> {
         let binary = etcd_binary()?;
+        for attempt in 1..=3 {
+            let mut cluster = Cluster::configure(binary.clone());
+            for i in 0..3 {
+                cluster.start_member(i);
+            }
+            if cluster.healthy_within(Duration::from_secs(20)).await {
+                return Some(cluster);
+            }
+            eprintln!("etcd cluster not healthy in 20 s (attempt {attempt}); starting another");
+            for i in 0..3 {
+                cluster.kill_member(i);
+            }
+        }
+        panic!("etcd cluster not healthy in three attempts");
+    }
+
+    /// Three members on fresh loopback ports, not started.
+    fn configure(binary: PathBuf) -> Cluster {
         let dir = Scratch::new("etcd");
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> = ports
@@ -119,16 +140,11 @@ impl Cluster {
                 }
             })
             .collect();
-        let mut cluster = Cluster {
+        Cluster {
             binary,
             members,
             _dir: dir,
-        };
-        for i in 0..3 {
-            cluster.start_member(i);
         }
-        cluster.wait_healthy().await;
-        Some(cluster)
     }
 
     fn start_member(&mut self, i: usize) {
@@ -165,7 +181,15 @@ impl Cluster {
 
     /// Waits (at most 30 s) until a write through the gateway succeeds.
     async fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        assert!(
+            self.healthy_within(Duration::from_secs(30)).await,
+            "etcd cluster not healthy in 30 s"
+        );
+    }
+
+    /// Whether a write through the gateway succeeds within `limit`.
+    async fn healthy_within(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
         loop {
             for endpoint in self.endpoints() {
                 let (status, _, _) = try_call(
@@ -175,13 +199,12 @@ impl Cluster {
                 )
                 .await;
                 if status == Some(200) {
-                    return;
+                    return true;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "etcd cluster not healthy in 30 s"
-            );
+            if Instant::now() >= deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -443,7 +443,7 @@ impl Store {
                 let before = current.flags.iter().find(|f| f.name == flag.name);
                 created = before.is_none();
                 let before = before.map_or(Value::Null, |f| json!(f));
-                flag_rollout_yields(overrides, &flag.name, Some(&flag), actor)?;
+                let ended = flag_rollout_yields(overrides, &flag.name, Some(&flag), actor)?;
                 overrides
                     .flags
                     .insert(flag.name.clone(), Some(flag.clone()));
@@ -455,7 +455,7 @@ impl Store {
                     },
                     target: format!("flags/{}", flag.name),
                     before,
-                    after: json!(flag),
+                    after: with_rollout_ended(json!(flag), ended),
                 })
             })
             .await?;
@@ -484,12 +484,12 @@ impl Store {
             }
             flag.name = name.to_owned();
             flag.validate("flag").map_err(StoreError::Invalid)?;
-            flag_rollout_yields(overrides, name, Some(&flag), actor)?;
+            let ended = flag_rollout_yields(overrides, name, Some(&flag), actor)?;
             let change = Change {
                 action: "flag.patch",
                 target: format!("flags/{name}"),
                 before: json!(old),
-                after: json!(flag),
+                after: with_rollout_ended(json!(flag), ended),
             };
             overrides.flags.insert(name.to_owned(), Some(flag));
             Ok(change)
@@ -580,6 +580,9 @@ impl Store {
             let old = find_flag(current, name)?;
             let before = json!(old);
             flag_rollout_yields(overrides, name, None, actor)?;
+            // Its ended rollout goes with it: a flag made again under this
+            // name must not inherit (or `undo` to) the old one's start.
+            overrides.flag_rollouts.remove(name);
             overrides.flags.insert(name.to_owned(), None);
             Ok(Change {
                 action: "flag.delete",
@@ -1116,30 +1119,39 @@ fn warn_shadowed(was: &Config, next: &Config, overrides: &Overrides) {
 /// A write of flag `name` (`None`: its deletion) while a rollout of it is
 /// under way: refused, for the rollout sets the flag's percentage, unless
 /// it turns the flag off. The kill switch always works: it ends the rollout
-/// as aborted, and the flag stays as written.
+/// as aborted, and the flag stays as written. Returns whether it ended one.
 fn flag_rollout_yields(
     overrides: &mut Overrides,
     name: &str,
     written: Option<&FlagConfig>,
     actor: &str,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let Some(rollout) = overrides
         .flag_rollouts
         .get_mut(name)
         .filter(|r| r.phase.active())
     else {
-        return Ok(());
+        return Ok(false);
     };
     if written.is_some_and(|f| !f.enabled) {
         rollout.phase = crate::rollout::Phase::Aborted;
         rollout.reason = Some(format!("turned off by {actor}: the rollout ended"));
-        return Ok(());
+        return Ok(true);
     }
     Err(StoreError::Conflict(format!(
         "flag `{name}` has a rollout under way ({:?}, step {}), which sets its percentage: abort it first, or turn the flag off (enabled: false), which ends it",
         rollout.phase,
         rollout.step + 1
     )))
+}
+
+/// A flag write's audit `after`, saying when the write ended the flag's
+/// rollout (`"rollout": "aborted"`).
+fn with_rollout_ended(mut after: Value, ended: bool) -> Value {
+    if ended {
+        after["rollout"] = json!("aborted");
+    }
+    after
 }
 
 fn now_rfc3339() -> String {
@@ -1253,6 +1265,41 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rollout::{Phase, RolloutSpec};
+
+    /// A route that leaves the configuration file mid-rollout: the rollout
+    /// can still be ended (there are no weights left to set), and a new
+    /// one started once the route is back.
+    #[tokio::test]
+    async fn a_rollout_whose_route_left_the_file_can_be_ended() {
+        let yaml = |routes: &str| {
+            format!(
+                "routes:\n{routes}  - name: other\n    match: {{ path_prefix: /other }}\n    backends: [{{ name: x, endpoints: [\"127.0.0.1:1\"], weight: 100 }}]\n"
+            )
+        };
+        let api = "  - name: api\n    backends:\n      - { name: blue, endpoints: [\"127.0.0.1:1\"], weight: 100 }\n      - { name: canary, endpoints: [\"127.0.0.1:1\"], weight: 0 }\n";
+        let with_api = Config::from_yaml(&yaml(api)).unwrap();
+        let store = Store::open(with_api.clone(), false, Box::new(|_| {})).unwrap();
+        let spec: RolloutSpec = serde_json::from_str(
+            r#"{"stable":"blue","target":"canary","steps":[{"weight":10,"hold":"1h"},{"weight":100}]}"#,
+        )
+        .unwrap();
+        store
+            .start_rollout("t", None, "api", spec.clone())
+            .await
+            .unwrap();
+        store
+            .reload(Config::from_yaml(&yaml("")).unwrap())
+            .await
+            .unwrap();
+        let view = store
+            .rollout_action::<RolloutSpec>("t", "api", "abort")
+            .await
+            .unwrap();
+        assert_eq!(view.rollouts["api"].phase, Phase::Aborted);
+        store.reload(with_api).await.unwrap();
+        store.start_rollout("t", None, "api", spec).await.unwrap();
+    }
 
     #[test]
     fn merge_patch_follows_rfc_7386() {

@@ -54,6 +54,9 @@ pub trait Subject: Plan {
         how: Apply,
         overrides: &mut Overrides,
     ) -> Result<Map<String, Value>, StoreError>;
+    /// Fills in what the spec leaves to the subject's state (before it is
+    /// checked).
+    fn prepare(&mut self, _config: &Config, _name: &str) {}
     /// The reason an operator's `rollback` records.
     fn rolled_back_by(state: &RolloutState<Self>, actor: &str) -> String;
     /// Blue-green, once promoted: the old colour, kept as standby.
@@ -109,6 +112,11 @@ impl Subject for RolloutSpec {
         how: Apply,
         overrides: &mut Overrides,
     ) -> Result<Map<String, Value>, StoreError> {
+        if !config.routes.iter().any(|r| r.name == route) {
+            // The route left the configuration file mid-rollout: there are
+            // no weights to set, and the rollout can still be ended.
+            return Ok(Map::new());
+        }
         let weights = match how {
             Apply::Undo => undo_weights(config, route, state)?,
             Apply::Follow | Apply::Breach => rollout_weights(config, route, state)?,
@@ -152,8 +160,31 @@ impl Subject for FlagRolloutSpec {
         &view.flag_rollouts
     }
     fn check(&self, config: &Config, name: &str) -> Result<(), StoreError> {
-        find_flag(config, name)?;
+        if !find_flag(config, name)?.enabled {
+            return Err(StoreError::Conflict(format!(
+                "flag `{name}` is off for everyone (enabled: false): turn it on at its current percentage first"
+            )));
+        }
         self.validate(config, name).map_err(StoreError::Invalid)
+    }
+    /// Without steps, the default plan's above the flag's percentage (a
+    /// flag at 3 % starts at 5 %).
+    fn prepare(&mut self, config: &Config, name: &str) {
+        let Ok(flag) = find_flag(config, name) else {
+            return;
+        };
+        if self.steps.is_none() {
+            self.steps = Some(
+                crate::rollout::default_canary_steps()
+                    .into_iter()
+                    .filter(|s| s.weight > flag.rollout_percentage)
+                    .map(|s| crate::rollout::FlagStep {
+                        rollout_percentage: s.weight,
+                        hold: s.hold,
+                    })
+                    .collect(),
+            );
+        }
     }
     fn found(config: &Config, name: &str) -> Option<Self::Start> {
         let flag = find_flag(config, name).ok()?;
@@ -228,9 +259,15 @@ impl Subject for FlagRolloutSpec {
         }
     }
     fn describe(name: &str, state: &RolloutState<Self>) -> Map<String, Value> {
+        // What the flag is at: the step's, or once reverted (or aborted)
+        // the percentage it started from.
+        let percentage = match (state.phase, state.before) {
+            (Phase::RolledBack | Phase::Aborted, Some(start)) => start.rollout_percentage,
+            _ => state.target_weight(),
+        };
         object(json!({
             "flag": name,
-            "rollout_percentage": state.target_weight(),
+            "rollout_percentage": percentage,
             "on_failure": state.spec.on_failure,
         }))
     }
@@ -274,9 +311,11 @@ impl Store {
                     existing.phase
                 )));
             }
+            let mut spec = spec.clone();
+            spec.prepare(current, name);
             spec.check(current, name)?;
             let before = Value::Object(P::setting(current, name));
-            let mut state = RolloutState::new(spec.clone(), now_rfc3339());
+            let mut state = RolloutState::new(spec, now_rfc3339());
             state.before = P::found(current, name);
             let setting = P::apply(current, name, &state, Apply::Follow, overrides)?;
             let after = with_setting(object(json!({ "rollout": &state })), setting);
