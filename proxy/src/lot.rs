@@ -50,13 +50,9 @@ impl<C: Resume> Lot<C> {
     /// Starts the lot's task: connections parked longer than `idle` are
     /// closed, and all of them once `stopped` turns true.
     pub fn start(idle: Duration, stopped: watch::Receiver<bool>) -> io::Result<Self> {
-        // `AsyncFd::new` is deprecated because an arbitrary `AsRawFd` could
-        // close or swap its descriptor while registered (tokio#8587); its
-        // replacement is `unsafe`, which this crate forbids. `Poll` owns its
-        // epoll descriptor from creation until it is dropped, with the
-        // `AsyncFd`, so the registration is sound.
-        #[allow(deprecated)]
-        let poll = AsyncFd::new(Poll::new()?)?;
+        // Registered through the one crate that may hold unsafe code (its
+        // SAFETY comment says why it is sound).
+        let poll = switchyard_trim::watch_epoll(Poll::new()?)?;
         let (park, parked) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             if let Err(e) = run(poll, parked, idle, stopped).await {

@@ -19,6 +19,8 @@
 //! [`release_free_heap`] does the same for the heap after a burst of
 //! requests: the allocator's free pages go back to the kernel.
 //!
+//! [`watch_epoll`] registers the parking lot's own epoll set with tokio.
+//!
 //! This is the workspace's only `unsafe` code, isolated here as the
 //! project's style guide asks, with the benchmarks above as the need.
 
@@ -206,6 +208,27 @@ pub fn release_free_heap(above: usize) -> Option<usize> {
         };
     }
     Some(free)
+}
+
+/// Has tokio's reactor watch `poll`'s own epoll set, as one descriptor (the
+/// parking lot's, `proxy/src/lot.rs`: idle connections watched by an epoll
+/// set of the proxy's own, woken as one readable event).
+///
+/// tokio's safe `AsyncFd::new` is deprecated (tokio#8587): an arbitrary
+/// `AsRawFd` could close or swap its descriptor while registered. What is
+/// left is `unsafe` `AsyncFd::register`, whose contract the caller keeps,
+/// so it is here with the workspace's other unsafe calls.
+pub fn watch_epoll(poll: mio::Poll) -> std::io::Result<tokio::io::unix::AsyncFd<mio::Poll>> {
+    // SAFETY: the descriptor must be valid, open and the same one for as
+    // long as the `AsyncFd` owns `poll`. A `mio::Poll` creates its epoll
+    // descriptor in `Poll::new` and closes it only when dropped; it never
+    // replaces it, and `as_raw_fd` returns that one descriptor. The
+    // `AsyncFd` takes `poll` by value and owns it until it is dropped or
+    // `into_inner` hands it back, so the descriptor outlives the
+    // registration and no other code can close it meanwhile.
+    #[allow(unsafe_code)]
+    let watched = unsafe { tokio::io::unix::AsyncFd::register(poll) };
+    watched.map_err(|e| e.into_parts().1)
 }
 
 #[cfg(test)]
