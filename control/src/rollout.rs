@@ -635,18 +635,21 @@ impl<P: Plan> RolloutState<P> {
         }
     }
 
-    /// The span an analysis at `now` judges: the spec's window, but never
-    /// reaching back before the second the rollout started in (windows
-    /// count whole seconds, the start's included). Traffic from before is
-    /// not this rollout's: a canary whose failures were mended just before
-    /// it began must not be rolled back for them.
+    /// The span an analysis at `now` judges: the spec's window, but only the
+    /// whole seconds after the one the rollout started in. Windows count
+    /// whole seconds, and the start's own second also holds what came just
+    /// before the start: traffic that is not this rollout's (a canary whose
+    /// failures were mended, and its rollout started, within one second of
+    /// its last rollback must not be rolled back again for them). The first
+    /// analysis comes an interval (at least a second) after the start, so
+    /// it always has a second of its own to judge.
     pub fn analysis_span(&self, now: std::time::SystemTime) -> Duration {
         let window = self.spec.analysis().window.0;
         let Ok(started) = humantime::parse_rfc3339(&self.started) else {
             return window;
         };
         let since = now.duration_since(started).unwrap_or_default();
-        window.min(Duration::from_secs(since.as_secs() + 1))
+        window.min(Duration::from_secs(since.as_secs().max(1)))
     }
 
     /// The target's weight (a flag's percentage) for the current phase and
@@ -900,12 +903,12 @@ mod tests {
         let start = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let state = RolloutState::new(spec, humantime::format_rfc3339_seconds(start).to_string());
         let at = |s: u64| state.analysis_span(start + Duration::from_millis(s));
-        // The start's own second is counted: traffic right after the start
-        // lands in it.
+        // The start's own second also holds what came before the start: it
+        // is left out once there is a second after it (the current one).
         assert_eq!(at(0), Duration::from_secs(1));
-        assert_eq!(at(900), Duration::from_secs(1));
-        assert_eq!(at(7_400), Duration::from_secs(8));
-        assert_eq!(at(29_000), Duration::from_secs(30));
+        assert_eq!(at(1_200), Duration::from_secs(1), "the current second only");
+        assert_eq!(at(7_400), Duration::from_secs(7));
+        assert_eq!(at(30_500), Duration::from_secs(30));
         assert_eq!(
             at(600_000),
             Duration::from_secs(30),

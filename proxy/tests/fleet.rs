@@ -660,6 +660,7 @@ async fn the_fleets_merged_traffic_rolls_a_faulty_canary_back() {
     fleet.converge(fleet.replicas[0].version().await).await;
     // 30 canary users per replica: no replica alone reaches 50, the fleet's
     // 90 does.
+    past_start_second(&fleet.replicas[0].rollout().await).await;
     let (blue_users, canary_users) = users_split(50, 30);
     let client = client();
     for r in &fleet.replicas {
@@ -745,6 +746,7 @@ async fn the_fleets_merged_cohorts_revert_a_faulty_flag() {
     let (status, body) = put(&fleet.replicas[1], "/v1/flags/new-ui/rollout", spec).await;
     assert_eq!(status, 201, "{body}");
     fleet.converge(fleet.replicas[1].version().await).await;
+    past_start_second(&fleet.replicas[0].json("/v1/flags/new-ui/rollout").await).await;
     // 30 flag users and 30 others per replica: no replica alone has 50 in
     // the on cohort, the fleet's 90 are.
     let (mut on, mut off) = (Vec::new(), Vec::new());
@@ -793,6 +795,17 @@ async fn the_fleets_merged_cohorts_revert_a_faulty_flag() {
         .collect();
     assert_eq!(rollbacks.len(), 1, "{events}");
     assert_eq!(rollbacks[0]["target"], "flags/new-ui");
+}
+
+/// Waits until the wall clock is past the second `rollout` started in: an
+/// analysis judges only the whole seconds after it (that second also holds
+/// traffic from before the start), so one-off traffic must come later.
+async fn past_start_second(rollout: &Value) {
+    let started = humantime::parse_rfc3339(rollout["started"].as_str().unwrap()).unwrap();
+    let after = started + Duration::from_secs(1);
+    if let Ok(wait) = after.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// Sends requests through every replica until `stop`, counting answers
