@@ -723,13 +723,8 @@ impl Metrics {
     /// The window of `flag`'s cohorts (off, on) over the last `span`, if it
     /// is watched.
     pub fn flag_windows(&self, flag: &str, span: Duration) -> Option<(WindowStats, WindowStats)> {
-        let cohorts = self.cohorts.load();
-        let c = cohorts.iter().find(|c| &*c.flag == flag)?;
-        let now = Instant::now();
-        Some((
-            c.off.window.stats_over(now, span),
-            c.on.window.stats_over(now, span),
-        ))
+        let [off, on] = self.flag_histograms(flag, span)?;
+        Some((off.stats(), on.stats()))
     }
 
     /// The counts behind `flag_windows` (off, on), mergeable across
